@@ -1,0 +1,77 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+// ExactIO: read exactly n bytes from sockets, pipes and files with one copy (the kernel's),
+// peak memory n, and a read-only view of the memory the bytes landed in.
+//
+// `Lifetimes` is needed for the `RawSpan` property of `ByteView`; swift-nio, swift-system and
+// swift-collections enable the same experimental feature.
+let swiftSettings: [SwiftSetting] = [
+    .enableExperimentalFeature("Lifetimes"),
+    .define("ENABLE_MOCKING", .when(configuration: .debug)),
+]
+
+let package = Package(
+    name: "ExactIO",
+    products: [
+        .library(name: "ExactIO", targets: ["ExactIO"])
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
+    ],
+    targets: [
+        // liburing through pkg-config; SwiftPM prints the apt hint when it is missing.
+        .systemLibrary(
+            name: "CLibURing",
+            path: "Sources/CLibURing",
+            pkgConfig: "liburing",
+            providers: [.apt(["liburing-dev"])]
+        ),
+        // The thin C layer: ring, registration, read loop. Its public header is opaque
+        // (no liburing types), see CSupport/include/CSupport.h.
+        .target(
+            name: "CSupport",
+            dependencies: ["CLibURing"],
+            path: "CSupport",
+            cSettings: [
+                .define("_GNU_SOURCE"),
+                .enableWarning("all"),
+                .enableWarning("extra"),
+                .treatAllWarnings(as: .error),
+            ]
+        ),
+        .target(
+            name: "ExactIO",
+            dependencies: [
+                "CSupport",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ExactIOTests",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "CSupportTests",
+            dependencies: ["CSupport"]
+        ),
+        .executableTarget(
+            name: "bench",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            path: "Benchmarks/bench",
+            swiftSettings: swiftSettings
+        ),
+    ],
+    swiftLanguageModes: [.v6],
+    cLanguageStandard: .c11
+)

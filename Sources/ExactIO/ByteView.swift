@@ -1,0 +1,148 @@
+/// An immutable, read-only view of bytes that a reader delivered, in the memory they landed in.
+///
+/// A `ByteView` is a `RandomAccessCollection` of `UInt8` indexed from `0` to `count`. It keeps
+/// its memory alive: the memory is returned (to the reader's pool, or to the system) when the
+/// last copy of the view, and of every view sharing that memory, is released. Nothing writes
+/// to that memory while a view references it, so a view never changes under its holder and
+/// can be sent to any thread.
+///
+/// Copying a `ByteView` copies a reference, never the bytes. `subview(_:)` makes another
+/// zero-based view of part of the same memory, also without copying.
+public struct ByteView: @unchecked Sendable {
+    // Invariant: `bytes` lies inside memory kept alive by `owner` (or is empty with a nil
+    // owner), and no code writes to it while `owner` is referenced by a view: the reader
+    // retires referenced staging memory instead of overwriting it (StagingBuffer), and the
+    // pool reuses memory only after the owner's deinit. That is what makes the
+    // `@unchecked Sendable` sound: the bytes are immutable for the view's whole life.
+    @usableFromInline let bytes: UnsafeRawBufferPointer
+    @usableFromInline let owner: AnyObject?
+
+    @inlinable
+    init(unsafeBytes bytes: UnsafeRawBufferPointer, owner: AnyObject?) {
+        self.bytes = bytes
+        self.owner = owner
+    }
+
+    /// An empty view; allocates nothing.
+    @inlinable
+    public init() {
+        self.bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+        self.owner = nil
+    }
+
+    /// A view holding a copy of `bytes` in fresh memory (for tests, constants and
+    /// comparisons; the reader never uses it on a read path).
+    public init(_ bytes: some Sequence<UInt8>) {
+        let array = Array(bytes)
+        if array.isEmpty {
+            self.init()
+            return
+        }
+        let region = Region.standalone(capacity: array.count)
+        array.withUnsafeBytes { src in
+            region.block.base.copyMemory(from: src.baseAddress!, byteCount: src.count)
+        }
+        self.init(unsafeBytes: UnsafeRawBufferPointer(start: region.block.base, count: array.count), owner: region)
+    }
+
+    /// Calls `body` with a pointer to the bytes in place (no copy).
+    ///
+    /// - warning: Do not escape the pointer from the closure; it is valid only while the
+    ///   closure runs (the view may be the last owner of the memory). Do not write through it.
+    @inlinable
+    public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        try withExtendedLifetime(owner) { () throws(E) -> R in try body(bytes) }
+    }
+
+    /// A zero-based view of `range` of this view, sharing its memory (no copy).
+    ///
+    /// - Precondition: `range` lies within `0..<count`.
+    public func subview(_ range: Range<Int>) -> ByteView {
+        precondition(range.lowerBound >= 0 && range.upperBound <= count, "subview range \(range) out of 0..<\(count)")
+        if range.isEmpty { return ByteView() }
+        return ByteView(unsafeBytes: UnsafeRawBufferPointer(rebasing: bytes[range]), owner: owner)
+    }
+
+    /// The bytes as a new array (one copy).
+    public var array: [UInt8] { Array(bytes) }
+
+    /// True when both views share the same memory (not just equal contents).
+    public func sharesMemory(with other: ByteView) -> Bool {
+        owner != nil && owner === other.owner
+    }
+}
+
+extension ByteView: RandomAccessCollection {
+    public typealias Element = UInt8
+    public typealias Index = Int
+    public typealias Indices = Range<Int>
+    public typealias SubSequence = Slice<ByteView>
+
+    @inlinable public var startIndex: Int { 0 }
+    @inlinable public var endIndex: Int { bytes.count }
+    @inlinable public var count: Int { bytes.count }
+    @inlinable public var isEmpty: Bool { bytes.count == 0 }
+    @inlinable public var indices: Range<Int> { 0..<bytes.count }
+
+    @inlinable
+    public subscript(position: Int) -> UInt8 {
+        precondition(position >= 0 && position < bytes.count, "ByteView index \(position) out of 0..<\(bytes.count)")
+        return withExtendedLifetime(owner) { bytes[position] }
+    }
+
+    @inlinable
+    public func index(after i: Int) -> Int { i + 1 }
+    @inlinable
+    public func index(before i: Int) -> Int { i - 1 }
+
+    @inlinable
+    public func withContiguousStorageIfAvailable<R>(_ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R? {
+        try withExtendedLifetime(owner) {
+            try body(bytes.assumingMemoryBound(to: UInt8.self))
+        }
+    }
+}
+
+extension ByteView: Equatable {
+    /// Views are equal when their bytes are equal, wherever the bytes live.
+    public static func == (lhs: ByteView, rhs: ByteView) -> Bool {
+        guard lhs.count == rhs.count else { return false }
+        if lhs.count == 0 || lhs.bytes.baseAddress == rhs.bytes.baseAddress { return true }
+        return withExtendedLifetime((lhs.owner, rhs.owner)) {
+            memcmp(lhs.bytes.baseAddress!, rhs.bytes.baseAddress!, lhs.count) == 0
+        }
+    }
+}
+
+extension ByteView: Hashable {
+    public func hash(into hasher: inout Hasher) {
+        withUnsafeBytes { hasher.combine(bytes: $0) }
+    }
+}
+
+extension ByteView: CustomStringConvertible {
+    public var description: String {
+        let shown = prefix(16).map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined(separator: " ")
+        return "ByteView(\(count) bytes\(count > 0 ? ": " + shown : "")\(count > 16 ? " …" : ""))"
+    }
+}
+
+extension ByteView {
+    /// The bytes as a `RawSpan`, valid while this view is borrowed.
+    public var bytesSpan: RawSpan {
+        @_lifetime(borrow self)
+        get {
+            let span = RawSpan(_unsafeBytes: bytes)
+            return _overrideLifetime(span, borrowing: self)
+        }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif

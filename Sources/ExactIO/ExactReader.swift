@@ -1,0 +1,331 @@
+import Glibc
+import SystemPackage
+
+/// Reads exactly n bytes, or length-prefixed frames, from a socket, pipe or file, with one
+/// copy of each byte (the kernel's) and a peak memory of n, and returns read-only views of
+/// the memory the bytes landed in.
+///
+/// ```swift
+/// let reader = try ExactReader(socket)
+/// while let frame = try reader.readFrame() {   // 4-byte big-endian length, then the body
+///     handle(frame)                             // a ByteView: no copy, safe to keep or send
+/// }
+/// ```
+///
+/// How bytes travel: small reads are served from a read-ahead staging buffer (one syscall
+/// serves many frames; when enough is already staged, the result is a view into staging with
+/// no allocation and no copy). A read of at least a quarter of the staging capacity copies
+/// the bytes already staged (at most the staging capacity) into the frame's own memory and
+/// has the kernel write the rest straight there: READ_FIXED into registered memory with
+/// io_uring, READ (or `read(2)`) otherwise. Memory that a live view references is never
+/// written again; it returns to a per-reader pool when the last view goes.
+///
+/// The descriptor is borrowed, never closed. It may be blocking or non-blocking (the reader
+/// waits for readiness). A reader has one owner at a time: it is not `Sendable`; the views
+/// it returns are.
+public final class ExactReader {
+    /// The descriptor read from (borrowed).
+    public let fileDescriptor: FileDescriptor
+    /// The options the reader was created with.
+    public let options: Options
+    /// The backend in use after any fallback: `.ioUring` or `.posix`.
+    public let backend: Backend
+    /// Why io_uring, or part of it, is not used: nil when the reader runs on io_uring with
+    /// registered buffers. With `backend == .posix`, the step that failed and its errno (for
+    /// example "io_uring_setup failed: Operation not permitted (errno 1)" under a container's
+    /// seccomp profile). With `backend == .ioUring`, why reads go to unregistered memory
+    /// (for example RLIMIT_MEMLOCK too small to register buffers).
+    public let fallbackReason: String?
+    /// Counters since creation.
+    public private(set) var statistics = Statistics()
+
+    let engine: any IOEngine
+    let pool: MemoryPool
+    var staging: StagingBuffer
+    /// Reads of at least this many bytes go straight to their final memory.
+    let directThreshold: Int
+    /// The stream returned end-of-file (sticky: later reads do not retry).
+    var sawEOF = false
+    /// Caller memory registered with `register(_:)`: (range, slot).
+    var callerBuffers: [(base: UnsafeMutableRawPointer, count: Int, slot: Int32)] = []
+
+    /// Creates a reader over `fd` (borrowed: the reader never closes it).
+    ///
+    /// - Parameters:
+    ///   - fd: A socket, pipe, FIFO, character device or regular file, blocking or not.
+    ///   - options: Backend choice, staging capacity, frame limit; defaults for all.
+    /// - Throws: `Errno` when `fd` is not an open descriptor (`fstat` fails), or when
+    ///   `.ioUring` was demanded and io_uring cannot be set up.
+    public convenience init(_ fd: FileDescriptor, options: Options = Options()) throws {
+        try self.init(fd: fd, options: options, syscalls: nil, environment: Self.processEnvironment())
+    }
+
+    /// The designated initializer; `syscalls` scripts the POSIX backend in tests.
+    init(fd: FileDescriptor, options: Options, syscalls: PosixSyscalls?, environment: [String: String]) throws(Errno) {
+        let setup = try BackendSelection.make(fd: fd, options: options, syscalls: syscalls, environment: environment)
+        self.fileDescriptor = fd
+        self.options = options
+        self.engine = setup.engine
+        self.pool = setup.pool
+        self.backend = setup.engine.kind
+        // The staging buffer is the first block: mapped (and registered) now, so that a
+        // registration refusal is known and reported from the start.
+        self.staging = StagingBuffer(pool: setup.pool, capacity: options.stagingCapacity)
+        self.directThreshold = max(1, staging.nominalCapacity / 4)
+        var reason = setup.fallbackReason
+        if reason == nil, let registrar = setup.registrar, staging.region.slot < 0 {
+            if let e = registrar.lastFailure {
+                reason =
+                    "registered buffers unused: registering the staging buffer failed: "
+                    + BackendSelection.describe(e)
+                    + (e == .noMemory ? "; RLIMIT_MEMLOCK is \(BackendSelection.memlockDescription())" : "")
+                    + "; io_uring reads go to unregistered memory"
+            } else {
+                reason = "registered buffers unused: staging buffer is over the registration budget"
+            }
+        }
+        self.fallbackReason = reason
+    }
+
+    deinit {
+        for buffer in callerBuffers { pool.unregisterExternal(slot: buffer.slot) }
+        pool.close()
+    }
+
+    static func processEnvironment() -> [String: String] {
+        var env: [String: String] = [:]
+        for key in [BackendSelection.environmentVariable, "EXACTIO_SOCKET_READ"] {
+            if let value = getenv(key) { env[key] = String(cString: value) }
+        }
+        return env
+    }
+
+    /// True once the reader has seen the end of the stream and holds no unread bytes.
+    /// (It does not read: before a read has met the end, it is false.)
+    public var isAtEOF: Bool { sawEOF && staging.buffered == 0 }
+
+    /// Bytes read from the descriptor and not yet consumed.
+    public var bufferedCount: Int { staging.buffered }
+
+    // MARK: - Reading
+
+    /// Reads exactly `count` bytes.
+    ///
+    /// When the staging buffer already holds `count` bytes, the result is a view into it: no
+    /// allocation, no copy. Otherwise small reads fill staging (with read-ahead) and large ones
+    /// go straight into the result's memory after the staged prefix.
+    ///
+    /// - Parameter count: Bytes to read, `>= 0` (a negative count is a programmer error).
+    /// - Returns: A read-only view of exactly `count` bytes.
+    /// - Throws: `ExactReadError.incomplete(partial:expected:)` when the stream ends first
+    ///   (`partial` holds every byte that arrived); `Errno` on a system failure (bytes read
+    ///   before the failure stay buffered for the next read).
+    public func readExactly(_ count: Int) throws -> ByteView {
+        precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
+        if count <= staging.buffered { return deliverStaged(count) }
+        if count < directThreshold {
+            if try fill(atLeast: count) { return deliverStaged(count) }
+            throw ExactReadError.incomplete(partial: deliverStaged(staging.buffered), expected: count)
+        }
+        return try readDirect(count)
+    }
+
+    /// Fills all of `buffer` from the stream, writing straight into the caller's memory
+    /// (after copying any bytes already staged). When `buffer` lies inside memory registered
+    /// with `register(_:)`, io_uring reads it with READ_FIXED.
+    ///
+    /// - Throws: `ExactReadError.incomplete(partial:expected:)` when the stream ends first
+    ///   (`partial` is a copy of the bytes that arrived, which are also at the start of
+    ///   `buffer`); `Errno` on a system failure (the bytes read so far stay buffered in the
+    ///   reader for the next read, and `buffer`'s content is then unspecified).
+    public func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws {
+        let count = buffer.count
+        guard count > 0, let base = buffer.baseAddress else { return }
+        var done = copyStaged(into: base, max: count)
+        if done < count && count - done < directThreshold {
+            if !(try fill(atLeast: count - done)) {
+                done += copyStaged(into: base + done, max: count - done)
+                throw ExactReadError.incomplete(partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
+            }
+            done += copyStaged(into: base + done, max: count - done)
+        }
+        if done < count {
+            let slot = registeredSlot(containing: base + done, count: count - done)
+            statistics.directReads += 1
+            let (got, error) = engine.read(
+                into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
+                atLeast: count - done, slot: slot, exact: true, statistics: &statistics)
+            done += got
+            if let error {
+                // Keep what arrived: it is the start of the stream for the next read.
+                let keep = pool.region(atLeast: done)
+                keep.base.copyMemory(from: base, byteCount: done)
+                staging.adopt(keep, holding: done)
+                throw error
+            }
+            if done < count {
+                sawEOF = true
+                statistics.bytesDelivered += done
+                throw ExactReadError.incomplete(partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
+            }
+        }
+        statistics.bytesDelivered += count
+    }
+
+    /// Reads exactly `count` bytes and lends them to `body` in place.
+    ///
+    /// - warning: The pointer is valid only inside `body`; do not escape it or write through
+    ///   it. The bytes are consumed even when `body` throws.
+    public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        let view = try readExactly(count)
+        return try view.withUnsafeBytes(body)
+    }
+
+    /// Reads between 1 and `maxCount` bytes: what is buffered, or else what one read brings.
+    /// Returns an empty view only at end of stream (or when `maxCount` is 0).
+    public func read(upTo maxCount: Int) throws -> ByteView {
+        precondition(maxCount >= 0, "read(upTo:): maxCount must not be negative (got \(maxCount))")
+        if maxCount == 0 { return ByteView() }
+        if staging.buffered > 0 { return deliverStaged(min(maxCount, staging.buffered)) }
+        if sawEOF { return ByteView() }
+        if maxCount >= directThreshold {
+            // Straight into memory of its own, up to 4 MiB per call.
+            let size = min(maxCount, max(4 << 20, staging.nominalCapacity))
+            let region = pool.region(atLeast: size)
+            let (got, error) = engine.read(
+                into: UnsafeMutableRawBufferPointer(start: region.base, count: size),
+                atLeast: 1, slot: region.slot, exact: false, statistics: &statistics)
+            if let error { throw error }  // got is 0 here: the loop stops at the first byte
+            if got == 0 {
+                sawEOF = true
+                return ByteView()
+            }
+            statistics.directReads += 1
+            statistics.bytesDelivered += got
+            return ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: got), owner: region)
+        }
+        guard try fill(atLeast: 1) else { return ByteView() }
+        return deliverStaged(min(maxCount, staging.buffered))
+    }
+
+    /// Reads and discards `count` bytes, using only the staging buffer's memory.
+    ///
+    /// - Throws: `ExactReadError.incomplete(partial:expected:)` with an empty `partial` and
+    ///   `expected` = the bytes that could not be skipped, when the stream ends first.
+    public func skip(_ count: Int) throws {
+        precondition(count >= 0, "skip: count must not be negative (got \(count))")
+        var left = count
+        while left > 0 {
+            if staging.buffered == 0 {
+                guard try fill(atLeast: 1) else {
+                    statistics.bytesSkipped += count - left
+                    throw ExactReadError.incomplete(partial: ByteView(), expected: left)
+                }
+            }
+            let n = min(left, staging.buffered)
+            staging.consume(n)
+            left -= n
+        }
+        statistics.bytesSkipped += count
+    }
+
+    // MARK: - Caller memory
+
+    /// Registers caller memory with the reader's io_uring ring, so that
+    /// `readExactly(into:)` targeting it reads with READ_FIXED (no page pinning per read).
+    ///
+    /// The memory must stay valid until `unregister(_:)` or until the reader is gone.
+    /// - Returns: true when registered; false on the POSIX backend, without registered
+    ///   buffers, or over the registration budget (reads into it still work, unregistered).
+    @discardableResult
+    public func register(_ buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let base = buffer.baseAddress, buffer.count > 0,
+              let slot = pool.registerExternal(base: base, count: buffer.count)
+        else { return false }
+        callerBuffers.append((base, buffer.count, slot))
+        return true
+    }
+
+    /// Undoes `register(_:)` for exactly that buffer.
+    public func unregister(_ buffer: UnsafeMutableRawBufferPointer) {
+        guard let i = callerBuffers.firstIndex(where: { $0.base == buffer.baseAddress && $0.count == buffer.count })
+        else { return }
+        pool.unregisterExternal(slot: callerBuffers[i].slot)
+        callerBuffers.remove(at: i)
+    }
+
+    func registeredSlot(containing start: UnsafeMutableRawPointer, count: Int) -> Int32 {
+        for b in callerBuffers where start >= b.base && start + count <= b.base + b.count {
+            return b.slot
+        }
+        return -1
+    }
+
+    // MARK: - Internals
+
+    /// A view of `count` staged bytes (the fast path: no allocation, no copy).
+    func deliverStaged(_ count: Int) -> ByteView {
+        if count == 0 { return ByteView() }
+        statistics.bytesDelivered += count
+        statistics.stagedViews += 1
+        return staging.consumeView(count)
+    }
+
+    /// Copies up to `max` staged bytes to `dst`, consuming them; returns the count.
+    func copyStaged(into dst: UnsafeMutableRawPointer, max: Int) -> Int {
+        let n = min(max, staging.buffered)
+        if n > 0 {
+            dst.copyMemory(from: staging.readable.baseAddress!, byteCount: n)
+            staging.consume(n)
+            statistics.bytesCopied += n
+        }
+        return n
+    }
+
+    /// Makes `need` bytes buffered if the stream has them. Returns false at end of stream
+    /// (with what did arrive still buffered). `need` is at most the staging capacity.
+    func fill(atLeast need: Int) throws(Errno) -> Bool {
+        if staging.buffered >= need { return true }
+        if sawEOF { return false }
+        let missing = need - staging.buffered
+        statistics.bytesCopied += staging.makeRoom(forAppending: missing)
+        let (got, error) = engine.read(
+            into: staging.writable, atLeast: missing, slot: staging.region.slot, exact: false,
+            statistics: &statistics)
+        staging.commit(got)
+        if let error { throw error }
+        if got < missing {
+            sawEOF = true
+            return false
+        }
+        return true
+    }
+
+    /// A large read: the staged prefix is copied into memory of the frame's own, then the
+    /// kernel writes the rest straight there.
+    func readDirect(_ count: Int) throws -> ByteView {
+        let region = pool.region(atLeast: count)
+        let prefix = copyStaged(into: region.base, max: count)
+        var got = 0
+        var failure: Errno? = nil
+        if !sawEOF {
+            statistics.directReads += 1
+            (got, failure) = engine.read(
+                into: UnsafeMutableRawBufferPointer(start: region.base + prefix, count: count - prefix),
+                atLeast: count - prefix, slot: region.slot, exact: true, statistics: &statistics)
+        }
+        let total = prefix + got
+        if let failure {
+            // Nothing is lost: the bytes that arrived become the buffered start of the stream.
+            staging.adopt(region, holding: total)
+            throw failure
+        }
+        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: total), owner: region)
+        statistics.bytesDelivered += total
+        if total < count {
+            sawEOF = true
+            throw ExactReadError.incomplete(partial: total == 0 ? ByteView() : view, expected: count)
+        }
+        return view
+    }
+}

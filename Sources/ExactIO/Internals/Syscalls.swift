@@ -1,0 +1,40 @@
+import Glibc
+import SystemPackage
+
+/// The system calls the POSIX backend makes, as a value, so that fault tests can script short
+/// reads, EINTR, EAGAIN, errors and EOF without a kernel doing it (swift-system's
+/// `Internals/Syscalls.swift` + `Mocking.swift` idea, as an injected value instead of a global).
+struct PosixSyscalls: Sendable {
+    /// One `read(2)`: bytes read (0 at end of stream) or the errno.
+    var read: @Sendable (FileDescriptor, UnsafeMutableRawBufferPointer) -> Result<Int, Errno>
+    /// Blocks until the descriptor is readable (after EAGAIN on a non-blocking descriptor).
+    var waitReadable: @Sendable (FileDescriptor) -> Result<Void, Errno>
+
+    static let live = PosixSyscalls(
+        read: { fd, buffer in
+            // EINTR is handled by the caller's loop (one place: PosixEngine.read).
+            do {
+                return .success(try fd.read(into: buffer, retryOnInterrupt: false))
+            } catch let e as Errno {
+                return .failure(e)
+            } catch {
+                return .failure(.ioError)
+            }
+        },
+        waitReadable: { fd in
+            var pfd = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+            while true {
+                let r = poll(&pfd, 1, -1)
+                if r >= 0 { return .success(()) }
+                let e = Errno(rawValue: errno)
+                if e != .interrupted { return .failure(e) }
+            }
+        }
+    )
+}
+
+/// The single conversion from CSupport's `-errno` convention to `Errno`.
+@inline(__always)
+func errnoFromNegative(_ ret: Int32) -> Errno {
+    Errno(rawValue: -ret)
+}
