@@ -81,7 +81,12 @@ public final class ExactReader {
                     + (e == .noMemory ? "; RLIMIT_MEMLOCK is \(BackendSelection.memlockDescription())" : "")
                     + "; io_uring reads go to unregistered memory"
             } else {
-                reason = "registered buffers unused: staging buffer is over the registration budget"
+                let budget = BackendSelection.registrationBudget(limit: options.registeredMemoryLimit)
+                let source = options.registeredMemoryLimit == nil
+                    ? "RLIMIT_MEMLOCK is \(BackendSelection.memlockDescription())" : "registeredMemoryLimit"
+                reason =
+                    "registered buffers unused: the staging buffer (\(staging.nominalCapacity >> 10) KiB) is over "
+                    + "the registration budget (\(budget >> 10) KiB; \(source)); io_uring reads go to unregistered memory"
             }
         }
         self.fallbackReason = reason

@@ -52,8 +52,6 @@ enum BackendSelection {
         syscalls: PosixSyscalls?,
         environment: [String: String]
     ) throws(Errno) -> BackendSetup {
-        let type = try fileType(fd)
-        let isSocket = type == S_IFSOCK
         let posix = {
             BackendSetup(
                 engine: PosixEngine(fd: fd, syscalls: syscalls ?? .live),
@@ -65,6 +63,7 @@ enum BackendSelection {
                 pool: MemoryPool(registrar: nil, registrationBudget: 0), fallbackReason: nil, registrar: nil)
         }
 
+        let isSocket = try fileType(fd) == S_IFSOCK
         var wanted = options.backend
         var forced: String? = nil
         if wanted == .automatic, let env = environment[environmentVariable]?.lowercased(), !env.isEmpty {

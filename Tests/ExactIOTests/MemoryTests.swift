@@ -1,0 +1,89 @@
+import Foundation
+import Glibc
+import SystemPackage
+import Testing
+@testable import ExactIO
+
+/// Reads one 256 MiB frame over a unix socket and checks the process's peak RSS growth.
+/// Runs in its own process (an exit test), so the peak is this read's alone.
+func peakMemoryChild(_ backend: ExactReader.Backend) throws {
+    let n = 256 << 20
+    let (a, b) = try socketPair(AF_UNIX)
+    let chunk = pattern(1 << 20, seed: 77)  // the writer sends this 256 times: 1 MiB of its own
+    let reader = try ExactReader(a, options: .init(backend: backend, maxFrameLength: 512 << 20))
+    resetPeakRSS()
+    let baseline = procStatus("VmRSS")
+    let writer = Writer {
+        defer { try? b.close() }
+        var header = [UInt8(n >> 24), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
+        try header.withUnsafeMutableBytes { try writeAll(b, UnsafeRawBufferPointer($0)) }
+        for _ in 0..<256 { try chunk.withUnsafeBytes { try writeAll(b, $0) } }
+    }
+    let f = try reader.readFrame()
+    let peak = procStatus("VmHWM")
+    writer.join()
+    guard let f, f.count == n else { fatalError("frame missing") }
+    for k in stride(from: 0, to: n, by: 1 << 20) where f[k] != chunk[0] || f[k + 4095] != chunk[4095] {
+        fatalError("frame content wrong at \(k)")
+    }
+    let growth = Double(peak - baseline) / Double(n)
+    FileHandle.standardError.write(
+        "peak RSS growth for a 256 MiB frame (\(backend)): \(peak - baseline) bytes = \(String(format: "%.3f", growth)) n; statistics \(reader.statistics)\n"
+            .data(using: .utf8)!)
+    if growth > 1.1 { exit(3) }
+}
+
+/// Under RLIMIT_MEMLOCK = 64 KiB as an unprivileged user (uid/gid 65534 when run as root):
+/// io_uring stays, buffer registration falls back, `fallbackReason` says why, frames arrive.
+func smallMemlockChild() throws {
+    var rl = rlimit(rlim_cur: 65536, rlim_max: 65536)
+    guard setrlimit(Int32(__RLIMIT_MEMLOCK.rawValue), &rl) == 0 else { fatalError("setrlimit") }
+    if getuid() == 0 {
+        guard setgroups(0, nil) == 0, setgid(65534) == 0, setuid(65534) == 0 else { fatalError("drop privileges") }
+    }
+    let (a, b) = try socketPair(AF_UNIX)
+    let bodies = [pattern(10), pattern(1 << 20), pattern(300)]
+    let wire = bodies.flatMap(frame)
+    let writer = Writer {
+        defer { try? b.close() }
+        try wire.withUnsafeBytes { try writeAll(b, $0) }
+    }
+    let reader = try ExactReader(a)
+    FileHandle.standardError.write("uid \(getuid()), memlock 64 KiB: backend \(reader.backend), fallbackReason: \(reader.fallbackReason ?? "nil")\n".data(using: .utf8)!)
+    guard reader.backend == .ioUring else { exit(4) }
+    guard let why = reader.fallbackReason, why.contains("RLIMIT_MEMLOCK") else { exit(5) }
+    for body in bodies {
+        guard try reader.readFrame().map(Array.init) == body else { exit(6) }
+    }
+    guard try reader.readFrame() == nil, reader.statistics.fixedReads == 0 else { exit(7) }
+    writer.join()
+    // Past our own budget check: the kernel itself refuses the registration (ENOMEM).
+    let (c, _) = try socketPair(AF_UNIX)
+    let forced = try ExactReader(c, options: .init(registeredMemoryLimit: 1 << 30))
+    FileHandle.standardError.write("with registeredMemoryLimit 1 GiB: \(forced.fallbackReason ?? "nil")\n".data(using: .utf8)!)
+    guard forced.backend == .ioUring, let w = forced.fallbackReason, w.contains("errno 12"), w.contains("RLIMIT_MEMLOCK")
+    else { exit(8) }
+}
+
+@Suite struct MemoryTests {
+    @Test func peakMemoryOfA256MiBFramePosix() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try peakMemoryChild(.posix)
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+
+    @Test(.enabled(if: uringAvailable)) func peakMemoryOfA256MiBFrameURing() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try peakMemoryChild(.ioUring)
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+
+    @Test(.enabled(if: uringAvailable)) func smallMemlockKeepsURingWithoutRegistration() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try smallMemlockChild()
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+}

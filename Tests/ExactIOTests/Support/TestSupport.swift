@@ -1,0 +1,199 @@
+import Foundation
+import Glibc
+import SystemPackage
+@testable import ExactIO
+
+/// Transports every reader test runs over.
+enum Transport: String, CaseIterable, Sendable, CustomStringConvertible {
+    case pipe, unix, tcp, file
+    var description: String { rawValue }
+}
+
+/// True when this machine lets us create an io_uring (not in Docker's default seccomp
+/// profile, not with kernel.io_uring_disabled).
+let uringAvailable: Bool = {
+    guard let p = try? FileDescriptor.pipe() else { return false }
+    defer {
+        try? p.readEnd.close()
+        try? p.writeEnd.close()
+    }
+    return (try? ExactReader(p.readEnd, options: .init(backend: .ioUring))) != nil
+}()
+
+/// CI sets EXACTIO_REQUIRE_URING=1: there, io_uring being unavailable is a failure, not a skip.
+let uringRequired = ProcessInfo.processInfo.environment["EXACTIO_REQUIRE_URING"] == "1"
+
+/// The backends to test on this machine.
+let testBackends: [ExactReader.Backend] = uringAvailable ? [.posix, .ioUring] : [.posix]
+
+func options(_ backend: ExactReader.Backend, staging: Int = 64 << 10, maxFrame: Int = 64 << 20) -> ExactReader.Options {
+    .init(backend: backend, stagingCapacity: staging, maxFrameLength: maxFrame)
+}
+
+/// Deterministic bytes: a cheap pattern that differs per position and seed.
+func pattern(_ count: Int, seed: UInt64 = 1) -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: count)
+    var x = seed &* 0x9E37_79B9_7F4A_7C15 | 1
+    for i in 0..<count {
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        out[i] = UInt8(truncatingIfNeeded: x)
+    }
+    return out
+}
+
+func frame(_ body: [UInt8]) -> [UInt8] {
+    let n = UInt32(body.count)
+    return [UInt8(n >> 24), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)] + body
+}
+
+/// Writes all of `bytes`, retrying short writes and EINTR; waits on EAGAIN.
+func writeAll(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer) throws {
+    var off = 0
+    while off < bytes.count {
+        do {
+            off += try fd.write(UnsafeRawBufferPointer(rebasing: bytes[off...]))
+        } catch Errno.resourceTemporarilyUnavailable {
+            var pfd = pollfd(fd: fd.rawValue, events: Int16(POLLOUT), revents: 0)
+            _ = poll(&pfd, 1, 100)
+        }
+    }
+}
+
+/// A connected pair of descriptors: the reader's end and the writer's end.
+struct Channel {
+    let read: FileDescriptor
+    let write: FileDescriptor?  // nil for a file (already written)
+    let path: String?
+
+    /// Closes the read end. The write end belongs to the writer thread, which closes it
+    /// (closing it twice could close a descriptor number another test has reused).
+    func close() {
+        try? read.close()
+        if let path { unlink(path) }
+    }
+}
+
+func socketPair(_ domain: Int32) throws -> (FileDescriptor, FileDescriptor) {
+    var fds: [Int32] = [0, 0]
+    guard socketpair(domain, Int32(SOCK_STREAM.rawValue), 0, &fds) == 0 else { throw Errno(rawValue: errno) }
+    return (FileDescriptor(rawValue: fds[0]), FileDescriptor(rawValue: fds[1]))
+}
+
+/// A TCP connection over loopback: (accepted server side, client side).
+func tcpPair() throws -> (FileDescriptor, FileDescriptor) {
+    let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard listener >= 0 else { throw Errno(rawValue: errno) }
+    defer { Glibc.close(listener) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    try withUnsafeMutablePointer(to: &addr) { p in
+        try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+            guard bind(listener, sa, len) == 0, listen(listener, 1) == 0, getsockname(listener, sa, &len) == 0
+            else { throw Errno(rawValue: errno) }
+        }
+    }
+    let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard client >= 0 else { throw Errno(rawValue: errno) }
+    try withUnsafePointer(to: &addr) { p in
+        try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+            guard connect(client, sa, len) == 0 else { throw Errno(rawValue: errno) }
+        }
+    }
+    let server = accept(listener, nil, nil)
+    guard server >= 0 else { throw Errno(rawValue: errno) }
+    return (FileDescriptor(rawValue: server), FileDescriptor(rawValue: client))
+}
+
+func tempFile(containing bytes: [UInt8]) throws -> (FileDescriptor, String) {
+    var template = Array("/tmp/exactio-test-XXXXXX".utf8CString)
+    let fd = mkstemp(&template)
+    guard fd >= 0 else { throw Errno(rawValue: errno) }
+    let path = String(cString: template)
+    let w = FileDescriptor(rawValue: fd)
+    try bytes.withUnsafeBytes { try writeAll(w, $0) }
+    _ = try w.seek(offset: 0, from: .start)
+    return (w, path)
+}
+
+/// Opens a channel of `transport`; for `.file`, the file already holds `fileBytes`.
+func openChannel(_ transport: Transport, fileBytes: [UInt8] = []) throws -> Channel {
+    switch transport {
+    case .pipe:
+        let p = try FileDescriptor.pipe()
+        return Channel(read: p.readEnd, write: p.writeEnd, path: nil)
+    case .unix:
+        let (a, b) = try socketPair(AF_UNIX)
+        return Channel(read: a, write: b, path: nil)
+    case .tcp:
+        let (a, b) = try tcpPair()
+        return Channel(read: a, write: b, path: nil)
+    case .file:
+        let (fd, path) = try tempFile(containing: fileBytes)
+        return Channel(read: fd, write: nil, path: path)
+    }
+}
+
+/// Runs `write` on a background thread; `join()` waits for it.
+final class Writer: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private(set) var error: Error?
+
+    init(_ body: @escaping @Sendable () throws -> Void) {
+        Thread.detachNewThread { [self] in
+            do { try body() } catch { self.error = error }
+            done.signal()
+        }
+    }
+
+    func join() { done.wait() }
+}
+
+/// Feeds `bytes` into `channel` in chunks of the given sizes (cycled), then closes the write
+/// end. For files, the bytes were written at creation and this does nothing.
+func feed(_ channel: Channel, _ bytes: [UInt8], chunks: [Int] = [1 << 20]) -> Writer {
+    let fd = channel.write
+    return Writer {
+        guard let fd else { return }
+        defer { try? fd.close() }
+        var off = 0
+        var i = 0
+        try bytes.withUnsafeBytes { raw in
+            while off < raw.count {
+                let n = min(max(1, chunks[i % chunks.count]), raw.count - off)
+                try writeAll(fd, UnsafeRawBufferPointer(rebasing: raw[off..<(off + n)]))
+                off += n
+                i += 1
+            }
+        }
+    }
+}
+
+/// Opens `transport` carrying `bytes`, returns the reader's descriptor and the writer.
+func stream(_ transport: Transport, _ bytes: [UInt8], chunks: [Int] = [1 << 20]) throws -> (Channel, Writer) {
+    let ch = try openChannel(transport, fileBytes: transport == .file ? bytes : [])
+    let writer = feed(ch, bytes, chunks: chunks)
+    return (ch, writer)
+}
+
+/// Current VmRSS / VmHWM of this process, in bytes.
+func procStatus(_ key: String) -> Int {
+    guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return -1 }
+    for line in text.split(separator: "\n") where line.hasPrefix(key + ":") {
+        let digits = line.split(separator: " ").dropFirst().first.flatMap { Int($0) } ?? -1
+        return digits * 1024
+    }
+    return -1
+}
+
+/// Resets VmHWM to the current RSS (Linux 4.0+).
+func resetPeakRSS() {
+    let fd = open("/proc/self/clear_refs", O_WRONLY)
+    guard fd >= 0 else { return }
+    _ = write(fd, "5", 1)
+    Glibc.close(fd)
+}
