@@ -1,1 +1,151 @@
-print("bench: not yet")
+import Foundation
+import Glibc
+
+// bench: every strategy side by side, each case in a fresh child process with the writer in
+// another process. See DESIGN.md "Benchmark contract" and README "Benchmarks".
+//
+//   swift run -c release bench [--quick] [--filter TEXT]... [--json FILE] [--svg FILE] [--peers]
+//
+// Internal modes: --child STRATEGY TRANSPORT BYTES FRAMES (one case; prints its JSON result),
+//                 --writer TRANSPORT BYTES FRAMES [--port P | --path FILE] (the writer process).
+
+// stdout carries only the final table and JSON-free output; progress goes to stderr (unbuffered).
+
+func usage() -> Never {
+    FileHandle.standardError.write("""
+    usage: bench [--quick] [--filter TEXT]... [--json FILE] [--svg FILE] [--peers] [--list]
+      --quick        unix and tcp at 4 KiB, 1 MiB and 64 MiB, every strategy (under a minute)
+      --filter TEXT  only cases whose name strategy/transport/size contains TEXT (repeatable: all must match)
+      --json FILE    write the results as JSON (DESIGN.md schema)
+      --svg FILE     write a chart (GB/s and peak/frame against frame size)
+      --peers        also run CPython asyncio readexactly and SwiftNIO's LengthFieldBasedFrameDecoder
+      --list         print the cases and exit
+
+    """.data(using: .utf8)!)
+    exit(2)
+}
+
+var args = Array(CommandLine.arguments.dropFirst())
+
+if args.first == "--writer" {
+    guard args.count >= 4, let n = Int(args[2]), let frames = Int(args[3]) else { usage() }
+    var port: UInt16? = nil
+    var path: String? = nil
+    if let i = args.firstIndex(of: "--port"), i + 1 < args.count { port = UInt16(args[i + 1]) }
+    if let i = args.firstIndex(of: "--path"), i + 1 < args.count { path = args[i + 1] }
+    do {
+        try runWriter(transport: args[1], n: n, frames: frames, port: port, path: path)
+        exit(0)
+    } catch {
+        FileHandle.standardError.write("writer: \(error)\n".data(using: .utf8)!)
+        exit(1)
+    }
+}
+
+if args.first == "--child" {
+    guard args.count >= 5, let n = Int(args[3]), let frames = Int(args[4]) else { usage() }
+    let c = BenchCase(strategy: args[1], transport: args[2], frameBytes: n, frames: frames)
+    do {
+        let r: CaseResult
+        if peerStrategies.contains(c.strategy) {
+            r = try runPeer(c)
+        } else {
+            r = try runCase(c)
+        }
+        let data = try JSONEncoder().encode(r)
+        print(String(decoding: data, as: UTF8.self))
+        exit(0)
+    } catch {
+        FileHandle.standardError.write("case \(c.name): \(error)\n".data(using: .utf8)!)
+        exit(1)
+    }
+}
+
+var quick = false, peers = false, list = false
+var filters: [String] = []
+var jsonPath: String? = nil, svgPath: String? = nil
+var i = 0
+while i < args.count {
+    switch args[i] {
+    case "--quick": quick = true
+    case "--peers": peers = true
+    case "--list": list = true
+    case "--filter": i += 1; if i < args.count { filters.append(args[i]) } else { usage() }
+    case "--json": i += 1; if i < args.count { jsonPath = args[i] } else { usage() }
+    case "--svg": i += 1; if i < args.count { svgPath = args[i] } else { usage() }
+    case "-h", "--help": usage()
+    default:
+        FileHandle.standardError.write("unknown argument \(args[i])\n".data(using: .utf8)!)
+        usage()
+    }
+    i += 1
+}
+
+func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
+
+#if DEBUG
+log("WARNING: this is a debug build; its figures are meaningless. Use: swift run -c release bench")
+#endif
+
+let cases = makeCases(quick: quick, peers: peers, filter: filters)
+if list {
+    for c in cases { print("\(c.name) × \(c.frames)") }
+    exit(0)
+}
+if cases.isEmpty {
+    log("no case matches the filter")
+    exit(2)
+}
+if peers { preparePeers(log: log) }
+
+let start = now()
+var results: [CaseResult] = []
+var failures: [String] = []
+for (k, c) in cases.enumerated() {
+    let t0 = now()
+    FileHandle.standardError.write((String(format: "[%3d/%d %6.1fs] ", k + 1, cases.count, t0 - start) + pad(c.name, 34)).data(using: .utf8)!)
+    var p: [Int32] = [0, 0]
+    pipe(&p)
+    let pid: pid_t
+    do {
+        pid = try spawn(selfPath, ["--child", c.strategy, c.transport, String(c.frameBytes), String(c.frames)], stdoutFD: p[1])
+    } catch {
+        log("spawn failed: \(error)")
+        exit(1)
+    }
+    close(p[1])
+    var out = Data()
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(p[0], &buf, buf.count)
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        out.append(contentsOf: buf[0..<n])
+    }
+    close(p[0])
+    let status = waitExit(pid)
+    if status == 0, let r = try? JSONDecoder().decode(CaseResult.self, from: out) {
+        results.append(r)
+        log(String(format: "%6.2f GB/s  peak %.2f× frame  (%.1fs)", r.gbPerSecond, r.peakOverFrame, now() - t0))
+    } else {
+        failures.append(c.name)
+        log("FAILED (exit \(status))")
+    }
+}
+
+print(renderTable(results))
+let command = (["swift run -c release bench"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
+if let jsonPath {
+    let iso = ISO8601DateFormatter().string(from: Date())
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    let data = try enc.encode(Report(date: iso, command: command, cases: results))
+    try data.write(to: URL(fileURLWithPath: jsonPath))
+    log("wrote \(jsonPath)")
+}
+if let svgPath {
+    try renderSVG(results).write(toFile: svgPath, atomically: true, encoding: .utf8)
+    log("wrote \(svgPath)")
+}
+log(String(format: "%d cases in %.1fs%@", results.count, now() - start, failures.isEmpty ? "" : "; failed: \(failures.joined(separator: ", "))" as NSString))
+exit(failures.isEmpty ? 0 : 1)

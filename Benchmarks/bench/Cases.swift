@@ -1,0 +1,71 @@
+/// What one benchmark case is: a strategy reading frames of one size over one transport.
+struct BenchCase: Hashable, Codable {
+    var strategy: String
+    var transport: String
+    var frameBytes: Int
+    var frames: Int
+
+    var name: String { "\(strategy)/\(transport)/\(sizeLabel(frameBytes))" }
+}
+
+/// Every reader strategy, in table order.
+let allStrategies = ["seed-join", "seed-buffer", "seed-prealloc", "posix-into", "exactio-posix", "exactio-uring"]
+/// Peer strategies (opt-in with --peers): processes of their own, not in this executable.
+let peerStrategies = ["py-asyncio", "swift-nio"]
+let allTransports = ["unix", "tcp", "pipe", "file"]
+let allSizes = [64, 4 << 10, 64 << 10, 1 << 20, 64 << 20, 512 << 20]
+
+/// Bytes of frame bodies per case: enough for a stable figure, small enough that the default
+/// run of every case takes a few minutes on 2 cores.
+func bodyBytes(frameBytes n: Int, quick: Bool) -> Int {
+    switch n {
+    case ..<1024: quick ? 8 << 20 : 16 << 20
+    case ..<(64 << 10): quick ? 256 << 20 : 512 << 20
+    case ..<(1 << 20): 1 << 30
+    case ..<(64 << 20): quick ? 512 << 20 : 1 << 30
+    default: 1 << 30
+    }
+}
+
+func makeCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
+    let transports = quick ? ["unix", "tcp"] : allTransports
+    let sizes = quick ? [4 << 10, 1 << 20, 64 << 20] : allSizes
+    let strategies = allStrategies + (peers ? peerStrategies : [])
+    var cases: [BenchCase] = []
+    for t in transports {
+        for n in sizes {
+            for s in strategies {
+                // The peers read sockets only (asyncio streams, NIO channels).
+                if peerStrategies.contains(s) && !(t == "unix" || t == "tcp") { continue }
+                let frames = max(2, bodyBytes(frameBytes: n, quick: quick) / n)
+                let c = BenchCase(strategy: s, transport: t, frameBytes: n, frames: frames)
+                if filter.isEmpty || filter.allSatisfy({ f in c.name.contains(f) }) { cases.append(c) }
+            }
+        }
+    }
+    return cases
+}
+
+func sizeLabel(_ n: Int) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 { return "\(n >> 20)MiB" }
+    if n >= 1 << 10 && n % (1 << 10) == 0 { return "\(n >> 10)KiB" }
+    return "\(n)B"
+}
+
+/// The body every writer sends: first byte 0x11, last byte 0x22 (n >= 2), the rest 0x33.
+/// Readers check the length and these marks on every frame.
+enum Marks {
+    static let first: UInt8 = 0x11
+    static let last: UInt8 = 0x22
+    static let fill: UInt8 = 0x33
+
+    @inline(__always)
+    static func check(_ body: UnsafeRawBufferPointer, _ n: Int) -> Bool {
+        guard body.count == n else { return false }
+        if n == 0 { return true }
+        if body[0] != first { return false }
+        if n >= 2 && body[n - 1] != last { return false }
+        if n >= 3 && body[n / 2] != fill { return false }
+        return true
+    }
+}

@@ -1,0 +1,87 @@
+import Glibc
+
+/// Monotonic seconds.
+func now() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// This process's user and system CPU seconds.
+func cpuTimes() -> (user: Double, sys: Double) {
+    var ru = rusage()
+    getrusage(RUSAGE_SELF.rawValue, &ru)
+    return (Double(ru.ru_utime.tv_sec) + Double(ru.ru_utime.tv_usec) / 1e6,
+            Double(ru.ru_stime.tv_sec) + Double(ru.ru_stime.tv_usec) / 1e6)
+}
+
+/// A field of /proc/self/status in bytes (VmRSS, VmHWM).
+func procStatusBytes(_ key: String) -> Int {
+    let fd = open("/proc/self/status", O_RDONLY)
+    guard fd >= 0 else { return -1 }
+    defer { close(fd) }
+    var buf = [UInt8](repeating: 0, count: 8192)
+    let n = read(fd, &buf, buf.count)
+    guard n > 0 else { return -1 }
+    let text = String(decoding: buf[0..<n], as: UTF8.self)
+    for line in text.split(separator: "\n") where line.hasPrefix(key + ":") {
+        let parts = line.split(separator: " ", omittingEmptySubsequences: true)
+        if parts.count >= 2, let kb = Int(parts[1]) { return kb * 1024 }
+    }
+    return -1
+}
+
+/// Resets VmHWM to the current RSS, so the peak measured afterwards is the case's own.
+func resetPeak() {
+    let fd = open("/proc/self/clear_refs", O_WRONLY)
+    guard fd >= 0 else { return }
+    _ = write(fd, "5", 1)
+    close(fd)
+}
+
+/// What a child reports for its case.
+struct CaseResult: Codable {
+    var strategy: String
+    var transport: String
+    var frameBytes: Int
+    var frames: Int
+    var seconds: Double
+    var gbPerSecond: Double
+    var framesPerSecond: Double
+    var peakRSSBytes: Int
+    var baselineRSSBytes: Int
+    var peakOverFrame: Double
+    var cpuUserSeconds: Double
+    var cpuSystemSeconds: Double
+    var note: String?
+}
+
+struct BenchFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// Runs `body` (which reads every frame) between the baseline and the peak measurements.
+/// The baseline is taken after the connection exists and before the strategy allocates anything.
+///
+/// `setup` runs after the baseline and before the clock starts: what it allocates counts in the
+/// peak, not in the time (posix-into's pre-faulted buffer, a reader's creation).
+func measure<State>(_ c: BenchCase, setup: () throws -> State, _ body: (State) throws -> Int) throws -> CaseResult {
+    resetPeak()
+    let baseline = procStatusBytes("VmRSS")
+    let state = try setup()
+    let cpu0 = cpuTimes()
+    let t0 = now()
+    let frames = try body(state)
+    let seconds = now() - t0
+    let cpu1 = cpuTimes()
+    let peak = procStatusBytes("VmHWM")
+    guard frames == c.frames else { throw BenchFailure("read \(frames) frames, expected \(c.frames)") }
+    let bytes = Double(c.frames) * Double(c.frameBytes)
+    return CaseResult(
+        strategy: c.strategy, transport: c.transport, frameBytes: c.frameBytes, frames: c.frames,
+        seconds: seconds, gbPerSecond: bytes / seconds / 1e9, framesPerSecond: Double(c.frames) / seconds,
+        peakRSSBytes: peak, baselineRSSBytes: baseline,
+        peakOverFrame: Double(peak - baseline) / Double(c.frameBytes),
+        cpuUserSeconds: cpu1.user - cpu0.user, cpuSystemSeconds: cpu1.sys - cpu0.sys, note: nil)
+}

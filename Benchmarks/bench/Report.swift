@@ -1,0 +1,107 @@
+import Foundation
+
+/// The JSON document (DESIGN.md's schema, version 1; extra fields are additive).
+struct Report: Codable {
+    var version = 1
+    var date: String
+    var command: String
+    var cases: [CaseResult]
+}
+
+func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
+    let fill = String(repeating: " ", count: max(0, width - s.count))
+    return right ? fill + s : s + fill
+}
+
+func fmtBytes(_ b: Int) -> String {
+    let d = Double(b)
+    let m = Swift.abs(b)
+    if m >= 1 << 30 { return String(format: "%.2f GiB", d / Double(1 << 30)) }
+    if m >= 1 << 20 { return String(format: "%.1f MiB", d / Double(1 << 20)) }
+    if m >= 1 << 10 { return String(format: "%.0f KiB", d / Double(1 << 10)) }
+    return "\(b) B"
+}
+
+/// The stdout table: one block per transport and frame size, each strategy's GB/s as a ratio
+/// to posix-into, peak growth in bytes and as a multiple of the frame.
+func renderTable(_ results: [CaseResult]) -> String {
+    var out = ""
+    let transports = allTransports.filter { t in results.contains { $0.transport == t } }
+    let strategies = (allStrategies + peerStrategies)
+    for t in transports {
+        let sizes = Array(Set(results.filter { $0.transport == t }.map(\.frameBytes))).sorted()
+        for n in sizes {
+            let rows = results.filter { $0.transport == t && $0.frameBytes == n }
+                .sorted { (strategies.firstIndex(of: $0.strategy) ?? 99) < (strategies.firstIndex(of: $1.strategy) ?? 99) }
+            let floor = rows.first { $0.strategy == "posix-into" }?.gbPerSecond
+            out += "\n\(t), \(sizeLabel(n)) frames × \(rows.first?.frames ?? 0)\n"
+            out += "  strategy        GB/s   ×floor    frames/s   peak growth   peak/frame   user s   sys s\n"
+            for r in rows {
+                let ratio = floor.map { String(format: "%6.2f", r.gbPerSecond / $0) } ?? "     -"
+                out += "  " + pad(r.strategy, 14)
+                    + String(format: " %6.2f   %@  %10.0f   ", r.gbPerSecond, ratio, r.framesPerSecond)
+                    + pad(fmtBytes(r.peakRSSBytes - r.baselineRSSBytes), 11, right: true)
+                    + String(format: "   %9.2f×   %6.2f  %6.2f\n", r.peakOverFrame, r.cpuUserSeconds, r.cpuSystemSeconds)
+            }
+        }
+    }
+    return out
+}
+
+/// A self-contained SVG: for each transport, GB/s and peak/frame against frame size (log x),
+/// one line per strategy.
+func renderSVG(_ results: [CaseResult]) -> String {
+    let transports = allTransports.filter { t in results.contains { $0.transport == t } }
+    let strategies = (allStrategies + peerStrategies).filter { s in results.contains { $0.strategy == s } }
+    let colors = ["#d62728", "#ff7f0e", "#bcbd22", "#7f7f7f", "#1f77b4", "#2ca02c", "#9467bd", "#8c564b"]
+    let pw = 420.0, ph = 260.0, ml = 60.0, mt = 40.0, gap = 40.0
+    let width = ml + 2 * (pw + gap) + 160
+    let height = mt + Double(transports.count) * (ph + 70) + 20
+    var svg = """
+    <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(width))" height="\(Int(height))" font-family="sans-serif" font-size="11">
+    <rect width="100%" height="100%" fill="white"/>
+    <text x="\(ml)" y="20" font-size="14">ExactIO bench: throughput and peak memory per frame size (log scale)</text>\n
+    """
+    let sizes = Array(Set(results.map(\.frameBytes))).sorted()
+    guard let minN = sizes.first, let maxN = sizes.last else { return svg + "</svg>\n" }
+    let lx0 = log2(Double(minN)), lx1 = max(log2(Double(maxN)), lx0 + 1)
+    for (ti, t) in transports.enumerated() {
+        let y0 = mt + Double(ti) * (ph + 70) + 20
+        for (pi, metric) in ["GB/s", "peak / frame"].enumerated() {
+            let x0 = ml + Double(pi) * (pw + gap)
+            let rows = results.filter { $0.transport == t }
+            func value(_ r: CaseResult) -> Double { pi == 0 ? r.gbPerSecond : max(r.peakOverFrame, 0) }
+            // peak/frame for tiny frames is huge (a fixed overhead over a few bytes): clip at 8.
+            let ymax = pi == 0 ? max(rows.map(value).max() ?? 1, 0.1) * 1.1 : 8.0
+            svg += "<text x=\"\(x0)\" y=\"\(y0 - 6)\" font-size=\"12\">\(t): \(metric)\(pi == 1 ? " (clipped at 8×)" : "")</text>\n"
+            svg += "<rect x=\"\(x0)\" y=\"\(y0)\" width=\"\(pw)\" height=\"\(ph)\" fill=\"none\" stroke=\"#999\"/>\n"
+            for k in 0...4 {
+                let v = ymax * Double(k) / 4, y = y0 + ph - ph * Double(k) / 4
+                svg += "<line x1=\"\(x0)\" y1=\"\(y)\" x2=\"\(x0 + pw)\" y2=\"\(y)\" stroke=\"#eee\"/>"
+                svg += "<text x=\"\(x0 - 4)\" y=\"\(y + 4)\" text-anchor=\"end\">\(String(format: "%.2g", v))</text>\n"
+            }
+            func px(_ n: Int) -> Double { x0 + (log2(Double(n)) - lx0) / (lx1 - lx0) * pw }
+            func py(_ v: Double) -> Double { y0 + ph - min(v, ymax) / ymax * ph }
+            for n in sizes {
+                svg += "<text x=\"\(px(n))\" y=\"\(y0 + ph + 14)\" text-anchor=\"middle\">\(sizeLabel(n))</text>\n"
+            }
+            for (si, s) in strategies.enumerated() {
+                let pts = rows.filter { $0.strategy == s }.sorted { $0.frameBytes < $1.frameBytes }
+                guard !pts.isEmpty else { continue }
+                let color = colors[si % colors.count]
+                let path = pts.map { String(format: "%.1f,%.1f", px($0.frameBytes), py(value($0))) }.joined(separator: " ")
+                svg += "<polyline fill=\"none\" stroke=\"\(color)\" stroke-width=\"2\" points=\"\(path)\"/>\n"
+                for p in pts {
+                    svg += String(format: "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"2.5\" fill=\"%@\"/>", px(p.frameBytes), py(value(p)), color as NSString)
+                }
+                svg += "\n"
+            }
+        }
+    }
+    for (si, s) in strategies.enumerated() {
+        let x = ml + 2 * (pw + gap), y = mt + 20 + Double(si) * 18
+        svg += "<rect x=\"\(x)\" y=\"\(y - 9)\" width=\"12\" height=\"12\" fill=\"\(colors[si % colors.count])\"/>"
+        svg += "<text x=\"\(x + 18)\" y=\"\(y + 1)\">\(s)</text>\n"
+    }
+    return svg + "</svg>\n"
+}

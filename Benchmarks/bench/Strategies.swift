@@ -1,0 +1,285 @@
+import ExactIO
+import Glibc
+import SystemPackage
+
+/// The receive size asyncio's selector transport uses (`max_size = 256 * 1024`).
+let recvSize = 256 << 10
+
+/// One read(2), retrying EINTR. Returns bytes read, 0 at EOF.
+@inline(__always)
+func sysRead(_ fd: Int32, _ p: UnsafeMutableRawPointer, _ count: Int) throws -> Int {
+    while true {
+        let n = read(fd, p, count)
+        if n >= 0 { return n }
+        if errno != EINTR { throw BenchFailure("read: errno \(errno)") }
+    }
+}
+
+func decodeLength(_ p: UnsafeRawBufferPointer) -> Int {
+    Int(p[0]) << 24 | Int(p[1]) << 16 | Int(p[2]) << 8 | Int(p[3])
+}
+
+func checkFrame(_ body: UnsafeRawBufferPointer, _ n: Int) throws {
+    guard Marks.check(body, n) else { throw BenchFailure("frame content or length wrong (\(body.count) of \(n))") }
+}
+
+/// seed-join: asyncio's original readexactly. Every recv is a fresh chunk; a read collects
+/// pieces of chunks until it has n bytes, then joins them into one new array.
+/// Copies per byte: kernel → chunk, chunk → joined result. Peak ~2n.
+func seedJoin(fd: Int32, c: BenchCase) throws -> Int {
+    var chunks: [ArraySlice<UInt8>] = []  // unconsumed received data, oldest first
+    var head = 0  // index into chunks
+    func readExactly(_ n: Int) throws -> [UInt8]? {
+        var blocks: [ArraySlice<UInt8>] = []
+        var need = n
+        while need > 0 {
+            if head == chunks.count {
+                chunks.removeAll(keepingCapacity: true)
+                head = 0
+                let chunk = try [UInt8](unsafeUninitializedCapacity: recvSize) { buf, count in
+                    count = try sysRead(fd, buf.baseAddress!, recvSize)
+                }
+                if chunk.isEmpty { return nil }
+                chunks.append(chunk[...])
+            }
+            let piece = chunks[head]
+            if piece.count <= need {
+                blocks.append(piece)
+                need -= piece.count
+                head += 1
+            } else {
+                blocks.append(piece.prefix(need))
+                chunks[head] = piece.dropFirst(need)
+                need = 0
+            }
+        }
+        if blocks.count == 1 { return Array(blocks[0]) }  // b''.join of one block still copies
+        var joined = [UInt8]()
+        joined.reserveCapacity(n)
+        for b in blocks { joined.append(contentsOf: b) }
+        return joined
+    }
+    var frames = 0
+    while frames < c.frames, let hdr = try readExactly(4) {
+        let n = hdr.withUnsafeBytes(decodeLength)
+        guard let body = try readExactly(n) else { break }
+        try body.withUnsafeBytes { try checkFrame($0, n) }
+        frames += 1
+    }
+    return frames
+}
+
+/// A growable receive buffer with a consumed-prefix offset (bytearray's ob_start trick).
+struct GrowBuffer {
+    var storage: [UInt8] = []
+    var start = 0
+    var count: Int { storage.count - start }
+
+    /// recv into a reused chunk, then append (the append is the user-space copy CPython's
+    /// feed_data makes with bytearray.extend).
+    mutating func feed(from fd: Int32, chunk: inout [UInt8]) throws -> Bool {
+        let n = try chunk.withUnsafeMutableBytes { try sysRead(fd, $0.baseAddress!, $0.count) }
+        if n == 0 { return false }
+        if start > 0 && start >= storage.count / 2 {
+            storage.removeFirst(start)
+            start = 0
+        }
+        storage.append(contentsOf: chunk[0..<n])
+        return true
+    }
+
+    mutating func take(_ n: Int) -> [UInt8] {
+        let out = Array(storage[start..<(start + n)])
+        start += n
+        if start == storage.count {
+            storage.removeAll(keepingCapacity: true)
+            start = 0
+        }
+        return out
+    }
+}
+
+/// seed-buffer: CPython's readexactly today. One bytearray grows until it holds n bytes, then
+/// the frame is copied out into an immutable bytes. Copies: kernel → chunk → buffer → result.
+func seedBuffer(fd: Int32, c: BenchCase) throws -> Int {
+    var buffer = GrowBuffer()
+    var chunk = [UInt8](repeating: 0, count: recvSize)
+    func readExactly(_ n: Int) throws -> [UInt8]? {
+        while buffer.count < n {
+            if !(try buffer.feed(from: fd, chunk: &chunk)) { return nil }
+        }
+        return buffer.take(n)
+    }
+    var frames = 0
+    while frames < c.frames, let hdr = try readExactly(4) {
+        let n = hdr.withUnsafeBytes(decodeLength)
+        guard let body = try readExactly(n) else { break }
+        try body.withUnsafeBytes { try checkFrame($0, n) }
+        frames += 1
+    }
+    return frames
+}
+
+/// seed-prealloc: the proposal in python/asyncio#394. When the buffer holds n bytes, slice
+/// them out (a copy, as a bytearray slice is); otherwise allocate bytearray(n) (zeroed),
+/// copy what is buffered, and recv_into the rest in place. Peak n; result mutable.
+func seedPrealloc(fd: Int32, c: BenchCase) throws -> Int {
+    var buffer = GrowBuffer()
+    var chunk = [UInt8](repeating: 0, count: recvSize)
+    func readExactly(_ n: Int) throws -> [UInt8]? {
+        if buffer.count >= n { return buffer.take(n) }
+        var out = [UInt8](repeating: 0, count: n)
+        var have = buffer.count
+        if have > 0 {
+            out.withUnsafeMutableBytes { dst in
+                buffer.storage.withUnsafeBytes { src in
+                    dst.baseAddress!.copyMemory(from: src.baseAddress! + buffer.start, byteCount: have)
+                }
+            }
+            buffer.storage.removeAll(keepingCapacity: true)
+            buffer.start = 0
+        }
+        try out.withUnsafeMutableBytes { dst in
+            while have < n {
+                let k = try sysRead(fd, dst.baseAddress! + have, n - have)
+                if k == 0 { return }
+                have += k
+            }
+        }
+        if have < n { return nil }
+        return out
+    }
+    var frames = 0
+    while frames < c.frames {
+        // Headers come through the buffer (the stream reader's normal path).
+        while buffer.count < 4 {
+            if !(try buffer.feed(from: fd, chunk: &chunk)) { return frames }
+        }
+        let hdr = buffer.take(4)
+        let n = hdr.withUnsafeBytes(decodeLength)
+        guard let body = try readExactly(n) else { break }
+        try body.withUnsafeBytes { try checkFrame($0, n) }
+        frames += 1
+    }
+    return frames
+}
+
+/// posix-into: the floor. read(2) the 4-byte header, then read(2) the body straight into one
+/// reused, page-aligned buffer of exactly the frame size, allocated and pre-faulted before the
+/// clock starts.
+func makeFloorBuffer(_ c: BenchCase) -> UnsafeMutableRawBufferPointer {
+    let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: max(c.frameBytes, 1), alignment: 4096)
+    memset(buf.baseAddress!, 0, buf.count)  // pre-fault
+    return buf
+}
+
+func posixInto(fd: Int32, c: BenchCase, buf: UnsafeMutableRawBufferPointer) throws -> Int {
+    var hdr: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
+    func readFull(_ p: UnsafeMutableRawPointer, _ n: Int) throws -> Bool {
+        var got = 0
+        while got < n {
+            let k = try sysRead(fd, p + got, n - got)
+            if k == 0 { return false }
+            got += k
+        }
+        return true
+    }
+    var frames = 0
+    while frames < c.frames {
+        let ok = try withUnsafeMutableBytes(of: &hdr) { try readFull($0.baseAddress!, 4) }
+        if !ok { break }
+        let n = withUnsafeBytes(of: &hdr) { decodeLength($0) }
+        guard n <= buf.count, try readFull(buf.baseAddress!, n) else { break }
+        try checkFrame(UnsafeRawBufferPointer(rebasing: buf[0..<n]), n)
+        frames += 1
+    }
+    return frames
+}
+
+/// exactio-posix / exactio-uring: ExactReader.readFrame, each frame a read-only view.
+/// The reader is created before the clock starts (its staging buffer counts in the peak).
+func makeReader(fd: Int32, backend: ExactReader.Backend) throws -> ExactReader {
+    try ExactReader(FileDescriptor(rawValue: fd), options: .init(backend: backend, maxFrameLength: 1 << 30))
+}
+
+func exactIO(_ reader: ExactReader, c: BenchCase) throws -> Int {
+    var frames = 0
+    while frames < c.frames, let frame = try reader.readFrame() {
+        try frame.withUnsafeBytes { try checkFrame($0, c.frameBytes) }
+        frames += 1
+    }
+    return frames
+}
+
+func describe(_ reader: ExactReader) -> String {
+    let s = reader.statistics
+    var note = "\(reader.backend): reads \(s.reads), fixed \(s.fixedReads), copied \(s.bytesCopied), staged views \(s.stagedViews)"
+    if let why = reader.fallbackReason { note += "; \(why)" }
+    return note
+}
+
+/// Runs one case in this (child) process and returns its result.
+func runCase(_ c: BenchCase) throws -> CaseResult {
+    warmUp(c)
+    let (fd, writer) = try openTransport(c)
+    defer {
+        close(fd)
+        if writer > 0 { waitExit(writer) }
+    }
+    switch c.strategy {
+    case "seed-join": return try measure(c, setup: {}) { try seedJoin(fd: fd, c: c) }
+    case "seed-buffer": return try measure(c, setup: {}) { try seedBuffer(fd: fd, c: c) }
+    case "seed-prealloc": return try measure(c, setup: {}) { try seedPrealloc(fd: fd, c: c) }
+    case "posix-into":
+        var buffer: UnsafeMutableRawBufferPointer? = nil
+        defer { buffer?.deallocate() }
+        return try measure(c, setup: { buffer = makeFloorBuffer(c); return buffer! }) { try posixInto(fd: fd, c: c, buf: $0) }
+    case "exactio-posix", "exactio-uring":
+        var reader: ExactReader? = nil
+        var r = try measure(c, setup: {
+            reader = try makeReader(fd: fd, backend: c.strategy == "exactio-uring" ? .ioUring : .posix)
+            return reader!
+        }) { try exactIO($0, c: c) }
+        r.note = reader.map(describe)
+        return r
+    default: throw BenchFailure("unknown strategy \(c.strategy)")
+    }
+}
+
+/// Runs the strategy's code once over a small in-process stream before anything is measured,
+/// so that first-use costs (code pages, runtime metadata) land outside every strategy's
+/// baseline alike, as in swift-nio's performance tester.
+func warmUp(_ c: BenchCase) {
+    var sv: [Int32] = [0, 0]
+    guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { return }
+    defer { close(sv[0]) }
+    let n = min(c.frameBytes, 64 << 10)
+    var wire = [UInt8]()
+    for _ in 0..<2 {
+        wire += [UInt8(n >> 24 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
+        var body = [UInt8](repeating: Marks.fill, count: n)
+        if n >= 1 { body[0] = Marks.first }
+        if n >= 2 { body[n - 1] = Marks.last }
+        wire += body
+    }
+    var size = Int32(1 << 20)
+    setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+    guard (try? wire.withUnsafeBytes({ try writeAll(sv[1], $0.baseAddress!, $0.count) })) != nil else { return }
+    close(sv[1])
+    let w = BenchCase(strategy: c.strategy, transport: c.transport, frameBytes: n, frames: 2)
+    switch c.strategy {
+    case "seed-join": _ = try? seedJoin(fd: sv[0], c: w)
+    case "seed-buffer": _ = try? seedBuffer(fd: sv[0], c: w)
+    case "seed-prealloc": _ = try? seedPrealloc(fd: sv[0], c: w)
+    case "posix-into":
+        let b = makeFloorBuffer(w)
+        _ = try? posixInto(fd: sv[0], c: w, buf: b)
+        b.deallocate()
+    case "exactio-posix", "exactio-uring":
+        if let r = try? makeReader(fd: sv[0], backend: c.strategy == "exactio-uring" ? .ioUring : .posix) {
+            _ = try? exactIO(r, c: w)
+        }
+    default: break
+    }
+}
