@@ -104,12 +104,15 @@ enum BackendSelection {
             return posix("io_uring lacks IORING_OP_READ (kernel older than 5.6)")
         }
 
-        let socketMode: SocketReadMode =
-            switch environment["EXACTIO_SOCKET_READ"] {
-            case "waitall" where ops.contains(.recv): .recvWaitAll
-            default: options.socketReadsUseRecvWaitAll && ops.contains(.recv) ? .recvWaitAll : .read
-            }
-        let engine = URingEngine(ring: ring, fd: fd, isSocket: isSocket, socketMode: socketMode)
+        // EXACTIO_SOCKET_READ=fixed|waitall overrides the threshold (for measurements).
+        var threshold = options.recvWaitAllThreshold
+        switch environment["EXACTIO_SOCKET_READ"] {
+        case "fixed": threshold = .max
+        case "waitall": threshold = 0
+        default: break
+        }
+        if !ops.contains(.recv) { threshold = .max }
+        let engine = URingEngine(ring: ring, fd: fd, isSocket: isSocket, waitAllThreshold: threshold)
 
         var registrar: URingRegistrar? = nil
         var reason: String? = nil

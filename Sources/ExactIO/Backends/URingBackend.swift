@@ -78,27 +78,20 @@ final class URingRegistrar: BlockRegistrar, @unchecked Sendable {
     }
 }
 
-/// How a direct (exact-length) read into unregistered memory is issued on a socket.
-enum SocketReadMode: Sendable {
-    /// IORING_OP_READ, resubmitted after each short read.
-    case read
-    /// IORING_OP_RECV with MSG_WAITALL: one submission per body.
-    case recvWaitAll
-}
-
-/// io_uring through CSupport: READ_FIXED into registered memory, READ (or RECV WAITALL on
-/// sockets) otherwise.
+/// io_uring through CSupport: READ_FIXED into registered memory, READ otherwise, and one
+/// RECV+MSG_WAITALL for large exact reads from sockets.
 final class URingEngine: IOEngine {
     let ring: RingHandle
     let fd: FileDescriptor
     let isSocket: Bool
-    let socketMode: SocketReadMode
+    /// Exact socket reads of at least this many bytes use one RECV+MSG_WAITALL.
+    let waitAllThreshold: Int
 
-    init(ring: RingHandle, fd: FileDescriptor, isSocket: Bool, socketMode: SocketReadMode) {
+    init(ring: RingHandle, fd: FileDescriptor, isSocket: Bool, waitAllThreshold: Int) {
         self.ring = ring
         self.fd = fd
         self.isSocket = isSocket
-        self.socketMode = socketMode
+        self.waitAllThreshold = waitAllThreshold
     }
 
     var kind: ExactReader.Backend { .ioUring }
@@ -111,8 +104,11 @@ final class URingEngine: IOEngine {
         statistics: inout ExactReader.Statistics
     ) -> (count: Int, error: Errno?) {
         var flags: UInt32 = 0
-        if exact && slot < 0 && isSocket && socketMode == .recvWaitAll {
+        var slot = slot
+        if exact && isSocket && minimum >= waitAllThreshold {
+            // RECV cannot target a registered slot; WAITALL replaces the READ_FIXED loop.
             flags |= UInt32(CSUPPORT_READ_RECV_WAITALL)
+            slot = -1
         }
         var done = 0
         var submissions: UInt64 = 0
