@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""bench peer: CPython's asyncio.StreamReader.readexactly over the stream on descriptor 3.
+
+Reads FRAMES length-prefixed frames (4-byte big-endian length, then the body), checks each
+body's length and marks (first byte 0x11, last 0x22, middle 0x33), and prints one JSON line in
+bench's CaseResult schema. Peak memory is this process's own: VmHWM after the run minus VmRSS
+at the baseline taken (after /proc/self/clear_refs) once the connection exists.
+
+usage: asyncio_peer.py STRATEGY TRANSPORT FRAME_BYTES FRAMES
+"""
+import asyncio
+import json
+import resource
+import socket
+import sys
+import time
+
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+async def main(strategy, transport, n, frames):
+    sock = socket.socket(fileno=3)
+    if transport == "unix":
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection(sock=sock)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    u0, s0 = cpu()
+    t0 = time.monotonic()
+    got = 0
+    while got < frames:
+        hdr = await reader.readexactly(4)
+        size = int.from_bytes(hdr, "big")
+        body = await reader.readexactly(size)
+        if size != n or (n >= 1 and body[0] != 0x11) or (n >= 2 and body[-1] != 0x22) or (n >= 3 and body[n // 2] != 0x33):
+            raise SystemExit("frame content or length wrong")
+        del body
+        got += 1
+    secs = time.monotonic() - t0
+    u1, s1 = cpu()
+    peak = status("VmHWM")
+    writer.close()
+    print(json.dumps({
+        "strategy": strategy, "transport": transport, "frameBytes": n, "frames": frames,
+        "seconds": secs, "gbPerSecond": n * frames / secs / 1e9, "framesPerSecond": frames / secs,
+        "peakRSSBytes": peak, "baselineRSSBytes": base, "peakOverFrame": (peak - base) / n,
+        "cpuUserSeconds": u1 - u0, "cpuSystemSeconds": s1 - s0,
+        "note": "CPython %d.%d.%d asyncio readexactly" % sys.version_info[:3],
+    }))
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
