@@ -49,10 +49,22 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // Test-only C helpers (seccomp filter, signal storm): never linked into the library.
+        .target(
+            name: "CTestSupport",
+            path: "Tests/CTestSupport",
+            cSettings: [
+                .define("_GNU_SOURCE"),
+                .enableWarning("all"),
+                .enableWarning("extra"),
+                .treatAllWarnings(as: .error),
+            ]
+        ),
         .testTarget(
             name: "ExactIOTests",
             dependencies: [
                 "ExactIO",
+                "CTestSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],

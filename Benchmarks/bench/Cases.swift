@@ -22,8 +22,8 @@ func bodyBytes(frameBytes n: Int, quick: Bool) -> Int {
     case ..<1024: quick ? 8 << 20 : 16 << 20
     case ..<(64 << 10): quick ? 256 << 20 : 512 << 20
     case ..<(1 << 20): 1 << 30
-    case ..<(64 << 20): quick ? 512 << 20 : 1 << 30
-    default: 1 << 30
+    case ..<(512 << 20): quick ? 512 << 20 : 1 << 30
+    default: 2 << 30  // four 512 MiB frames
     }
 }
 

@@ -54,6 +54,10 @@ struct CaseResult: Codable {
     var cpuUserSeconds: Double
     var cpuSystemSeconds: Double
     var note: String?
+    /// Runs of this case (median by GB/s reported); the range of GB/s across them.
+    var runs: Int? = nil
+    var gbPerSecondMin: Double? = nil
+    var gbPerSecondMax: Double? = nil
 }
 
 struct BenchFailure: Error, CustomStringConvertible {

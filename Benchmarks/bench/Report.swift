@@ -35,11 +35,13 @@ func renderTable(_ results: [CaseResult]) -> String {
                 .sorted { (strategies.firstIndex(of: $0.strategy) ?? 99) < (strategies.firstIndex(of: $1.strategy) ?? 99) }
             let floor = rows.first { $0.strategy == "posix-into" }?.gbPerSecond
             out += "\n\(t), \(sizeLabel(n)) frames × \(rows.first?.frames ?? 0)\n"
-            out += "  strategy        GB/s   ×floor    frames/s   peak growth   peak/frame   user s   sys s\n"
+            out += "  strategy        GB/s  (min-max)     ×floor    frames/s   peak growth   peak/frame   user s   sys s\n"
             for r in rows {
                 let ratio = floor.map { String(format: "%6.2f", r.gbPerSecond / $0) } ?? "     -"
                 out += "  " + pad(r.strategy, 14)
-                    + String(format: " %6.2f   %@  %10.0f   ", r.gbPerSecond, ratio, r.framesPerSecond)
+                    + String(format: " %6.2f ", r.gbPerSecond)
+                    + pad(r.gbPerSecondMin.map { String(format: "(%.2f-%.2f)", $0, r.gbPerSecondMax ?? $0) } ?? "", 13)
+                    + String(format: " %@  %10.0f   ", ratio, r.framesPerSecond)
                     + pad(fmtBytes(r.peakRSSBytes - r.baselineRSSBytes), 11, right: true)
                     + String(format: "   %9.2f×   %6.2f  %6.2f\n", r.peakOverFrame, r.cpuUserSeconds, r.cpuSystemSeconds)
             }

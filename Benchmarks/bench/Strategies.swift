@@ -238,6 +238,8 @@ func runCase(_ c: BenchCase) throws -> CaseResult {
         var reader: ExactReader? = nil
         var r = try measure(c, setup: {
             reader = try makeReader(fd: fd, backend: c.strategy == "exactio-uring" ? .ioUring : .posix)
+            // Frame memory before the clock, as posix-into's pre-faulted buffer is.
+            reader!.reserve(c.frameBytes)
             return reader!
         }) { try exactIO($0, c: c) }
         r.note = reader.map(describe)

@@ -19,6 +19,7 @@ func usage() -> Never {
       --json FILE    write the results as JSON (DESIGN.md schema)
       --svg FILE     write a chart (GB/s and peak/frame against frame size)
       --peers        also run CPython asyncio readexactly and SwiftNIO's LengthFieldBasedFrameDecoder
+      --repeat N     run each case N times (fresh processes) and report the median by GB/s (default 3)
       --list         print the cases and exit
 
     """.data(using: .utf8)!)
@@ -62,6 +63,7 @@ if args.first == "--child" {
 }
 
 var quick = false, peers = false, list = false
+var repeats = 3
 var filters: [String] = []
 var jsonPath: String? = nil, svgPath: String? = nil
 var i = 0
@@ -73,6 +75,7 @@ while i < args.count {
     case "--filter": i += 1; if i < args.count { filters.append(args[i]) } else { usage() }
     case "--json": i += 1; if i < args.count { jsonPath = args[i] } else { usage() }
     case "--svg": i += 1; if i < args.count { svgPath = args[i] } else { usage() }
+    case "--repeat": i += 1; if i < args.count, let r = Int(args[i]), r >= 1 { repeats = r } else { usage() }
     case "-h", "--help": usage()
     default:
         FileHandle.standardError.write("unknown argument \(args[i])\n".data(using: .utf8)!)
@@ -104,6 +107,29 @@ var failures: [String] = []
 for (k, c) in cases.enumerated() {
     let t0 = now()
     FileHandle.standardError.write((String(format: "[%3d/%d %6.1fs] ", k + 1, cases.count, t0 - start) + pad(c.name, 34)).data(using: .utf8)!)
+    var runs: [CaseResult] = []
+    var lastStatus: Int32 = 0
+    for _ in 0..<repeats {
+        guard let (status, r) = runChild(c) else { break }
+        lastStatus = status
+        if let r { runs.append(r) } else { break }
+    }
+    if runs.count == repeats {
+        runs.sort { $0.gbPerSecond < $1.gbPerSecond }
+        var r = runs[runs.count / 2]
+        r.runs = runs.count
+        r.gbPerSecondMin = runs.first!.gbPerSecond
+        r.gbPerSecondMax = runs.last!.gbPerSecond
+        results.append(r)
+        log(String(format: "%6.2f GB/s [%.2f-%.2f]  peak %.2f× frame  (%.1fs)", r.gbPerSecond, r.gbPerSecondMin!, r.gbPerSecondMax!, r.peakOverFrame, now() - t0))
+    } else {
+        failures.append(c.name)
+        log("FAILED (exit \(lastStatus))")
+    }
+}
+
+/// Runs one case in a fresh child; returns its exit status and result.
+func runChild(_ c: BenchCase) -> (Int32, CaseResult?)? {
     var p: [Int32] = [0, 0]
     pipe(&p)
     let pid: pid_t
@@ -111,7 +137,7 @@ for (k, c) in cases.enumerated() {
         pid = try spawn(selfPath, ["--child", c.strategy, c.transport, String(c.frameBytes), String(c.frames)], stdoutFD: p[1])
     } catch {
         log("spawn failed: \(error)")
-        exit(1)
+        return nil
     }
     close(p[1])
     var out = Data()
@@ -124,13 +150,7 @@ for (k, c) in cases.enumerated() {
     }
     close(p[0])
     let status = waitExit(pid)
-    if status == 0, let r = try? JSONDecoder().decode(CaseResult.self, from: out) {
-        results.append(r)
-        log(String(format: "%6.2f GB/s  peak %.2f× frame  (%.1fs)", r.gbPerSecond, r.peakOverFrame, now() - t0))
-    } else {
-        failures.append(c.name)
-        log("FAILED (exit \(status))")
-    }
+    return (status, status == 0 ? try? JSONDecoder().decode(CaseResult.self, from: out) : nil)
 }
 
 print(renderTable(results))

@@ -234,6 +234,18 @@ public final class ExactReader {
         statistics.bytesSkipped += count
     }
 
+    /// Maps (and, with io_uring, registers) memory for a frame of `byteCount` bytes now and
+    /// keeps it in the reader's pool, so that the first large read does not pay for page
+    /// faults inside the read. Counts toward the process's memory from now on.
+    ///
+    /// For servers that know their frame sizes: the first 512 MiB frame otherwise spends about
+    /// as long faulting in fresh pages as reading (measured on our 2-core VM).
+    public func reserve(_ byteCount: Int) {
+        precondition(byteCount >= 0, "reserve: byteCount must not be negative (got \(byteCount))")
+        guard byteCount >= directThreshold else { return }  // small reads use staging
+        _ = pool.region(atLeast: byteCount)  // released at once: stays in the pool
+    }
+
     // MARK: - Caller memory
 
     /// Registers caller memory with the reader's io_uring ring, so that

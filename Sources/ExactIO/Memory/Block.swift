@@ -38,14 +38,16 @@ struct Block: @unchecked Sendable {
         else {
             fatalError("ExactIO: mmap of \(capacity) bytes failed: errno \(errno)")
         }
-        if capacity >= hugePageSize {
-            // Fewer page faults and TLB misses for big frames; a hint the kernel may ignore.
-            _ = madvise(raw, capacity, MADV_HUGEPAGE)
-        }
         // Every block is about to be filled by the kernel: fault it in now, in one call,
         // rather than page by page inside the read's copy (Linux 5.14+; older kernels refuse
         // the advice and the pages fault on first touch as usual).
         _ = madvise(raw, capacity, Block.madvPopulateWrite)
+        if capacity >= hugePageSize {
+            // Huge pages for big blocks, where the kernel allows: advised after populating so
+            // that khugepaged collapses them in the background. Advised before, the populate
+            // compacts memory synchronously and stalled reads for up to a second here.
+            _ = madvise(raw, capacity, MADV_HUGEPAGE)
+        }
         return Block(base: raw, capacity: capacity, slot: -1)
     }
 

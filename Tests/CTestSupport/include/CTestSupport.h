@@ -1,0 +1,21 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/* Test-only helpers that Swift cannot write itself (variadic prctl, sigaction). Not part of
+ * the library: only ExactIOTests links this target. */
+#ifndef CTESTSUPPORT_H
+#define CTESTSUPPORT_H
+
+#include <stdint.h>
+
+/* Installs a seccomp filter that makes io_uring_setup, io_uring_enter and io_uring_register
+ * fail with EPERM, as Docker's default profile does. Irreversible for the calling process.
+ * Returns 0 or -errno. */
+int ctest_deny_io_uring(void);
+
+/* Starts a timer that sends SIGALRM every `usec` microseconds to a handler installed without
+ * SA_RESTART, so blocking syscalls fail with EINTR. Returns 0 or -errno. */
+int ctest_start_signal_storm(long usec);
+
+/* Stops the timer; returns the number of signals delivered since the start. */
+uint64_t ctest_stop_signal_storm(void);
+
+#endif
