@@ -74,6 +74,16 @@ let package = Package(
             name: "CSupportTests",
             dependencies: ["CSupport"]
         ),
+        // The fuzz target's replay tool (normal builds) / libFuzzer entry (Fuzz/run.sh).
+        .executableTarget(
+            name: "fuzz-exactio",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            path: "Fuzz/Sources",
+            swiftSettings: swiftSettings
+        ),
         .executableTarget(
             name: "bench",
             dependencies: [

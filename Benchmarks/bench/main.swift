@@ -21,6 +21,8 @@ func usage() -> Never {
       --peers        also run CPython asyncio readexactly and SwiftNIO's LengthFieldBasedFrameDecoder
       --repeat N     run each case N times (fresh processes) and report the median by GB/s (default 3)
       --list         print the cases and exit
+      --soak MINUTES mixed 0 B-16 MiB frames over unix and tcp on both backends, views held at random,
+                     every frame verified, RSS sampled each second; fails if RSS keeps growing
 
     """.data(using: .utf8)!)
     exit(2)
@@ -41,6 +43,24 @@ if args.first == "--writer" {
         FileHandle.standardError.write("writer: \(error)\n".data(using: .utf8)!)
         exit(1)
     }
+}
+
+if args.first == "--soak-writer" {
+    guard args.count >= 3, let seed = UInt64(args[2]) else { usage() }
+    var port: UInt16? = nil
+    if let i = args.firstIndex(of: "--port"), i + 1 < args.count { port = UInt16(args[i + 1]) }
+    do { try runSoakWriter(transport: args[1], seed: seed, port: port) } catch {
+        FileHandle.standardError.write("soak writer: \(error)\n".data(using: .utf8)!)
+        exit(1)
+    }
+}
+
+if args.first == "--soak" {
+    guard args.count >= 2, let minutes = Double(args[1]), minutes > 0 else { usage() }
+    #if DEBUG
+    FileHandle.standardError.write("WARNING: debug build; use swift run -c release bench --soak\n".data(using: .utf8)!)
+    #endif
+    exit(runSoak(minutes: minutes, log: { FileHandle.standardError.write(($0 + "\n").data(using: .utf8)!) }) ? 0 : 1)
 }
 
 if args.first == "--child" {

@@ -1,3 +1,5 @@
+import SystemPackage
+
 /// How a frame's body length is encoded before the body.
 public enum LengthPrefix: Sendable, Hashable {
     /// Byte order of a fixed-width length.
@@ -50,18 +52,29 @@ extension ExactReader {
     ///   - `ExactReadError.incomplete(partial:expected:)` when the stream ends inside the
     ///     prefix (`partial` = the prefix bytes) or the body (`partial` = the body bytes,
     ///     `expected` = the length).
-    ///   - `Errno` on a system failure.
+    ///   - `Errno` on a system failure: the frame is then not consumed at all (its prefix and
+    ///     whatever part of its body arrived stay buffered), so a retry reads it whole.
     public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) throws -> ByteView? {
-        guard let length = try readLength(prefix) else { return nil }
+        guard let (length, width) = try peekLength(prefix) else { return nil }
+        let header = Array(staging.readable.prefix(width))
+        staging.consume(width)
         guard length <= UInt64(options.maxFrameLength) else {
             throw ExactReadError.frameTooLarge(length: length, limit: options.maxFrameLength)
         }
-        return try readExactly(Int(length))
+        do {
+            return try readExactly(Int(length))
+        } catch let error as Errno {
+            // A failed frame is not half-consumed: the prefix goes back in front of whatever
+            // part of the body arrived, so a retry reads the same frame.
+            statistics.bytesCopied += staging.unconsume(header)
+            throw error
+        }
     }
 
-    /// Decodes and consumes a length prefix; nil at a clean end of stream.
-    func readLength(_ prefix: LengthPrefix) throws -> UInt64? {
-        guard let width = prefix.width else { return try readVarint() }
+    /// Decodes a length prefix without consuming it: (length, prefix bytes), or nil at a clean
+    /// end of stream.
+    func peekLength(_ prefix: LengthPrefix) throws -> (UInt64, Int)? {
+        guard let width = prefix.width else { return try peekVarint() }
         guard try fill(atLeast: width) else {
             if staging.buffered == 0 { return nil }
             throw ExactReadError.incomplete(partial: deliverStaged(staging.buffered), expected: width)
@@ -74,11 +87,10 @@ extension ExactReader {
         case .littleEndian:
             for i in (0..<width).reversed() { value = value << 8 | UInt64(bytes[i]) }
         }
-        staging.consume(width)
-        return value
+        return (value, width)
     }
 
-    func readVarint() throws -> UInt64? {
+    func peekVarint() throws -> (UInt64, Int)? {
         var value: UInt64 = 0
         var i = 0
         while true {
@@ -96,7 +108,6 @@ extension ExactReader {
             i += 1
             if byte & 0x80 == 0 { break }
         }
-        staging.consume(i)
-        return value
+        return (value, i)
     }
 }

@@ -37,7 +37,7 @@ public final class ExactReader {
     /// (for example RLIMIT_MEMLOCK too small to register buffers).
     public let fallbackReason: String?
     /// Counters since creation.
-    public private(set) var statistics = Statistics()
+    public internal(set) var statistics = Statistics()
 
     let engine: any IOEngine
     let pool: MemoryPool
@@ -91,6 +91,23 @@ public final class ExactReader {
         }
         self.fallbackReason = reason
     }
+
+    /// A reader whose every read is answered by `read` instead of a descriptor: for fuzzing
+    /// and fault injection from outside the package (`@_spi(Testing) import ExactIO`). `read`
+    /// returns bytes written into the buffer (0 = end of stream) or an errno; EINTR and EAGAIN
+    /// are retried as for a descriptor. Uses the POSIX backend's logic.
+    @_spi(Testing)
+    public convenience init(
+        options: Options = Options(),
+        testingRead read: @escaping @Sendable (UnsafeMutableRawBufferPointer) -> Result<Int, Errno>
+    ) throws {
+        let syscalls = PosixSyscalls(read: { _, buffer in read(buffer) }, waitReadable: { _ in .success(()) })
+        try self.init(fd: FileDescriptor(rawValue: -1), options: options, syscalls: syscalls, environment: [:])
+    }
+
+    /// Blocks the reader has mapped and not yet unmapped (in use by it or its views, or pooled).
+    @_spi(Testing)
+    public var liveBlockCount: Int { pool.snapshot.liveBlocks }
 
     deinit {
         for buffer in callerBuffers { pool.unregisterExternal(slot: buffer.slot) }
@@ -216,22 +233,22 @@ public final class ExactReader {
     /// Reads and discards `count` bytes, using only the staging buffer's memory.
     ///
     /// - Throws: `ExactReadError.incomplete(partial:expected:)` with an empty `partial` and
-    ///   `expected` = the bytes that could not be skipped, when the stream ends first.
+    ///   `expected` = the bytes that could not be skipped, when the stream ends first; `Errno`
+    ///   on a system failure (`statistics.bytesSkipped` tells how many were skipped by then).
     public func skip(_ count: Int) throws {
         precondition(count >= 0, "skip: count must not be negative (got \(count))")
         var left = count
         while left > 0 {
             if staging.buffered == 0 {
                 guard try fill(atLeast: 1) else {
-                    statistics.bytesSkipped += count - left
                     throw ExactReadError.incomplete(partial: ByteView(), expected: left)
                 }
             }
             let n = min(left, staging.buffered)
             staging.consume(n)
+            statistics.bytesSkipped += n  // as it goes: after an Errno, it tells how far skip got
             left -= n
         }
-        statistics.bytesSkipped += count
     }
 
     /// Maps (and, with io_uring, registers) memory for a frame of `byteCount` bytes now and

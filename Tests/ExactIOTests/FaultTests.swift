@@ -70,9 +70,31 @@ func scriptedReader(_ script: Script, staging: Int = 4096) throws -> ExactReader
         let script = Script(data: frame(body), steps: [.bytes(100), .bytes(3000), .fail(.connectionReset)])
         let reader = try scriptedReader(script)
         #expect(throws: Errno.connectionReset) { try reader.readFrame() }
-        // What arrived is still there; the rest follows on retry (the script now delivers).
-        #expect(reader.bufferedCount == 3096)
-        #expect(try reader.readExactly(10_000) == ByteView(body))
+        // The frame is not half-consumed: its prefix and the 3096 body bytes that arrived are
+        // buffered, and a retry (the script now delivers the rest) reads the whole frame.
+        #expect(reader.bufferedCount == 3100)
+        #expect(try reader.readFrame() == ByteView(body))
+        #expect(try reader.readFrame() == nil)
+    }
+
+    @Test func smallFrameErrorIsRetriable() throws {
+        let bodies = [pattern(100), pattern(200)]
+        let script = Script(data: bodies.flatMap(frame), steps: [.bytes(50), .fail(.ioError), .bytes(1000)])
+        let reader = try scriptedReader(script)
+        #expect(throws: Errno.ioError) { try reader.readFrame() }
+        #expect(try reader.readFrame() == ByteView(bodies[0]))
+        #expect(try reader.readFrame() == ByteView(bodies[1]))
+    }
+
+    @Test func skipCountsAsItGoes() throws {
+        let script = Script(data: pattern(10_000), steps: [.bytes(3000), .fail(.ioError)])
+        let reader = try scriptedReader(script)
+        #expect(throws: Errno.ioError) { try reader.skip(8000) }
+        #expect(reader.statistics.bytesSkipped == 3000)
+        try reader.skip(7000)
+        #expect(reader.statistics.bytesSkipped == 10_000)
+        #expect(reader.isAtEOF == false)
+        #expect(try reader.read(upTo: 1).isEmpty)
     }
 
     @Test func errorDuringStagingFillKeepsBufferedBytes() throws {

@@ -87,6 +87,21 @@ struct StagingBuffer {
         return keep
     }
 
+    /// Puts `bytes` back in front of the buffered bytes (they were consumed by a read that
+    /// then failed), in a fresh region. Returns the bytes copied. Error path only.
+    mutating func unconsume(_ bytes: [UInt8]) -> Int {
+        let keep = buffered
+        let fresh = pool.region(atLeast: max(nominalCapacity, keep + bytes.count))
+        bytes.withUnsafeBytes { fresh.base.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        if keep > 0 {
+            (fresh.base + bytes.count).copyMemory(from: region.base + readIndex, byteCount: keep)
+        }
+        region = fresh
+        readIndex = 0
+        writeIndex = bytes.count + keep
+        return bytes.count + keep
+    }
+
     /// Replaces the (empty) buffer with `region`, whose first `count` bytes are unconsumed
     /// data: used to keep the bytes of a read that failed part-way, so none is lost.
     mutating func adopt(_ region: Region, holding count: Int) {

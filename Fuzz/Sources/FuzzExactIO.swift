@@ -1,0 +1,273 @@
+// libFuzzer target for the reader core (issue: hostile input and faults).
+//
+// The input is split in two: a control program (what each read(2) returns: a chunk size,
+// EINTR, EAGAIN, ECONNRESET or EOF; and which API call to make next) and the stream bytes.
+// The reader runs over a scripted source (`@_spi(Testing) init(testingRead:)`) that feeds the
+// stream bytes in the chunks the program chose. Checked after every call:
+//   - every delivered byte equals the stream byte at the same position: none lost, duplicated
+//     or reordered (a cursor follows what each call consumed);
+//   - an Errno leaves the reader consistent (readExactly/readFrame consume nothing; skip says
+//     how far it got in statistics.bytesSkipped);
+//   - views handed out earlier never change (kept ones are re-checked after every call).
+//
+// Built two ways:
+//   - normally (`swift build`): a replay tool, `fuzz-exactio FILE|DIR...`, runs inputs once;
+//   - with `-sanitize=fuzzer,address -DFUZZING` (Fuzz/run.sh): the libFuzzer entry point.
+@_spi(Testing) import ExactIO
+import SystemPackage
+import Synchronization
+
+/// Reads bytes of the control program; 0 once it runs out.
+struct Program {
+    let bytes: [UInt8]
+    var i = 0
+    mutating func next() -> UInt8 {
+        defer { i += 1 }
+        return i < bytes.count ? bytes[i] : 0
+    }
+    mutating func int(_ range: ClosedRange<Int>) -> Int {
+        let v = Int(next()) | Int(next()) << 8
+        return range.lowerBound + v % (range.count)
+    }
+    var done: Bool { i >= bytes.count }
+}
+
+/// The scripted descriptor: feeds `stream` in chunks the program picks, injecting errors.
+final class Source: Sendable {
+    struct State {
+        var program: Program
+        var fed = 0  // stream bytes handed to the reader
+        var ended = false  // EOF injected or stream exhausted
+        var resets = 0
+        var stalls = 0
+    }
+    let stream: [UInt8]
+    let state: Mutex<State>
+
+    init(stream: [UInt8], program: Program) {
+        self.stream = stream
+        self.state = Mutex(State(program: program))
+    }
+
+    func read(_ buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Errno> {
+        state.withLock { s in
+            if s.ended || s.fed == stream.count {
+                s.ended = true
+                return .success(0)
+            }
+            // Once the program runs out, or after three injected errors in a row, deliver:
+            // the stream must make progress (EINTR/EAGAIN are retried forever, as they should).
+            if s.program.done || s.stalls >= 3 {
+                s.stalls = 0
+                let n = min(buffer.count, stream.count - s.fed, 65536)
+                for k in 0..<n { buffer[k] = stream[s.fed + k] }
+                s.fed += n
+                return .success(n)
+            }
+            let c = s.program.next()
+            if c % 16 < 3 { s.stalls += 1 } else { s.stalls = 0 }
+            switch c % 16 {
+            case 0: return .failure(.interrupted)
+            case 1: return .failure(.resourceTemporarilyUnavailable)
+            case 2 where s.resets < 3:
+                s.resets += 1
+                return .failure(.connectionReset)
+            case 3 where s.program.next() < 16:
+                s.ended = true  // an early end of stream: the rest is never delivered
+                return .success(0)
+            default:
+                let want = 1 + Int(s.program.next()) * (c % 4 == 0 ? 257 : 1)
+                let n = min(want, buffer.count, stream.count - s.fed)
+                for k in 0..<n { buffer[k] = stream[s.fed + k] }
+                s.fed += n
+                return .success(n)
+            }
+        }
+    }
+
+    var available: Int { state.withLock { $0.fed } }
+    var ended: Bool { state.withLock { $0.ended } }
+}
+
+struct InvariantFailure: Error, CustomStringConvertible {
+    let description: String
+}
+
+func check(_ ok: Bool, _ what: @autoclosure () -> String) throws {
+    if !ok { throw InvariantFailure(description: what()) }
+}
+
+/// Runs one input; throws InvariantFailure when an invariant breaks.
+func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
+    guard data.count >= 2 else { return }
+    let split = min(Int(data[0]) * 4 + 1, data.count)
+    var control = Program(bytes: Array(data[1..<split]))
+    let stream = Array(data[split...])
+    let staging = 4096 << Int(control.next() % 3)
+    let limit = control.int(0...70_000)
+    let source = Source(stream: stream, program: control)
+    let reader = try ExactReader(
+        options: .init(backend: .posix, stagingCapacity: staging, maxFrameLength: limit),
+        testingRead: { source.read($0) })
+    var ops = Program(bytes: Array(data[1..<split].reversed()))
+    var pos = 0  // bytes of `stream` consumed so far
+    var kept: [(ByteView, Int)] = []  // views kept alive, with where they came from
+
+    func expectAt(_ view: some Collection<UInt8>, _ at: Int) throws {
+        try check(at + view.count <= stream.count, "view past the end of the stream")
+        try check(view.elementsEqual(stream[at..<(at + view.count)]), "bytes differ at \(at)")
+    }
+    /// What the stream says a prefix of `kind` is at `pos`: (length, width), if complete.
+    func decodePrefix(_ prefix: LengthPrefix, at p: Int) -> (UInt64, Int)? {
+        let rest = stream[p...]
+        switch prefix {
+        case .varint:
+            var v: UInt64 = 0
+            for (i, b) in rest.prefix(10).enumerated() {
+                if i == 9 && b > 1 { return (.max, 10) }
+                v |= UInt64(b & 0x7f) << UInt64(7 * i)
+                if b & 0x80 == 0 { return (v, i + 1) }
+            }
+            return nil
+        default:
+            let w: Int
+            let e: LengthPrefix.Endianness
+            switch prefix {
+            case .uint8: (w, e) = (1, .bigEndian)
+            case .uint16(let x): (w, e) = (2, x)
+            case .uint32(let x): (w, e) = (4, x)
+            case .uint64(let x): (w, e) = (8, x)
+            case .varint: return nil
+            }
+            guard rest.count >= w else { return nil }
+            let bytes = Array(rest.prefix(w))
+            let ordered = e == .bigEndian ? bytes : bytes.reversed()
+            return (ordered.reduce(0) { $0 << 8 | UInt64($1) }, w)
+        }
+    }
+
+    var steps = 0
+    while steps < 64 && !(reader.isAtEOF) {
+        steps += 1
+        let op = ops.next()
+        let n = Int(ops.next()) * (op & 0x40 != 0 ? 513 : 1)
+        let skippedBefore = reader.statistics.bytesSkipped
+        var framePrefix: LengthPrefix? = nil
+        trace?("step \(steps): op \(op % 7) (\(op)), n \(n), pos \(pos), buffered \(reader.bufferedCount), fed \(source.available)")
+        do {
+            switch op % 7 {
+            case 0:
+                let v = try reader.readExactly(n)
+                try check(v.count == n, "readExactly returned \(v.count) of \(n)")
+                try expectAt(v, pos)
+                if op & 0x80 != 0 { kept.append((v, pos)) }
+                pos += n
+            case 1:
+                let prefixes: [LengthPrefix] = [.uint8, .uint16(.bigEndian), .uint32(.littleEndian), .uint64(.bigEndian), .varint]
+                let prefix = prefixes[Int(op >> 3) % prefixes.count]
+                framePrefix = prefix
+                let expected = decodePrefix(prefix, at: pos)
+                do {
+                    if let f = try reader.readFrame(prefix: prefix) {
+                        guard let (len, w) = expected else { throw InvariantFailure(description: "frame without a complete prefix") }
+                        try check(UInt64(f.count) == len, "frame length \(f.count) vs prefix \(len)")
+                        try expectAt(f, pos + w)
+                        if op & 0x80 != 0 { kept.append((f, pos + w)) }
+                        pos += w + f.count
+                    } else {
+                        try check(pos == source.available && source.ended, "nil frame before the end")
+                    }
+                } catch ExactReadError.frameTooLarge(let len, _) {
+                    guard let (elen, w) = expected else { throw InvariantFailure(description: "tooLarge without prefix") }
+                    try check(len == elen && (len > UInt64(limit)), "frameTooLarge \(len) vs \(elen)")
+                    pos += w  // the prefix is consumed, the body left unread
+                }
+            case 2:
+                let v = try reader.read(upTo: n)
+                try check(v.count <= n, "read(upTo:) over the limit")
+                try check(!v.isEmpty || n == 0 || source.ended, "empty read(upTo:) before the end")
+                try expectAt(v, pos)
+                pos += v.count
+            case 3:
+                try reader.skip(n)
+                pos += n
+            case 4:
+                let bytes = try reader.withExactly(n) { Array($0) }
+                try expectAt(bytes, pos)
+                pos += n
+            case 5:
+                var buf = [UInt8](repeating: 0xEE, count: n)
+                try buf.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
+                try expectAt(buf, pos)
+                pos += n
+            default:
+                if !kept.isEmpty { kept.removeFirst() }  // release a view
+            }
+        } catch ExactReadError.incomplete(let partial, let expected) {
+            if op % 7 == 3 {
+                pos += reader.statistics.bytesSkipped - skippedBefore
+            } else if op % 7 == 1, let (_, w) = framePrefix.flatMap({ decodePrefix($0, at: pos) }) {
+                // The stream ended inside the body: the prefix was consumed, partial is the body.
+                try check(partial.count < expected, "incomplete with a full partial")
+                try expectAt(partial, pos + w)
+                pos += w + partial.count
+            } else {
+                try check(partial.count < expected, "incomplete with a full partial")
+                try expectAt(partial, pos)
+                pos += partial.count
+            }
+            try check(source.ended && pos == source.available, "incomplete before the end (pos \(pos), fed \(source.available))")
+        } catch let e as Errno {
+            try check(e == .connectionReset, "unexpected errno \(e)")
+            if op % 7 == 3 { pos += reader.statistics.bytesSkipped - skippedBefore }
+        }
+        if let failure = (try? { () throws -> Void in for (v, at) in kept { try expectAt(v, at) } }()) == nil ? "a kept view changed" : nil {
+            throw InvariantFailure(description: failure)
+        }
+        try check(pos + reader.bufferedCount == source.available, "bytes lost: consumed \(pos) + buffered \(reader.bufferedCount) != fed \(source.available)")
+    }
+}
+
+#if FUZZING
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzOne(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+    do {
+        try runOne(Array(UnsafeBufferPointer(start: data, count: size)))
+    } catch let failure as InvariantFailure {
+        fatalError("invariant broken: \(failure)")
+    } catch {
+        fatalError("unexpected error: \(error)")
+    }
+    return 0
+}
+#else
+import Foundation
+
+@main
+struct Replay {
+    static func main() throws {
+        var paths = Array(CommandLine.arguments.dropFirst())
+        if paths.isEmpty { paths = ["Fuzz/corpus"] }
+        var files: [String] = []
+        for p in paths {
+            var isDir: ObjCBool = false
+            if FileManager.default.fileExists(atPath: p, isDirectory: &isDir), isDir.boolValue {
+                files += try FileManager.default.contentsOfDirectory(atPath: p).sorted().map { p + "/" + $0 }
+            } else {
+                files.append(p)
+            }
+        }
+        let verbose = ProcessInfo.processInfo.environment["FUZZ_TRACE"] != nil
+        for f in files {
+            let data = [UInt8](try Data(contentsOf: URL(fileURLWithPath: f)))
+            do {
+                try runOne(data, trace: verbose ? { FileHandle.standardError.write(($0 + "\n").data(using: .utf8)!) } : nil)
+            } catch {
+                FileHandle.standardError.write("\(f): \(error)\n".data(using: .utf8)!)
+                throw error
+            }
+        }
+        print("replayed \(files.count) inputs, all invariants held")
+    }
+}
+#endif
