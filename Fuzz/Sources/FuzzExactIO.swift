@@ -119,7 +119,8 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     }
     /// What the stream says a prefix of `kind` is at `pos`: (length, width), if complete.
     func decodePrefix(_ prefix: LengthPrefix, at p: Int) -> (UInt64, Int)? {
-        let rest = stream[p...]
+        // Only bytes the source has fed can be part of a prefix the reader saw.
+        let rest = stream[p..<max(p, source.available)]
         switch prefix {
         case .varint:
             var v: UInt64 = 0
@@ -166,10 +167,9 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                 let prefixes: [LengthPrefix] = [.uint8, .uint16(.bigEndian), .uint32(.littleEndian), .uint64(.bigEndian), .varint]
                 let prefix = prefixes[Int(op >> 3) % prefixes.count]
                 framePrefix = prefix
-                let expected = decodePrefix(prefix, at: pos)
                 do {
                     if let f = try reader.readFrame(prefix: prefix) {
-                        guard let (len, w) = expected else { throw InvariantFailure(description: "frame without a complete prefix") }
+                        guard let (len, w) = decodePrefix(prefix, at: pos) else { throw InvariantFailure(description: "frame without a complete prefix") }
                         try check(UInt64(f.count) == len, "frame length \(f.count) vs prefix \(len)")
                         try expectAt(f, pos + w)
                         if op & 0x80 != 0 { kept.append((f, pos + w)) }
@@ -178,7 +178,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                         try check(pos == source.available && source.ended, "nil frame before the end")
                     }
                 } catch ExactReadError.frameTooLarge(let len, _) {
-                    guard let (elen, w) = expected else { throw InvariantFailure(description: "tooLarge without prefix") }
+                    guard let (elen, w) = decodePrefix(prefix, at: pos) else { throw InvariantFailure(description: "tooLarge without prefix") }
                     try check(len == elen && (len > UInt64(limit)), "frameTooLarge \(len) vs \(elen)")
                     pos += w  // the prefix is consumed, the body left unread
                 }
@@ -229,16 +229,37 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
 }
 
 #if FUZZING
+import Glibc
+
+/// One input, for libFuzzer: an invariant failure is a crash (what libFuzzer reports).
 @_cdecl("LLVMFuzzerTestOneInput")
-public func fuzzOne(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+public func fuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     do {
-        try runOne(Array(UnsafeBufferPointer(start: data, count: size)))
+        try runOne(size == 0 ? [] : Array(UnsafeBufferPointer(start: data, count: size)))
     } catch let failure as InvariantFailure {
         fatalError("invariant broken: \(failure)")
     } catch {
         fatalError("unexpected error: \(error)")
     }
     return 0
+}
+
+// SwiftPM links an executable's entry point as `<module>_main`, so the entry point is ours and
+// hands over to libFuzzer's driver (LLVMFuzzerRunDriver, libFuzzer's API for custom mains).
+@_silgen_name("LLVMFuzzerRunDriver")
+func LLVMFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<Int32>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32
+) -> Int32
+
+@main
+struct FuzzMain {
+    static func main() {
+        var argc = CommandLine.argc
+        var argv = CommandLine.unsafeArgv
+        exit(LLVMFuzzerRunDriver(&argc, &argv, { fuzzOne($0, $1) }))
+    }
 }
 #else
 import Foundation

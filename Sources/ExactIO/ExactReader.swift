@@ -163,33 +163,38 @@ public final class ExactReader {
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws {
         let count = buffer.count
         guard count > 0, let base = buffer.baseAddress else { return }
-        var done = copyStaged(into: base, max: count)
-        if done < count && count - done < directThreshold {
-            if !(try fill(atLeast: count - done)) {
+        var done = 0
+        do {
+            done = copyStaged(into: base, max: count)
+            if done < count && count - done < directThreshold {
+                let arrived = try fill(atLeast: count - done)
                 done += copyStaged(into: base + done, max: count - done)
-                throw ExactReadError.incomplete(partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
-            }
-            done += copyStaged(into: base + done, max: count - done)
-        }
-        if done < count {
-            let slot = registeredSlot(containing: base + done, count: count - done)
-            statistics.directReads += 1
-            let (got, error) = engine.read(
-                into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
-                atLeast: count - done, slot: slot, exact: true, statistics: &statistics)
-            done += got
-            if let error {
-                // Keep what arrived: it is the start of the stream for the next read.
-                let keep = pool.region(atLeast: done)
-                keep.base.copyMemory(from: base, byteCount: done)
-                staging.adopt(keep, holding: done)
-                throw error
+                if !arrived {
+                    statistics.bytesDelivered += done
+                    throw ExactReadError.incomplete(
+                        partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
+                }
             }
             if done < count {
-                sawEOF = true
-                statistics.bytesDelivered += done
-                throw ExactReadError.incomplete(partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
+                let slot = registeredSlot(containing: base + done, count: count - done)
+                statistics.directReads += 1
+                let (got, error) = engine.read(
+                    into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
+                    atLeast: count - done, slot: slot, exact: true, statistics: &statistics)
+                done += got
+                if let error { throw error }
+                if done < count {
+                    sawEOF = true
+                    statistics.bytesDelivered += done
+                    throw ExactReadError.incomplete(
+                        partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
+                }
             }
+        } catch let error as Errno {
+            // Keep what arrived: the bytes already in `buffer` go back in front of whatever is
+            // still buffered, as the start of the stream for the next read.
+            statistics.bytesCopied += staging.unconsume(Array(UnsafeRawBufferPointer(rebasing: buffer[0..<done])))
+            throw error
         }
         statistics.bytesDelivered += count
     }

@@ -118,6 +118,23 @@ func scriptedReader(_ script: Script, staging: Int = 4096) throws -> ExactReader
         #expect(ByteView(buf) == ByteView(data))
     }
 
+    @Test func errorDuringSmallReadIntoKeepsStagedBytes() throws {
+        // Found by the fuzzer: 111 staged bytes were copied into the caller's buffer, then the
+        // refill failed, and those bytes were gone from the stream.
+        let data = pattern(300)
+        let script = Script(data: data, steps: [.bytes(150), .fail(.connectionReset), .bytes(150)])
+        let reader = try scriptedReader(script)
+        #expect(try reader.readExactly(39) == ByteView(data[0..<39]))
+        var buf = [UInt8](repeating: 0, count: 138)
+        #expect(throws: Errno.connectionReset) {
+            try buf.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
+        }
+        #expect(reader.bufferedCount == 111)
+        try buf.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
+        #expect(ByteView(buf) == ByteView(data[39..<177]))
+        #expect(try reader.readExactly(123) == ByteView(data[177...]))
+    }
+
     @Test func eofThenNothingMore() throws {
         let script = Script(data: pattern(10), steps: [.bytes(10), .eof])
         let reader = try scriptedReader(script)
