@@ -4,6 +4,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -40,12 +41,16 @@ int ctest_deny_io_uring(void)
 	return 0;
 }
 
-static volatile sig_atomic_t signals;
+/* The handler runs on whichever thread the kernel picks: an atomic counter, and errno kept. */
+static atomic_uint_fast64_t signals;
 
 static void on_alarm(int sig)
 {
+	int saved = errno;
+
 	(void)sig;
-	signals++;
+	atomic_fetch_add_explicit(&signals, 1, memory_order_relaxed);
+	errno = saved;
 }
 
 int ctest_start_signal_storm(long usec)
@@ -59,7 +64,7 @@ int ctest_start_signal_storm(long usec)
 	sa.sa_flags = 0; /* no SA_RESTART: interrupted syscalls fail with EINTR */
 	if (sigaction(SIGALRM, &sa, NULL) != 0)
 		return -errno;
-	signals = 0;
+	atomic_store(&signals, 0);
 	memset(&it, 0, sizeof(it));
 	it.it_interval.tv_usec = usec;
 	it.it_value.tv_usec = usec;
@@ -74,5 +79,5 @@ uint64_t ctest_stop_signal_storm(void)
 
 	memset(&it, 0, sizeof(it));
 	setitimer(ITIMER_REAL, &it, NULL);
-	return (uint64_t)signals;
+	return (uint64_t)atomic_load(&signals);
 }
