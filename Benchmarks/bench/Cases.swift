@@ -23,7 +23,7 @@ func bodyBytes(frameBytes n: Int, quick: Bool) -> Int {
     case ..<(64 << 10): quick ? 256 << 20 : 512 << 20
     case ..<(1 << 20): 1 << 30
     case ..<(512 << 20): quick ? 512 << 20 : 1 << 30
-    default: 2 << 30  // four 512 MiB frames
+    default: 1 << 30  // two 512 MiB frames (reserve() keeps the first from paying page faults)
     }
 }
 

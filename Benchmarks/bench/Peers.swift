@@ -57,16 +57,8 @@ func runPeer(_ c: BenchCase) throws -> CaseResult {
     close(p[1])
     close(fd)  // the peer holds its own copy
     let pid = try spawned.get()
-    var out = Data()
-    var buf = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let n = read(p[0], &buf, buf.count)
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        out.append(contentsOf: buf[0..<n])
-    }
-    close(p[0])
+    let out = readToEnd(closing: p[0])
     let status = waitExit(pid)
     guard status == 0 else { throw BenchFailure("\(c.strategy) exited with \(status)") }
-    return try JSONDecoder().decode(CaseResult.self, from: out)
+    return try JSONDecoder().decode(CaseResult.self, from: Data(out))
 }

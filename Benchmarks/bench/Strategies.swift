@@ -23,6 +23,18 @@ func checkFrame(_ body: UnsafeRawBufferPointer, _ n: Int) throws {
     guard Marks.check(body, n) else { throw BenchFailure("frame content or length wrong (\(body.count) of \(n))") }
 }
 
+/// The frame loop of the seed strategies: header through `readExactly(4)`, then the body.
+func readFrames(_ c: BenchCase, _ readExactly: (Int) throws -> [UInt8]?) throws -> Int {
+    var frames = 0
+    while frames < c.frames, let hdr = try readExactly(4) {
+        let n = hdr.withUnsafeBytes(decodeLength)
+        guard let body = try readExactly(n) else { break }
+        try body.withUnsafeBytes { try checkFrame($0, n) }
+        frames += 1
+    }
+    return frames
+}
+
 /// seed-join: asyncio's original readexactly. Every recv is a fresh chunk; a read collects
 /// pieces of chunks until it has n bytes, then joins them into one new array.
 /// Copies per byte: kernel → chunk, chunk → joined result. Peak ~2n.
@@ -59,14 +71,7 @@ func seedJoin(fd: Int32, c: BenchCase) throws -> Int {
         for b in blocks { joined.append(contentsOf: b) }
         return joined
     }
-    var frames = 0
-    while frames < c.frames, let hdr = try readExactly(4) {
-        let n = hdr.withUnsafeBytes(decodeLength)
-        guard let body = try readExactly(n) else { break }
-        try body.withUnsafeBytes { try checkFrame($0, n) }
-        frames += 1
-    }
-    return frames
+    return try readFrames(c, readExactly)
 }
 
 /// A growable receive buffer with a consumed-prefix offset (bytearray's ob_start trick).
@@ -110,14 +115,7 @@ func seedBuffer(fd: Int32, c: BenchCase) throws -> Int {
         }
         return buffer.take(n)
     }
-    var frames = 0
-    while frames < c.frames, let hdr = try readExactly(4) {
-        let n = hdr.withUnsafeBytes(decodeLength)
-        guard let body = try readExactly(n) else { break }
-        try body.withUnsafeBytes { try checkFrame($0, n) }
-        frames += 1
-    }
-    return frames
+    return try readFrames(c, readExactly)
 }
 
 /// seed-prealloc: the proposal in python/asyncio#394. When the buffer holds n bytes, slice

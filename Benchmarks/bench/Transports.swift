@@ -91,6 +91,20 @@ func openTransport(_ c: BenchCase) throws -> (fd: Int32, writer: pid_t) {
     }
 }
 
+/// Reads `fd` to its end (a child's stdout), then closes it.
+func readToEnd(closing fd: Int32) -> [UInt8] {
+    var out: [UInt8] = []
+    var buf = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(fd, &buf, buf.count)
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { break }
+        out += buf[0..<n]
+    }
+    close(fd)
+    return out
+}
+
 func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) throws {
     var off = 0
     while off < count {

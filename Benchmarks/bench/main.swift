@@ -160,17 +160,9 @@ func runChild(_ c: BenchCase) -> (Int32, CaseResult?)? {
         return nil
     }
     close(p[1])
-    var out = Data()
-    var buf = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = read(p[0], &buf, buf.count)
-        if n < 0 && errno == EINTR { continue }
-        if n <= 0 { break }
-        out.append(contentsOf: buf[0..<n])
-    }
-    close(p[0])
+    let out = readToEnd(closing: p[0])
     let status = waitExit(pid)
-    return (status, status == 0 ? try? JSONDecoder().decode(CaseResult.self, from: out) : nil)
+    return (status, status == 0 ? try? JSONDecoder().decode(CaseResult.self, from: Data(out)) : nil)
 }
 
 print(renderTable(results))
