@@ -46,6 +46,8 @@ public final class ExactReader {
     let directThreshold: Int
     /// The stream returned end-of-file (sticky: later reads do not retry).
     var sawEOF = false
+    /// An error met by `isAtEOF`'s read-ahead, for the next read to throw.
+    var pendingError: Errno? = nil
     /// Caller memory registered with `register(_:)`: (range, slot).
     var callerBuffers: [(base: UnsafeMutableRawPointer, count: Int, slot: Int32)] = []
 
@@ -122,9 +124,23 @@ public final class ExactReader {
         return env
     }
 
-    /// True once the reader has seen the end of the stream and holds no unread bytes.
-    /// (It does not read: before a read has met the end, it is false.)
-    public var isAtEOF: Bool { sawEOF && staging.buffered == 0 }
+    /// True when the stream has ended and every byte of it was consumed.
+    ///
+    /// Never blocks: with nothing buffered and no end seen yet, it asks the kernel whether the
+    /// descriptor is readable right now (`poll` with a zero timeout) and, if so, reads ahead
+    /// into staging to find out. A failure met that way is thrown by the next read.
+    public var isAtEOF: Bool {
+        if staging.buffered > 0 || pendingError != nil { return false }
+        if sawEOF { return true }
+        guard engine.isReadableNow() else { return false }
+        do {
+            _ = try fill(atLeast: 1)
+        } catch {
+            pendingError = error
+            return false
+        }
+        return sawEOF && staging.buffered == 0
+    }
 
     /// Bytes read from the descriptor and not yet consumed.
     public var bufferedCount: Int { staging.buffered }
@@ -178,7 +194,7 @@ public final class ExactReader {
             if done < count {
                 let slot = registeredSlot(containing: base + done, count: count - done)
                 statistics.directReads += 1
-                let (got, error) = engine.read(
+                let (got, error) = engineRead(
                     into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
                     atLeast: count - done, slot: slot, exact: true, statistics: &statistics)
                 done += got
@@ -219,7 +235,7 @@ public final class ExactReader {
             // Straight into memory of its own, up to 4 MiB per call.
             let size = min(maxCount, max(4 << 20, staging.nominalCapacity))
             let region = pool.region(atLeast: size)
-            let (got, error) = engine.read(
+            let (got, error) = engineRead(
                 into: UnsafeMutableRawBufferPointer(start: region.base, count: size),
                 atLeast: 1, slot: region.slot, exact: false, statistics: &statistics)
             if let error { throw error }  // got is 0 here: the loop stops at the first byte
@@ -302,6 +318,18 @@ public final class ExactReader {
 
     // MARK: - Internals
 
+    /// Every read from the descriptor goes through here: a failure `isAtEOF` met comes first.
+    func engineRead(
+        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, exact: Bool,
+        statistics: inout Statistics
+    ) -> (count: Int, error: Errno?) {
+        if let e = pendingError {
+            pendingError = nil
+            return (0, e)
+        }
+        return engine.read(into: dst, atLeast: minimum, slot: slot, exact: exact, statistics: &statistics)
+    }
+
     /// A view of `count` staged bytes (the fast path: no allocation, no copy).
     func deliverStaged(_ count: Int) -> ByteView {
         if count == 0 { return ByteView() }
@@ -328,7 +356,7 @@ public final class ExactReader {
         if sawEOF { return false }
         let missing = need - staging.buffered
         statistics.bytesCopied += staging.makeRoom(forAppending: missing)
-        let (got, error) = engine.read(
+        let (got, error) = engineRead(
             into: staging.writable, atLeast: missing, slot: staging.region.slot, exact: false,
             statistics: &statistics)
         staging.commit(got)
@@ -349,7 +377,7 @@ public final class ExactReader {
         var failure: Errno? = nil
         if !sawEOF {
             statistics.directReads += 1
-            (got, failure) = engine.read(
+            (got, failure) = engineRead(
                 into: UnsafeMutableRawBufferPointer(start: region.base + prefix, count: count - prefix),
                 atLeast: count - prefix, slot: region.slot, exact: true, statistics: &statistics)
         }

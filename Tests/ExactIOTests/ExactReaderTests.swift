@@ -241,6 +241,32 @@ import Testing
         }
     }
 
+    @Test(arguments: combos)
+    func isAtEOFWithoutAnExtraRead(backend: ExactReader.Backend, transport: Transport) throws {
+        let data = pattern(1000)
+        let (ch, writer) = try stream(transport, data)
+        defer { ch.close() }
+        writer.join()  // the writer has closed its end
+        let reader = try ExactReader(ch.read, options: options(backend))
+        #expect(reader.isAtEOF == false, "1000 bytes are waiting")
+        #expect(try reader.readExactly(1000) == ByteView(data))
+        // Everything consumed and the peer gone: true, without a read returning nothing first.
+        #expect(reader.isAtEOF)
+        #expect(try reader.readFrame() == nil)
+    }
+
+    @Test(arguments: testBackends)
+    func isAtEOFNeverBlocksOnAnOpenStream(backend: ExactReader.Backend) throws {
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        let reader = try ExactReader(a, options: options(backend))
+        #expect(reader.isAtEOF == false, "nothing sent, peer still open: not at the end, and no blocking")
+        try ([1, 2, 3] as [UInt8]).withUnsafeBytes { try writeAll(b, $0) }
+        #expect(reader.isAtEOF == false)
+        #expect(try reader.readExactly(3) == ByteView([1, 2, 3]))
+        #expect(reader.isAtEOF == false)
+    }
+
     @Test func badDescriptorIsAnErrno() {
         #expect(throws: Errno.badFileDescriptor) { try ExactReader(FileDescriptor(rawValue: 987_654)) }
     }

@@ -93,7 +93,7 @@ func scriptedReader(_ script: Script, staging: Int = 4096) throws -> ExactReader
         #expect(reader.statistics.bytesSkipped == 3000)
         try reader.skip(7000)
         #expect(reader.statistics.bytesSkipped == 10_000)
-        #expect(reader.isAtEOF == false)
+        #expect(reader.isAtEOF, "the scripted stream is exhausted; isAtEOF finds out without a read call")
         #expect(try reader.read(upTo: 1).isEmpty)
     }
 
@@ -133,6 +133,16 @@ func scriptedReader(_ script: Script, staging: Int = 4096) throws -> ExactReader
         try buf.withUnsafeMutableBytes { try reader.readExactly(into: $0) }
         #expect(ByteView(buf) == ByteView(data[39..<177]))
         #expect(try reader.readExactly(123) == ByteView(data[177...]))
+    }
+
+    @Test func isAtEOFKeepsTheErrorItMeetsForTheNextRead() throws {
+        let script = Script(data: pattern(20), steps: [.bytes(10), .fail(.connectionReset), .bytes(10)])
+        let reader = try scriptedReader(script)
+        #expect(try reader.readExactly(10) == ByteView(pattern(20)[0..<10]))
+        #expect(reader.isAtEOF == false)
+        #expect(throws: Errno.connectionReset) { try reader.readExactly(1) }
+        #expect(try reader.readExactly(10) == ByteView(pattern(20)[10...]))
+        #expect(reader.isAtEOF)
     }
 
     @Test func eofThenNothingMore() throws {

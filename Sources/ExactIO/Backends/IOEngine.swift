@@ -7,6 +7,10 @@ import SystemPackage
 protocol IOEngine: AnyObject {
     var kind: ExactReader.Backend { get }
 
+    /// Whether a read would return at once (data, end of stream or an error): a zero-timeout
+    /// poll. Used by `isAtEOF`, which must not block.
+    func isReadableNow() -> Bool
+
     /// Reads into `dst` until at least `minimum` bytes arrived (`minimum <= dst.count`), the
     /// stream ended, or an error occurred. `slot` is the registered-buffer slot `dst` lies in,
     /// or -1. `exact` says the caller needs exactly `minimum` bytes and nothing more is wanted

@@ -12,6 +12,8 @@ final class PosixEngine: IOEngine {
 
     var kind: ExactReader.Backend { .posix }
 
+    func isReadableNow() -> Bool { syscalls.isReadableNow(fd) }
+
     func read(
         into dst: UnsafeMutableRawBufferPointer,
         atLeast minimum: Int,

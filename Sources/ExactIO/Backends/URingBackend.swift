@@ -96,6 +96,8 @@ final class URingEngine: IOEngine {
 
     var kind: ExactReader.Backend { .ioUring }
 
+    func isReadableNow() -> Bool { pollNow(fd) }
+
     func read(
         into dst: UnsafeMutableRawBufferPointer,
         atLeast minimum: Int,

@@ -9,6 +9,8 @@ struct PosixSyscalls: Sendable {
     var read: @Sendable (FileDescriptor, UnsafeMutableRawBufferPointer) -> Result<Int, Errno>
     /// Blocks until the descriptor is readable (after EAGAIN on a non-blocking descriptor).
     var waitReadable: @Sendable (FileDescriptor) -> Result<Void, Errno>
+    /// Whether the descriptor is readable right now (poll with a zero timeout).
+    var isReadableNow: @Sendable (FileDescriptor) -> Bool = { _ in true }
 
     static let live = PosixSyscalls(
         read: { fd, buffer in
@@ -29,8 +31,19 @@ struct PosixSyscalls: Sendable {
                 let e = Errno(rawValue: errno)
                 if e != .interrupted { return .failure(e) }
             }
-        }
+        },
+        isReadableNow: { fd in pollNow(fd) }
     )
+}
+
+/// A zero-timeout poll for POLLIN (also true on POLLHUP/POLLERR: a read returns at once).
+func pollNow(_ fd: FileDescriptor) -> Bool {
+    var pfd = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
+    while true {
+        let r = poll(&pfd, 1, 0)
+        if r >= 0 { return r > 0 }
+        if errno != EINTR { return false }
+    }
 }
 
 /// The single conversion from CSupport's `-errno` convention to `Errno`.
