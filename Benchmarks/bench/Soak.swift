@@ -115,11 +115,13 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
     // Sample RSS every second.
     let start = now()
     var samples: [(Double, Int)] = []
+    var lastLog = 0
     while now() - start < minutes * 60 {
         sleep(1)
         let t = now() - start
         samples.append((t, procStatusBytes("VmRSS")))
-        if Int(t) % 10 == 0 {
+        if Int(t) / 10 > lastLog {  // every 10 s, even when a sample comes late
+            lastLog = Int(t) / 10
             let total = streams.reduce(0) { $0 + $1.bytes.load(ordering: .relaxed) }
             log(String(format: "soak %4.0fs: RSS %@, %.2f GB read, %d frames", t, fmtBytes(samples.last!.1),
                        Double(total) / 1e9, streams.reduce(0) { $0 + $1.frames.load(ordering: .relaxed) }))

@@ -76,20 +76,8 @@ public final class ExactReader {
         self.directThreshold = max(1, staging.nominalCapacity / 4)
         var reason = setup.fallbackReason
         if reason == nil, let registrar = setup.registrar, staging.region.slot < 0 {
-            if let e = registrar.lastFailure {
-                reason =
-                    "registered buffers unused: registering the staging buffer failed: "
-                    + BackendSelection.describe(e)
-                    + (e == .noMemory ? "; RLIMIT_MEMLOCK is \(BackendSelection.memlockDescription())" : "")
-                    + "; io_uring reads go to unregistered memory"
-            } else {
-                let budget = BackendSelection.registrationBudget(limit: options.registeredMemoryLimit)
-                let source = options.registeredMemoryLimit == nil
-                    ? "RLIMIT_MEMLOCK is \(BackendSelection.memlockDescription())" : "registeredMemoryLimit"
-                reason =
-                    "registered buffers unused: the staging buffer (\(staging.nominalCapacity >> 10) KiB) is over "
-                    + "the registration budget (\(budget >> 10) KiB; \(source)); io_uring reads go to unregistered memory"
-            }
+            reason = BackendSelection.unregisteredStagingReason(
+                registrar: registrar, stagingCapacity: staging.nominalCapacity, limit: options.registeredMemoryLimit)
         }
         self.fallbackReason = reason
     }
@@ -282,6 +270,13 @@ public final class ExactReader {
         precondition(byteCount >= 0, "reserve: byteCount must not be negative (got \(byteCount))")
         guard byteCount >= directThreshold else { return }  // small reads use staging
         _ = pool.region(atLeast: byteCount)  // released at once: stays in the pool
+    }
+
+    /// Returns the memory the reader keeps for its next frames (released frame blocks, up to
+    /// 64 MiB plus the latest one) to the system. Views and the staging buffer are untouched.
+    /// For servers with many idle connections that once read large frames.
+    public func releaseCachedMemory() {
+        pool.trim()
     }
 
     // MARK: - Caller memory

@@ -326,6 +326,9 @@ import Testing
         writer.join()
         // Staging + the frame held + at most one recycled block.
         #expect(pool.snapshot.liveBlocks <= 3, "\(pool.snapshot)")
+        reader!.releaseCachedMemory()
+        #expect(pool.snapshot.freeBlocks == 0, "releaseCachedMemory empties the pool")
+        #expect(pool.snapshot.liveBlocks == 2, "staging and the held frame")
         reader = nil
         #expect(pool.snapshot.liveBlocks == 1, "only the held view's block is left")
         #expect(kept.map(Array.init) == bodies.last)

@@ -7,7 +7,8 @@ struct BackendSetup {
     let engine: any IOEngine
     let pool: MemoryPool
     let fallbackReason: String?
-    /// Set when io_uring runs but registration of buffers is unavailable.
+    /// The ring's buffer table, when io_uring runs with registered buffers; the reader asks
+    /// it why a registration failed.
     let registrar: URingRegistrar?
 }
 
@@ -40,6 +41,20 @@ enum BackendSelection {
         return "\(rl.rlim_cur >> 10) KiB"
     }
 
+    /// Why the staging buffer is not registered although io_uring has a buffer table: the
+    /// kernel refused (usually ENOMEM: RLIMIT_MEMLOCK), or it is over the budget.
+    static func unregisteredStagingReason(registrar: URingRegistrar, stagingCapacity: Int, limit: Int?) -> String {
+        let tail = "; io_uring reads go to unregistered memory"
+        if let e = registrar.lastFailure {
+            let memlock = e == .noMemory ? "; RLIMIT_MEMLOCK is \(memlockDescription())" : ""
+            return "registered buffers unused: registering the staging buffer failed: \(describe(e))\(memlock)\(tail)"
+        }
+        let budget = registrationBudget(limit: limit)
+        let source = limit == nil ? "RLIMIT_MEMLOCK is \(memlockDescription())" : "registeredMemoryLimit"
+        return "registered buffers unused: the staging buffer (\(stagingCapacity >> 10) KiB) is over "
+            + "the registration budget (\(budget >> 10) KiB; \(source))\(tail)"
+    }
+
     static func fileType(_ fd: FileDescriptor) throws(Errno) -> mode_t {
         var st = stat()
         if fstat(fd.rawValue, &st) != 0 { throw Errno(rawValue: errno) }
@@ -57,11 +72,7 @@ enum BackendSelection {
                 engine: PosixEngine(fd: fd, syscalls: syscalls ?? .live),
                 pool: MemoryPool(registrar: nil, registrationBudget: 0), fallbackReason: $0, registrar: nil)
         }
-        if let syscalls {  // tests: a scripted POSIX backend
-            return BackendSetup(
-                engine: PosixEngine(fd: fd, syscalls: syscalls),
-                pool: MemoryPool(registrar: nil, registrationBudget: 0), fallbackReason: nil, registrar: nil)
-        }
+        if syscalls != nil { return posix(nil) }  // tests and fuzzing: a scripted POSIX backend
 
         let isSocket = try fileType(fd) == S_IFSOCK
         var wanted = options.backend

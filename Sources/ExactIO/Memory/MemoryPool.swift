@@ -106,15 +106,20 @@ final class MemoryPool: Sendable {
         s.liveBlocks -= 1
     }
 
-    /// Frees every pooled block; blocks still in use are freed when released. Called when the
-    /// reader goes away.
-    func close() {
+    /// Frees the pooled (free) blocks now; blocks in use are untouched.
+    func trim() {
         state.withLock { s in
-            s.closed = true
             for block in s.free { release(block, &s) }
             s.free.removeAll()
             s.freeBytes = 0
         }
+    }
+
+    /// Frees every pooled block; blocks still in use are freed when released. Called when the
+    /// reader goes away.
+    func close() {
+        state.withLock { $0.closed = true }
+        trim()
     }
 
     /// Registers caller-owned memory in a free slot (within the budget); nil when not possible.
