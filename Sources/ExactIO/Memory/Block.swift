@@ -9,12 +9,14 @@ import Glibc
 struct Block: @unchecked Sendable {
     // @unchecked Sendable: a plain description of a mapping; which thread may touch the memory
     // is decided by its owner (Region while in use, MemoryPool under its mutex while free).
-    /// Start of the mapping. Invariant: valid for `capacity` bytes until `unmap()`.
+    /// Start of the mapping. Invariant: valid for `capacity` bytes until `free()`.
     let base: UnsafeMutableRawPointer
     /// Bytes mapped; a multiple of the page size (of 2 MiB for huge blocks).
     let capacity: Int
     /// Index in the ring's registered-buffer table, or -1 when not registered.
     var slot: Int32
+    /// True for `mmap`ed blocks (the pool's), false for `heap(_:)` ones.
+    var mapped = true
 
     static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
     /// MADV_POPULATE_WRITE (Linux 5.14), spelled out: Glibc's headers here predate it.
@@ -51,9 +53,20 @@ struct Block: @unchecked Sendable {
         return Block(base: raw, capacity: capacity, slot: -1)
     }
 
-    /// Unmaps the block. The caller guarantees nothing references it any more (and that it was
-    /// unregistered, or the ring is gone).
-    func unmap() {
-        munmap(base, capacity)
+    /// A small heap block, never registered, for memory off the read path.
+    static func heap(_ bytes: Int) -> Block {
+        let capacity = max(bytes, 1)
+        let base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 16)
+        return Block(base: base, capacity: capacity, slot: -1, mapped: false)
+    }
+
+    /// Returns the memory to the system. The caller guarantees nothing references it any more
+    /// (and that it was unregistered, or the ring is gone).
+    func free() {
+        if mapped {
+            munmap(base, capacity)
+        } else {
+            base.deallocate()
+        }
     }
 }

@@ -102,7 +102,7 @@ final class MemoryPool: Sendable {
             s.registeredBytes -= block.capacity
             s.registrationPaused = false
         }
-        block.unmap()
+        block.free()
         s.liveBlocks -= 1
     }
 

@@ -14,9 +14,10 @@ final class Region: @unchecked Sendable {
         self.pool = pool
     }
 
-    /// A region outside any pool (for `ByteView.init(_:)`): unmapped on release.
+    /// A region outside any pool and off the read path (`ByteView.init(_:)`, copies of partial
+    /// bytes in errors): heap memory, freed on release.
     static func standalone(capacity: Int) -> Region {
-        Region(block: Block.map(atLeast: capacity), pool: nil)
+        Region(block: Block.heap(capacity), pool: nil)
     }
 
     var capacity: Int { block.capacity }
@@ -27,7 +28,7 @@ final class Region: @unchecked Sendable {
         if let pool {
             pool.give(block)
         } else {
-            block.unmap()
+            block.free()
         }
     }
 }
