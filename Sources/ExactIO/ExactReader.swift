@@ -48,6 +48,9 @@ public final class ExactReader {
     var sawEOF = false
     /// An error met by `isAtEOF`'s read-ahead, for the next read to throw.
     var pendingError: Errno? = nil
+    /// How far a staging fill reads beyond what it needs: the whole free tail while frames are
+    /// small, one page after a frame larger than staging (see `readDirect`).
+    lazy var readAhead: Int = staging.nominalCapacity
     /// Caller memory registered with `register(_:)`: (range, slot).
     var callerBuffers: [(base: UnsafeMutableRawPointer, count: Int, slot: Int32)] = []
 
@@ -150,6 +153,7 @@ public final class ExactReader {
         precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
         if count <= staging.buffered { return deliverStaged(count) }
         if count < directThreshold {
+            readAhead = staging.nominalCapacity  // small reads: read ahead as far as staging goes
             if try fill(atLeast: count) { return deliverStaged(count) }
             throw ExactReadError.incomplete(partial: deliverStaged(staging.buffered), expected: count)
         }
@@ -351,9 +355,11 @@ public final class ExactReader {
         if sawEOF { return false }
         let missing = need - staging.buffered
         statistics.bytesCopied += staging.makeRoom(forAppending: missing)
+        let tail = staging.writable
+        let ahead = min(tail.count, max(missing, readAhead))
         let (got, error) = engineRead(
-            into: staging.writable, atLeast: missing, slot: staging.region.slot, exact: false,
-            statistics: &statistics)
+            into: UnsafeMutableRawBufferPointer(rebasing: tail[0..<ahead]), atLeast: missing,
+            slot: staging.region.slot, exact: false, statistics: &statistics)
         staging.commit(got)
         if let error { throw error }
         if got < missing {
@@ -366,6 +372,9 @@ public final class ExactReader {
     /// A large read: the staged prefix is copied into memory of the frame's own, then the
     /// kernel writes the rest straight there.
     func readDirect(_ count: Int) throws -> ByteView {
+        // Frames larger than staging: read ahead only a page for the next prefix, so that little
+        // of the next body is staged (and copied) before its own direct read.
+        readAhead = count >= staging.nominalCapacity ? Block.pageSize : staging.nominalCapacity
         let region = pool.region(atLeast: count)
         let prefix = copyStaged(into: region.base, max: count)
         var got = 0
