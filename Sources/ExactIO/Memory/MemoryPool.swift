@@ -106,6 +106,11 @@ final class MemoryPool: Sendable {
         s.liveBlocks -= 1
     }
 
+    deinit {
+        // Normally empty (the reader closes the pool); unmap anything left all the same.
+        trim()
+    }
+
     /// Frees the pooled (free) blocks now; blocks in use are untouched.
     func trim() {
         state.withLock { s in
