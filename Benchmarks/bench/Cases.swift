@@ -59,6 +59,19 @@ enum Marks {
     static let last: UInt8 = 0x22
     static let fill: UInt8 = 0x33
 
+    /// The 4-byte big-endian length prefix.
+    static func header(_ n: Int) -> [UInt8] {
+        [UInt8(n >> 24 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
+    }
+
+    /// A whole frame of `n` body bytes: prefix, then the marked body.
+    static func frame(_ n: Int) -> [UInt8] {
+        var b = [UInt8](repeating: fill, count: n)
+        if n >= 1 { b[0] = first }
+        if n >= 2 { b[n - 1] = last }
+        return header(n) + b
+    }
+
     @inline(__always)
     static func check(_ body: UnsafeRawBufferPointer, _ n: Int) -> Bool {
         guard body.count == n else { return false }

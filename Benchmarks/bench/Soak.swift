@@ -39,19 +39,13 @@ struct SoakSequence {
 
 /// The soak writer process: an endless stream of the sequence's frames (until killed).
 func runSoakWriter(transport: String, seed: UInt64, port: UInt16?) throws -> Never {
-    var fd: Int32 = 3
-    if transport == "tcp" {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = loopbackAddress(port: port ?? 0)
-        guard withSockaddr(&addr, { connect(fd, $0, $1) }) == 0 else { throw BenchFailure("connect: errno \(errno)") }
-    }
-    signal(SIGPIPE, SIG_IGN)
+    let fd = try writerDescriptor(transport: transport, port: port, path: nil)
     var seq = SoakSequence(seed: seed)
     let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: (16 << 20) + 4, alignment: 4096)
     var i = 0
     while true {
         let n = seq.nextSize()
-        buf[0] = UInt8(n >> 24 & 0xff); buf[1] = UInt8(n >> 16 & 0xff); buf[2] = UInt8(n >> 8 & 0xff); buf[3] = UInt8(n & 0xff)
+        buf.copyBytes(from: Marks.header(n))
         for k in 0..<n { buf[4 + k] = SoakSequence.byte(i, k) }
         do { try writeAll(fd, buf.baseAddress!, n + 4) } catch { exit(0) }  // the reader went away
         i += 1
@@ -95,7 +89,9 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
             seed += 1
             let fd: Int32
             do {
-                (fd, _) = try openSoakTransport(s, writers: &writers)
+                let (readEnd, pid) = try openTransport(transport, writerArgs: ["--soak-writer", transport, String(s.seed)])
+                fd = readEnd
+                writers.append(pid)
             } catch {
                 log("soak: \(error)")
                 return false
@@ -165,30 +161,6 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
                  (now() - start) / 60, streams.reduce(0) { $0 + $1.frames.load(ordering: .relaxed) }, slopeMiBPerMin, fmtBytes(maxRSS),
                  ok && flat ? "PASS" : "FAIL"))
     return ok && flat
-}
-
-func openSoakTransport(_ s: SoakStream, writers: inout [pid_t]) throws -> (Int32, pid_t) {
-    let args = ["--soak-writer", s.transport, String(s.seed)]
-    if s.transport == "unix" {
-        var sv: [Int32] = [0, 0]
-        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0
-        else { throw BenchFailure("socketpair: errno \(errno)") }
-        let pid = try spawn(selfPath, args, passFD: sv[1])
-        close(sv[1])
-        writers.append(pid)
-        return (sv[0], pid)
-    }
-    let l = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    var addr = loopbackAddress(port: 0)
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    guard withSockaddr(&addr, { sa, l2 in bind(l, sa, l2) == 0 && listen(l, 1) == 0 && getsockname(l, sa, &len) == 0 })
-    else { throw BenchFailure("tcp listen: errno \(errno)") }
-    let pid = try spawn(selfPath, args + ["--port", String(UInt16(bigEndian: addr.sin_port))])
-    writers.append(pid)
-    let fd = accept(l, nil, nil)
-    close(l)
-    guard fd >= 0 else { throw BenchFailure("accept: errno \(errno)") }
-    return (fd, pid)
 }
 
 /// One reader thread: verifies every frame in full; holds each view for 0-63 frames.

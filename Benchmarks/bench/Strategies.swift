@@ -216,6 +216,36 @@ func describe(_ reader: ExactReader) -> String {
     return note
 }
 
+/// A strategy ready to read: `run` reads every frame and returns how many; `note` describes
+/// what ExactIO did (nil for the others).
+struct PreparedStrategy {
+    var run: () throws -> Int
+    var note: () -> String? = { nil }
+}
+
+/// Sets a strategy up on `fd`. What this allocates (the floor's pre-faulted buffer, a reader
+/// and its reserved frame memory) counts in the peak but not in the time.
+func prepare(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
+    switch c.strategy {
+    case "seed-join": return PreparedStrategy(run: { try seedJoin(fd: fd, c: c) })
+    case "seed-buffer": return PreparedStrategy(run: { try seedBuffer(fd: fd, c: c) })
+    case "seed-prealloc": return PreparedStrategy(run: { try seedPrealloc(fd: fd, c: c) })
+    case "posix-into":
+        let buffer = makeFloorBuffer(c)
+        return PreparedStrategy(run: {
+            defer { buffer.deallocate() }
+            return try posixInto(fd: fd, c: c, buf: buffer)
+        })
+    case "exactio-posix", "exactio-uring":
+        let reader = try makeReader(fd: fd, backend: c.strategy == "exactio-uring" ? .ioUring : .posix)
+        // Frame memory before the clock, as posix-into's pre-faulted buffer is.
+        reader.reserve(c.frameBytes)
+        return PreparedStrategy(run: { try exactIO(reader, c: c) }, note: { describe(reader) })
+    default:
+        throw BenchFailure("unknown strategy \(c.strategy)")
+    }
+}
+
 /// Runs one case in this (child) process and returns its result.
 func runCase(_ c: BenchCase) throws -> CaseResult {
     warmUp(c)
@@ -224,26 +254,13 @@ func runCase(_ c: BenchCase) throws -> CaseResult {
         close(fd)
         if writer > 0 { waitExit(writer) }
     }
-    switch c.strategy {
-    case "seed-join": return try measure(c, setup: {}) { try seedJoin(fd: fd, c: c) }
-    case "seed-buffer": return try measure(c, setup: {}) { try seedBuffer(fd: fd, c: c) }
-    case "seed-prealloc": return try measure(c, setup: {}) { try seedPrealloc(fd: fd, c: c) }
-    case "posix-into":
-        var buffer: UnsafeMutableRawBufferPointer? = nil
-        defer { buffer?.deallocate() }
-        return try measure(c, setup: { buffer = makeFloorBuffer(c); return buffer! }) { try posixInto(fd: fd, c: c, buf: $0) }
-    case "exactio-posix", "exactio-uring":
-        var reader: ExactReader? = nil
-        var r = try measure(c, setup: {
-            reader = try makeReader(fd: fd, backend: c.strategy == "exactio-uring" ? .ioUring : .posix)
-            // Frame memory before the clock, as posix-into's pre-faulted buffer is.
-            reader!.reserve(c.frameBytes)
-            return reader!
-        }) { try exactIO($0, c: c) }
-        r.note = reader.map(describe)
-        return r
-    default: throw BenchFailure("unknown strategy \(c.strategy)")
+    var note: (() -> String?)? = nil
+    var r = try measure(c, setup: { try prepare(c, fd: fd) }) { prepared in
+        note = prepared.note
+        return try prepared.run()
     }
+    r.note = note?()
+    return r
 }
 
 /// Runs the strategy's code once over a small in-process stream before anything is measured,
@@ -254,32 +271,12 @@ func warmUp(_ c: BenchCase) {
     guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { return }
     defer { close(sv[0]) }
     let n = min(c.frameBytes, 64 << 10)
-    var wire = [UInt8]()
-    for _ in 0..<2 {
-        wire += [UInt8(n >> 24 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)]
-        var body = [UInt8](repeating: Marks.fill, count: n)
-        if n >= 1 { body[0] = Marks.first }
-        if n >= 2 { body[n - 1] = Marks.last }
-        wire += body
-    }
+    let wire = Marks.frame(n) + Marks.frame(n)
     var size = Int32(1 << 20)
     setsockopt(sv[1], SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
     setsockopt(sv[0], SOL_SOCKET, SO_RCVBUF, &size, socklen_t(MemoryLayout<Int32>.size))
     guard (try? wire.withUnsafeBytes({ try writeAll(sv[1], $0.baseAddress!, $0.count) })) != nil else { return }
     close(sv[1])
     let w = BenchCase(strategy: c.strategy, transport: c.transport, frameBytes: n, frames: 2)
-    switch c.strategy {
-    case "seed-join": _ = try? seedJoin(fd: sv[0], c: w)
-    case "seed-buffer": _ = try? seedBuffer(fd: sv[0], c: w)
-    case "seed-prealloc": _ = try? seedPrealloc(fd: sv[0], c: w)
-    case "posix-into":
-        let b = makeFloorBuffer(w)
-        _ = try? posixInto(fd: sv[0], c: w, buf: b)
-        b.deallocate()
-    case "exactio-posix", "exactio-uring":
-        if let r = try? makeReader(fd: sv[0], backend: c.strategy == "exactio-uring" ? .ioUring : .posix) {
-            _ = try? exactIO(r, c: w)
-        }
-    default: break
-    }
+    _ = try? prepare(w, fd: sv[0]).run()
 }

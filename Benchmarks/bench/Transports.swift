@@ -49,8 +49,13 @@ func withSockaddr<R>(_ addr: inout sockaddr_in, _ body: (UnsafeMutablePointer<so
 /// Sets up the transport for a reader child: starts the writer process and returns the
 /// descriptor to read from plus the writer's pid.
 func openTransport(_ c: BenchCase) throws -> (fd: Int32, writer: pid_t) {
-    let writerArgs = ["--writer", c.transport, String(c.frameBytes), String(c.frames)]
-    switch c.transport {
+    try openTransport(c.transport, writerArgs: ["--writer", c.transport, String(c.frameBytes), String(c.frames)])
+}
+
+/// Starts this program with `writerArgs` as the writer of `transport` (descriptor 3 for unix
+/// and pipe, `--port P` for tcp, `--path FILE` for file) and returns the read end.
+func openTransport(_ transport: String, writerArgs: [String]) throws -> (fd: Int32, writer: pid_t) {
+    switch transport {
     case "unix":
         var sv: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) == 0
@@ -60,7 +65,8 @@ func openTransport(_ c: BenchCase) throws -> (fd: Int32, writer: pid_t) {
         return (sv[0], pid)
     case "pipe":
         var p: [Int32] = [0, 0]
-        guard pipe(&p) == 0, fcntl(p[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(p[1], F_SETFD, FD_CLOEXEC) == 0 else { throw BenchFailure("pipe2: errno \(errno)") }
+        guard pipe(&p) == 0, fcntl(p[0], F_SETFD, FD_CLOEXEC) == 0, fcntl(p[1], F_SETFD, FD_CLOEXEC) == 0
+        else { throw BenchFailure("pipe: errno \(errno)") }
         let pid = try spawn(selfPath, writerArgs, passFD: p[1])
         close(p[1])
         return (p[0], pid)
@@ -87,7 +93,7 @@ func openTransport(_ c: BenchCase) throws -> (fd: Int32, writer: pid_t) {
         guard fd >= 0 else { throw BenchFailure("open \(path): errno \(errno)") }
         return (fd, 0)
     default:
-        throw BenchFailure("unknown transport \(c.transport)")
+        throw BenchFailure("unknown transport \(transport)")
     }
 }
 
@@ -117,28 +123,31 @@ func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) throws {
     }
 }
 
+/// The writer's end of `transport` (the other side of `openTransport`): descriptor 3 for
+/// unix and pipe, a connection to `port` for tcp, a new file at `path`. Ignores SIGPIPE.
+func writerDescriptor(transport: String, port: UInt16?, path: String?) throws -> Int32 {
+    signal(SIGPIPE, SIG_IGN)
+    switch transport {
+    case "tcp":
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = loopbackAddress(port: port ?? 0)
+        guard withSockaddr(&addr, { connect(fd, $0, $1) }) == 0 else { throw BenchFailure("connect: errno \(errno)") }
+        return fd
+    case "file":
+        let fd = open(path ?? "/tmp/exactio-bench.dat", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        guard fd >= 0 else { throw BenchFailure("create file: errno \(errno)") }
+        return fd
+    default:
+        return 3
+    }
+}
+
 /// The writer process: sends `frames` frames of `n` bytes as fast as it can from
 /// preallocated memory (small frames batched into 4 MiB writes; large frames as a 5-byte
 /// head, 4 MiB body writes and a 1-byte tail).
 func runWriter(transport: String, n: Int, frames: Int, port: UInt16?, path: String?) throws {
-    var fd: Int32 = 3
-    if transport == "tcp" {
-        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-        var addr = loopbackAddress(port: port ?? 0)
-        guard withSockaddr(&addr, { connect(fd, $0, $1) }) == 0 else { throw BenchFailure("connect: errno \(errno)") }
-    } else if transport == "file" {
-        fd = open(path ?? "/tmp/exactio-bench.dat", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        guard fd >= 0 else { throw BenchFailure("create file: errno \(errno)") }
-    }
-    signal(SIGPIPE, SIG_IGN)
+    let fd = try writerDescriptor(transport: transport, port: port, path: path)
     let chunkBytes = 4 << 20
-    func header(_ n: Int) -> [UInt8] { [UInt8(n >> 24 & 0xff), UInt8(n >> 16 & 0xff), UInt8(n >> 8 & 0xff), UInt8(n & 0xff)] }
-    func body(_ n: Int) -> [UInt8] {
-        var b = [UInt8](repeating: Marks.fill, count: n)
-        if n >= 1 { b[0] = Marks.first }
-        if n >= 2 { b[n - 1] = Marks.last }
-        return b
-    }
     // Page-aligned sources: the kernel's copy is slowest when source and destination are a few
     // bytes apart modulo 4 KiB, and a Swift array's elements start 32 bytes into a page.
     func aligned(_ bytes: Int) -> UnsafeMutableRawBufferPointer {
@@ -146,7 +155,7 @@ func runWriter(transport: String, n: Int, frames: Int, port: UInt16?, path: Stri
     }
     if n + 4 <= chunkBytes {
         let perBatch = max(1, chunkBytes / (n + 4))
-        let one = header(n) + body(n)
+        let one = Marks.frame(n)
         let batch = aligned(perBatch * one.count)
         defer { batch.deallocate() }
         for k in 0..<perBatch {
@@ -162,7 +171,7 @@ func runWriter(transport: String, n: Int, frames: Int, port: UInt16?, path: Stri
         let fill = aligned(chunkBytes)
         defer { fill.deallocate() }
         memset(fill.baseAddress!, Int32(Marks.fill), chunkBytes)
-        let head = header(n) + [Marks.first]
+        let head = Marks.header(n) + [Marks.first]
         let tail = [Marks.last]
         for _ in 0..<frames {
             try head.withUnsafeBytes { try writeAll(fd, $0.baseAddress!, $0.count) }

@@ -188,7 +188,7 @@ public final class ExactReader {
                 statistics.directReads += 1
                 let (got, error) = engineRead(
                     into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
-                    atLeast: count - done, slot: slot, exact: true, statistics: &statistics)
+                    atLeast: count - done, slot: slot, exact: true)
                 done += got
                 if let error { throw error }
                 if done < count {
@@ -229,7 +229,7 @@ public final class ExactReader {
             let region = pool.region(atLeast: size)
             let (got, error) = engineRead(
                 into: UnsafeMutableRawBufferPointer(start: region.base, count: size),
-                atLeast: 1, slot: region.slot, exact: false, statistics: &statistics)
+                atLeast: 1, slot: region.slot, exact: false)
             if let error { throw error }  // got is 0 here: the loop stops at the first byte
             if got == 0 {
                 sawEOF = true
@@ -319,8 +319,7 @@ public final class ExactReader {
 
     /// Every read from the descriptor goes through here: a failure `isAtEOF` met comes first.
     func engineRead(
-        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, exact: Bool,
-        statistics: inout Statistics
+        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, exact: Bool
     ) -> (count: Int, error: Errno?) {
         if let e = pendingError {
             pendingError = nil
@@ -359,7 +358,7 @@ public final class ExactReader {
         let ahead = min(tail.count, max(missing, readAhead))
         let (got, error) = engineRead(
             into: UnsafeMutableRawBufferPointer(rebasing: tail[0..<ahead]), atLeast: missing,
-            slot: staging.region.slot, exact: false, statistics: &statistics)
+            slot: staging.region.slot, exact: false)
         staging.commit(got)
         if let error { throw error }
         if got < missing {
@@ -383,7 +382,7 @@ public final class ExactReader {
             statistics.directReads += 1
             (got, failure) = engineRead(
                 into: UnsafeMutableRawBufferPointer(start: region.base + prefix, count: count - prefix),
-                atLeast: count - prefix, slot: region.slot, exact: true, statistics: &statistics)
+                atLeast: count - prefix, slot: region.slot, exact: true)
         }
         let total = prefix + got
         if let failure {
