@@ -6,16 +6,42 @@
 /* System headers before liburing.h: liburing 2.3 defines feature macros (STYLE.md 2.3). */
 #include <errno.h>
 #include <poll.h>
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <liburing.h>
 
 #include "include/CSupport.h"
 
 struct csupport_ring {
 	struct io_uring ring;
+	/* The fork generation the ring was created in (see csupport_fork_generation). A ring
+	 * inherited by a child process shares its queues and registered buffers with the parent:
+	 * the child must not submit, register or unregister anything on it. */
+	unsigned generation;
+	/* Set when a request may still be in flight after the ring failed to confirm its end
+	 * (a wait that kept failing): nothing may be submitted any more. */
+	bool broken;
+	/* Tag of the next operation (user_data); operations are numbered so that a completion is
+	 * only ever taken by the operation it belongs to. */
+	uint64_t next_tag;
+	/* Test seam (debug.c): waits still to fail, and with which errno. */
+	atomic_int injected_waits;
+	atomic_int injected_errno;
 };
+
+/* The current fork generation: incremented in every child created by fork(). */
+unsigned csupport_fork_generation(void);
+
+/* Checks the ring can be used by this process: -EINVAL (NULL), -EBADFD (inherited through
+ * fork), -ENOTRECOVERABLE (broken), else 0. */
+int csupport_ring_check(const csupport_ring *ring);
+
+/* Test seam (debug.c): consumes one injected wait failure, returning its -errno, or 0. */
+int csupport_injected_wait_failure(csupport_ring *ring);
 
 #endif /* CSUPPORT_INTERNAL_H */

@@ -4,7 +4,11 @@
 
 int csupport_register_sparse(csupport_ring *ring, unsigned nr)
 {
-	if (!ring || nr == 0)
+	int ret = csupport_ring_check(ring);
+
+	if (ret < 0)
+		return ret;
+	if (nr == 0)
 		return -EINVAL;
 	return io_uring_register_buffers_sparse(&ring->ring, nr);
 }
@@ -14,9 +18,11 @@ int csupport_register_buffers(csupport_ring *ring, void *const *bases, const siz
 {
 	struct iovec *iov;
 	unsigned i;
-	int ret;
+	int ret = csupport_ring_check(ring);
 
-	if (!ring || !bases || !lens || nr == 0)
+	if (ret < 0)
+		return ret;
+	if (!bases || !lens || nr == 0)
 		return -EINVAL;
 	iov = calloc(nr, sizeof(*iov));
 	if (!iov)
@@ -32,9 +38,14 @@ int csupport_register_slot(csupport_ring *ring, unsigned slot, void *base, size_
 {
 	struct iovec iov = { .iov_base = len ? base : NULL, .iov_len = len };
 	__u64 tag = 0;
-	int ret;
+	int ret = csupport_ring_check(ring);
 
-	if (!ring || (len && !base))
+	/* A broken ring still accepts unregistration: it is a register syscall, not a request. */
+	if (ret == -ENOTRECOVERABLE && len == 0)
+		ret = 0;
+	if (ret < 0)
+		return ret;
+	if (len && !base)
 		return -EINVAL;
 	ret = io_uring_register_buffers_update_tag(&ring->ring, slot, &iov, &tag, 1);
 	/* The syscall returns the number of slots updated. */
@@ -45,7 +56,9 @@ int csupport_register_slot(csupport_ring *ring, unsigned slot, void *base, size_
 
 int csupport_unregister_buffers(csupport_ring *ring)
 {
-	if (!ring)
-		return -EINVAL;
+	int ret = csupport_ring_check(ring);
+
+	if (ret < 0 && ret != -ENOTRECOVERABLE)
+		return ret;
 	return io_uring_unregister_buffers(&ring->ring);
 }

@@ -239,7 +239,7 @@ func prepare(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
     case "exactio-posix", "exactio-uring":
         let reader = try makeReader(fd: fd, backend: c.strategy == "exactio-uring" ? .ioUring : .posix)
         // Frame memory before the clock, as posix-into's pre-faulted buffer is.
-        reader.reserve(c.frameBytes)
+        try reader.reserve(c.frameBytes)
         return PreparedStrategy(run: { try exactIO(reader, c: c) }, note: { describe(reader) })
     default:
         throw BenchFailure("unknown strategy \(c.strategy)")

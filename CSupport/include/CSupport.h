@@ -10,7 +10,15 @@
  * both fails to build (STYLE.md 2.3, trap 2). Only the .c files include liburing.
  *
  * Error convention (liburing's): every function that can fail returns 0 or a positive count
- * on success and -errno on failure; errno itself is never the channel.
+ * on success and -errno on failure; errno itself is never the channel. Two codes are ours:
+ *   -EBADFD          the ring was created by another process (inherited through fork()): a
+ *                    child must not submit to or register on its parent's ring;
+ *   -ENOTRECOVERABLE the ring is broken: a request could not be confirmed finished after a
+ *                    failed wait (cancel and drain failed too), so nothing is submitted again
+ *                    and the memory that request targeted must not be reused.
+ *
+ * Every request is tagged (user_data) and every call returns only when the kernel is done
+ * with each request it submitted: no request outlives the call that made it.
  */
 #ifndef CSUPPORT_H
 #define CSUPPORT_H
@@ -28,29 +36,47 @@ typedef struct csupport_ring csupport_ring;
 
 /* Opcodes ExactIO uses, as a bit set returned by csupport_ring_probe. */
 enum {
-	CSUPPORT_OP_READ = 1u << 0,       /* IORING_OP_READ (5.6) */
-	CSUPPORT_OP_READ_FIXED = 1u << 1, /* IORING_OP_READ_FIXED (5.1) */
-	CSUPPORT_OP_RECV = 1u << 2,       /* IORING_OP_RECV (5.6) */
-	CSUPPORT_OP_POLL_ADD = 1u << 3,   /* IORING_OP_POLL_ADD (5.1) */
+	CSUPPORT_OP_READ = 1u << 0,             /* IORING_OP_READ (5.6) */
+	CSUPPORT_OP_READ_FIXED = 1u << 1,       /* IORING_OP_READ_FIXED (5.1) */
+	CSUPPORT_OP_RECV = 1u << 2,             /* IORING_OP_RECV (5.6) */
+	CSUPPORT_OP_POLL_ADD = 1u << 3,         /* IORING_OP_POLL_ADD (5.1) */
+	CSUPPORT_OP_LINK_TIMEOUT = 1u << 4,     /* IORING_OP_LINK_TIMEOUT (5.5) */
+	CSUPPORT_OP_ASYNC_CANCEL = 1u << 5,     /* IORING_OP_ASYNC_CANCEL (5.5) */
+	CSUPPORT_OP_SPLICE = 1u << 6,           /* IORING_OP_SPLICE (5.7) */
+	CSUPPORT_OP_ACCEPT = 1u << 7,           /* IORING_OP_ACCEPT (5.5) */
+	CSUPPORT_OP_PROVIDE_BUFFERS = 1u << 8,  /* IORING_OP_PROVIDE_BUFFERS (5.7) */
+	CSUPPORT_OP_TIMEOUT = 1u << 9,          /* IORING_OP_TIMEOUT (5.4) */
 };
 
-/* Flags for csupport_read. */
+/* Flags for csupport_ring_create, and what csupport_ring_setup_flags reports. */
 enum {
-	/* The fd is a socket and the destination is unregistered: use RECV with MSG_WAITALL
-	 * for the bytes still required (one submission per body instead of one per chunk). */
-	CSUPPORT_READ_RECV_WAITALL = 1u << 0,
+	/* One thread submits and reaps (IORING_SETUP_SINGLE_ISSUER | DEFER_TASKRUN, 6.1):
+	 * completions are processed only when that thread enters the kernel. */
+	CSUPPORT_RING_SINGLE_ISSUER = 1u << 0,
+	/* Reported only: IORING_SETUP_COOP_TASKRUN (5.19) is in use. */
+	CSUPPORT_RING_COOP_TASKRUN = 1u << 1,
 };
 
 /*
- * Creates a ring with `entries` submission entries (a small power of two is plenty: the
- * read loop has one request in flight). Returns 0 and sets *out, or -errno: -ENOSYS when the
- * kernel has no io_uring, -EPERM when seccomp or kernel.io_uring_disabled forbids it,
- * -ENOMEM / -EMFILE on resource limits.
+ * Creates a ring with `entries` submission entries (a small power of two is plenty for a
+ * blocking reader: one request is in flight). `flags`: CSUPPORT_RING_* wishes; setup flags
+ * the kernel refuses are dropped (csupport_ring_setup_flags tells what was kept). Returns 0
+ * and sets *out, or -errno: -ENOSYS when the kernel has no io_uring, -EPERM when seccomp or
+ * kernel.io_uring_disabled forbids it, -ENOMEM when RLIMIT_MEMLOCK is exhausted (each ring
+ * costs two pages of it on current kernels), -EMFILE on the descriptor limit.
  */
-int csupport_ring_create(unsigned entries, csupport_ring **out);
+int csupport_ring_create(unsigned entries, unsigned flags, csupport_ring **out);
 
-/* Destroys the ring (and with it every registration). Accepts NULL. */
+/* The CSUPPORT_RING_* flags in effect for `ring`. */
+unsigned csupport_ring_setup_flags(const csupport_ring *ring);
+
+/* Destroys the ring (and with it every registration). Accepts NULL. In a child process that
+ * inherited the ring, only the child's mappings and descriptor go; the parent's ring stays. */
 void csupport_ring_destroy(csupport_ring *ring);
+
+/* 0 when this process may use the ring; -EBADFD (inherited through fork()),
+ * -ENOTRECOVERABLE (broken) or -EINVAL (NULL) otherwise. */
+int csupport_ring_usable(const csupport_ring *ring);
 
 /* Returns the CSUPPORT_OP_* bit set the kernel supports, or -errno if probing failed. */
 int csupport_ring_probe(csupport_ring *ring);
@@ -71,28 +97,49 @@ int csupport_register_buffers(csupport_ring *ring, void *const *bases, const siz
 /*
  * Points slot `slot` of a registered table at [base, base + len), or clears it when len is 0.
  * Pages are pinned (and faulted in) by the kernel and charged to RLIMIT_MEMLOCK for non-root
- * users. Returns 0 or -errno (-ENOMEM: over the memlock budget; -EINVAL: bad slot).
+ * users (per user, across processes). Returns 0 or -errno (-ENOMEM: over the memlock limit;
+ * -EINVAL: bad slot).
  */
 int csupport_register_slot(csupport_ring *ring, unsigned slot, void *base, size_t len);
 
 /* Unregisters the whole buffer table. Returns 0 or -errno (-ENXIO: none registered). */
 int csupport_unregister_buffers(csupport_ring *ring);
 
+/* What csupport_read should do. */
+struct csupport_read_req {
+	int fd;
+	/* Registered slot holding all of [dst, dst + cap) (READ_FIXED), or -1 (READ). */
+	int slot;
+	void *dst;
+	size_t cap;
+	/* Keep reading until at least this many bytes arrived (min <= cap). */
+	size_t min;
+	/* File offset of dst[0], or -1 to read at (and advance) the current position. */
+	int64_t offset;
+	/* Longest the whole call may take, in nanoseconds (each request gets a linked timeout
+	 * with what is left); 0 or less: no limit. */
+	int64_t timeout_ns;
+};
+
+/* What csupport_read did. */
+struct csupport_read_res {
+	/* Bytes read, also when an error is returned (they are valid data). */
+	size_t done;
+	/* Read requests submitted, those among them that were READ_FIXED, and readiness polls. */
+	uint32_t reads, fixed_reads, polls;
+};
+
 /*
- * Reads from `fd` into [dst, dst + cap) until at least `min` bytes arrived (min <= cap), the
- * stream ends, or an error occurs. Reads use the fd's current position (streams and files).
- *
- * - slot >= 0: the whole range lies inside registered slot `slot`; READ_FIXED is used.
- * - slot < 0: IORING_OP_READ, or RECV with MSG_WAITALL for flag CSUPPORT_READ_RECV_WAITALL.
- * Short reads are resubmitted; -EINTR is retried; -EAGAIN (a non-blocking fd) waits for
- * POLLIN with IORING_OP_POLL_ADD and retries. A request is capped at 1 GiB.
- *
- * *done receives the bytes read, also when an error is returned (they are valid data).
- * *submissions is incremented by the number of requests submitted (reads and polls).
- * Returns 0 when *done >= min, 0 with *done < min at end of stream, or -errno.
+ * Reads from req->fd into [dst, dst + cap) until at least `min` bytes arrived, the stream
+ * ends, or an error occurs. Short reads are resubmitted; -EINTR is retried; -EAGAIN (a
+ * non-blocking fd) waits for POLLIN with IORING_OP_POLL_ADD and retries. A request is capped
+ * at 1 GiB. Returns 0 when done >= min, 0 with done < min at end of stream, or -errno
+ * (-ETIMEDOUT when the timeout passed).
  */
-int csupport_read(csupport_ring *ring, int fd, void *dst, size_t cap, size_t min, int slot,
-		  unsigned flags, size_t *done, uint64_t *submissions);
+int csupport_read(csupport_ring *ring, const struct csupport_read_req *req, struct csupport_read_res *res);
+
+/* Test seam: the next `count` waits for a completion on `ring` fail with -err (0: stop). */
+void csupport_debug_fail_waits(csupport_ring *ring, int count, int err);
 
 #ifdef __cplusplus
 }

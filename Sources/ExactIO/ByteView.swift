@@ -30,19 +30,37 @@ public struct ByteView: @unchecked Sendable {
         self.owner = nil
     }
 
-    /// A view holding a copy of `bytes` in fresh memory (for tests, constants and
-    /// comparisons; the reader never uses it on a read path).
+    /// A view holding a copy of `bytes` in memory of its own (one copy), for constants and
+    /// comparisons, and to keep a few bytes of a large view without keeping its memory: a
+    /// view keeps the whole block it points into alive (see the README, "What a kept view
+    /// costs"). Like `Array`, it traps if the system has no memory left for the copy.
     public init(_ bytes: some Sequence<UInt8>) {
+        if let contiguous = bytes.withContiguousStorageIfAvailable({ UnsafeRawBufferPointer($0) }) {
+            do {
+                try self.init(copying: contiguous)
+            } catch {
+                fatalError("ByteView: no memory for a copy of \(contiguous.count) bytes")
+            }
+            return
+        }
         let array = Array(bytes)
-        if array.isEmpty {
+        do {
+            try self = array.withUnsafeBytes { raw throws(Errno) in try ByteView(copying: raw) }
+        } catch {
+            fatalError("ByteView: no memory for a copy of \(array.count) bytes")
+        }
+    }
+
+    /// A view holding a copy of `bytes` in heap memory of its own; `Errno.noMemory` when
+    /// there is none.
+    init(copying bytes: UnsafeRawBufferPointer) throws(Errno) {
+        guard let src = bytes.baseAddress, bytes.count > 0 else {
             self.init()
             return
         }
-        let region = Region.standalone(capacity: array.count)
-        array.withUnsafeBytes { src in
-            region.block.base.copyMemory(from: src.baseAddress!, byteCount: src.count)
-        }
-        self.init(unsafeBytes: UnsafeRawBufferPointer(start: region.block.base, count: array.count), owner: region)
+        let region = try Region.standalone(capacity: bytes.count)
+        region.base.copyMemory(from: src, byteCount: bytes.count)
+        self.init(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: bytes.count), owner: region)
     }
 
     /// Calls `body` with a pointer to the bytes in place (no copy).
@@ -66,9 +84,16 @@ public struct ByteView: @unchecked Sendable {
     /// The bytes as a new array (one copy).
     public var array: [UInt8] { Array(bytes) }
 
-    /// True when both views share the same memory (not just equal contents).
+    /// True when both views share the same memory block (not just equal contents).
     public func sharesMemory(with other: ByteView) -> Bool {
-        owner != nil && owner === other.owner
+        guard let a = ByteView.block(of: owner), let b = ByteView.block(of: other.owner) else { return false }
+        return a === b
+    }
+
+    /// The region behind an owner: views of staging own a chunk of it.
+    static func block(of owner: AnyObject?) -> AnyObject? {
+        if let chunk = owner as? StagingChunk { return chunk.region }
+        return owner
     }
 }
 
@@ -146,3 +171,4 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import SystemPackage

@@ -6,11 +6,13 @@ public enum ExactReadError: Error, Sendable, Equatable {
     /// is the number of bytes that could not be skipped). The reader is then at end of stream.
     case incomplete(partial: ByteView, expected: Int)
 
-    /// A length prefix announced `length` bytes, more than `limit` (`Options.maxFrameLength`),
-    /// or a length that does not fit in `Int`, or a varint longer than 64 bits
-    /// (`length` is then `UInt64.max`). Thrown after the prefix was consumed and before any
-    /// memory for the body was touched: the body is left unread, so the caller can `skip` it
-    /// or close the connection.
+    /// A length prefix announced `length` bytes, more than `limit` (`Options.maxFrameLength`).
+    /// A varint that runs past 64 bits (more than 10 bytes, or a tenth byte above 1) is
+    /// reported with `length` = `UInt64.max`, the largest length a prefix can express (a
+    /// 10-byte varint of exactly `UInt64.max` is reported the same way: both are beyond any
+    /// limit). Thrown after the whole prefix was consumed and before any memory for the body
+    /// was touched: the body is left unread, so the caller can `skip` it or close the
+    /// connection.
     case frameTooLarge(length: UInt64, limit: Int)
 }
 
@@ -21,7 +23,7 @@ extension ExactReadError: CustomStringConvertible {
             "stream ended after \(partial.count) of \(expected) bytes"
         case .frameTooLarge(let length, let limit):
             length == .max
-                ? "length prefix overflows 64 bits (limit \(limit) bytes)"
+                ? "length prefix of 2^64 - 1 bytes or more (a varint past 64 bits) exceeds the limit of \(limit) bytes"
                 : "frame of \(length) bytes exceeds the limit of \(limit) bytes"
         }
     }

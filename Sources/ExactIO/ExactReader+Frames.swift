@@ -47,32 +47,34 @@ extension ExactReader {
     ///   frame started.
     /// - Throws:
     ///   - `ExactReadError.frameTooLarge(length:limit:)` when the length exceeds
-    ///     `options.maxFrameLength` (or `Int`, or 64 bits for a varint): the prefix is
-    ///     consumed, no memory of that size is touched, the body is left unread.
+    ///     `options.maxFrameLength` (or a varint runs past 64 bits: `length` is then
+    ///     `UInt64.max`): the whole prefix is consumed, no memory of that size is touched, the
+    ///     body is left unread.
     ///   - `ExactReadError.incomplete(partial:expected:)` when the stream ends inside the
     ///     prefix (`partial` = the prefix bytes) or the body (`partial` = the body bytes,
     ///     `expected` = the length).
-    ///   - `Errno` on a system failure: the frame is then not consumed at all (its prefix and
-    ///     whatever part of its body arrived stay buffered), so a retry reads it whole.
+    ///   - `Errno` on a system failure (including `Errno.noMemory` when the body's memory
+    ///     cannot be mapped, and `Errno.timedOut` when `Options.readTimeout` passes): the frame
+    ///     is then not consumed at all (its prefix and whatever part of its body arrived stay
+    ///     buffered, without being copied again), so a retry reads it whole.
     public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) throws -> ByteView? {
+        try beginCall()
         guard let (length, width) = try peekLength(prefix) else { return nil }
-        let header = Array(staging.readable.prefix(width))
-        staging.consume(width)
         guard length <= UInt64(options.maxFrameLength) else {
+            staging.consume(width)
             throw ExactReadError.frameTooLarge(length: length, limit: options.maxFrameLength)
         }
-        do {
-            return try readExactly(Int(length))
-        } catch let error as Errno {
-            // A failed frame is not half-consumed: the prefix goes back in front of whatever
-            // part of the body arrived, so a retry reads the same frame.
-            statistics.bytesCopied += staging.unconsume(header)
-            throw error
+        let count = Int(length)
+        if width + count <= staging.buffered {
+            // The fast path: a view into staging, no allocation, no copy.
+            staging.consume(width)
+            return deliverStaged(count)
         }
+        return try readBody(count, after: width)
     }
 
     /// Decodes a length prefix without consuming it: (length, prefix bytes), or nil at a clean
-    /// end of stream.
+    /// end of stream. An over-long varint is consumed whole and refused.
     func peekLength(_ prefix: LengthPrefix) throws -> (UInt64, Int)? {
         guard let width = prefix.width else { return try peekVarint() }
         guard try fill(atLeast: width) else {
@@ -90,6 +92,10 @@ extension ExactReader {
         return (value, width)
     }
 
+    /// Unsigned LEB128, at most 10 bytes for 64 bits. A longer one (or a tenth byte with bits
+    /// past 64) is refused with `frameTooLarge(length: UInt64.max, …)` after consuming the
+    /// whole prefix, up to and including its last byte (the first without the continuation
+    /// bit): the stream is then at the body, as for any refused length.
     func peekVarint() throws -> (UInt64, Int)? {
         var value: UInt64 = 0
         var i = 0
@@ -100,8 +106,17 @@ extension ExactReader {
             }
             let byte = staging.readable[i]
             if i == 9 && byte > 1 {
-                // Eleven bytes or more, or a tenth byte with bits past 64: refuse now.
+                // Eleven bytes or more, or a tenth byte with bits past 64: skip to the end of the
+                // prefix (bounded memory: byte by byte through staging), then refuse.
                 staging.consume(i + 1)
+                var last = byte
+                while last & 0x80 != 0 {
+                    guard try fill(atLeast: 1) else {
+                        throw ExactReadError.incomplete(partial: ByteView(), expected: 1)
+                    }
+                    last = staging.readable[0]
+                    staging.consume(1)
+                }
                 throw ExactReadError.frameTooLarge(length: .max, limit: options.maxFrameLength)
             }
             value |= UInt64(byte & 0x7f) << UInt64(7 * i)

@@ -19,58 +19,106 @@ extension ExactReader {
         }
     }
 
-    /// Reader configuration. Every field has a default.
+    /// Reader configuration. Every field has a default. Values are checked when a reader is
+    /// created: one out of range makes the initializer throw `InvalidOptionError`.
     public struct Options: Sendable {
         /// Backend choice; default `.automatic`.
         public var backend: Backend
-        /// Bytes of read-ahead staging (rounded up to the page size, at least one page);
-        /// default 256 KiB. Small reads are served from it without a syscall; reads of at
-        /// least a quarter of it go straight into the frame's own memory.
+        /// Bytes of read-ahead staging (rounded up to the page size), 1 byte to 1 GiB; default
+        /// 256 KiB. Small reads are served from it without a syscall; reads of at least a
+        /// quarter of it go straight into the frame's own memory.
         public var stagingCapacity: Int
-        /// Largest body `readFrame` accepts; a longer length prefix throws
+        /// Largest body `readFrame` accepts (`>= 0`); a longer length prefix throws
         /// `ExactReadError.frameTooLarge` before any memory is touched. Default 64 MiB.
         public var maxFrameLength: Int
-        /// Bytes of memory the reader may register with io_uring for READ_FIXED; `nil` (the
-        /// default) means RLIMIT_MEMLOCK for unprivileged users and 1 GiB for root.
-        /// Past the budget, reads go to unregistered memory.
+        /// Bytes of memory this reader may register with io_uring for READ_FIXED (`>= 0`);
+        /// `nil` (the default) means no limit of its own: registration then stops at the
+        /// process-wide budget (half of RLIMIT_MEMLOCK for unprivileged users, the other half
+        /// being kept for rings; 1 GiB for root). Past it, reads go to unregistered memory.
         public var registeredMemoryLimit: Int?
-        /// With io_uring on a socket, a body of at least this many bytes going straight to
-        /// its memory is read with one RECV+MSG_WAITALL instead of a loop of READ_FIXED/READ
-        /// submissions (one per socket-buffer's worth). Default 4 MiB, where the bench
-        /// measured the single submission ahead; `Int.max` turns it off.
-        public var recvWaitAllThreshold: Int
+        /// The longest one call (`readFrame`, `readExactly`, `skip`, …) may wait for the
+        /// descriptor, from the moment it is called; `nil` (the default) waits forever. When it
+        /// passes, the call throws `Errno.timedOut` and the stream stays consistent, exactly as
+        /// for any `Errno` (bytes that arrived stay buffered; `readFrame` consumes nothing).
+        /// A deadline for the whole call, so a peer trickling one byte at a time cannot hold a
+        /// read open. (`SO_RCVTIMEO` on the descriptor is not honoured by io_uring; use this.)
+        public var readTimeout: Duration?
 
         public init(
             backend: Backend = .automatic,
             stagingCapacity: Int = 256 << 10,
             maxFrameLength: Int = 64 << 20,
             registeredMemoryLimit: Int? = nil,
-            recvWaitAllThreshold: Int = 4 << 20
+            readTimeout: Duration? = nil
         ) {
-            precondition(stagingCapacity > 0, "stagingCapacity must be positive")
-            precondition(maxFrameLength >= 0, "maxFrameLength must not be negative")
-            precondition((registeredMemoryLimit ?? 0) >= 0, "registeredMemoryLimit must not be negative")
             self.backend = backend
             self.stagingCapacity = stagingCapacity
             self.maxFrameLength = maxFrameLength
             self.registeredMemoryLimit = registeredMemoryLimit
-            self.recvWaitAllThreshold = recvWaitAllThreshold
+            self.readTimeout = readTimeout
+        }
+
+        /// The largest staging capacity: the kernel registers at most 1 GiB per buffer.
+        public static let maxStagingCapacity = 1 << 30
+
+        /// Throws `InvalidOptionError` for the first field out of range.
+        func validate() throws(InvalidOptionError) {
+            if stagingCapacity < 1 || stagingCapacity > Self.maxStagingCapacity {
+                throw InvalidOptionError(
+                    option: "stagingCapacity", value: "\(stagingCapacity)",
+                    requirement: "between 1 and \(Self.maxStagingCapacity) bytes")
+            }
+            if maxFrameLength < 0 {
+                throw InvalidOptionError(option: "maxFrameLength", value: "\(maxFrameLength)", requirement: ">= 0")
+            }
+            if let limit = registeredMemoryLimit, limit < 0 {
+                throw InvalidOptionError(option: "registeredMemoryLimit", value: "\(limit)", requirement: ">= 0 or nil")
+            }
+            if let timeout = readTimeout, timeout <= .zero {
+                throw InvalidOptionError(option: "readTimeout", value: "\(timeout)", requirement: "> 0 or nil")
+            }
+        }
+
+        /// `readTimeout` in nanoseconds, or 0 for none.
+        var timeoutNanoseconds: Int64 {
+            guard let t = readTimeout else { return 0 }
+            let (s, atto) = t.components
+            let ns = s.multipliedReportingOverflow(by: 1_000_000_000)
+            if ns.overflow { return .max / 2 }
+            return max(1, ns.partialValue.addingReportingOverflow(atto / 1_000_000_000).partialValue)
+        }
+    }
+
+    /// An `Options` value out of range, refused when the reader is created.
+    public struct InvalidOptionError: Error, Sendable, Hashable, CustomStringConvertible {
+        /// The field, e.g. `"stagingCapacity"`.
+        public let option: String
+        /// The value given, as text.
+        public let value: String
+        /// What the field accepts.
+        public let requirement: String
+
+        public var description: String {
+            "ExactReader.Options.\(option) = \(value) is out of range: must be \(requirement)"
         }
     }
 
     /// Counters since the reader was created.
     public struct Statistics: Sendable, Hashable {
-        /// Bytes handed to the caller (views, caller buffers, `withExactly` bodies, frame
-        /// prefixes); skipped bytes are not delivered.
+        /// Bytes handed to the caller as data: views, caller buffers, `withExactly` bodies.
+        /// Length prefixes consumed by `readFrame` and bytes discarded by `skip` are not
+        /// delivered.
         public var bytesDelivered = 0
         /// Bytes user space copied: staged bytes moved to the front of staging or into a new
         /// staging buffer, the staged prefix of a large read copied into the frame's memory,
         /// and staged bytes copied into caller buffers. The kernel's copy is not counted.
         public var bytesCopied = 0
-        /// Read syscalls (POSIX) or io_uring submissions (reads and readiness polls).
+        /// Read syscalls (POSIX) or io_uring read submissions.
         public var reads = 0
         /// The io_uring submissions among `reads` that targeted registered memory (READ_FIXED).
         public var fixedReads = 0
+        /// Waits for readiness after EAGAIN or for a deadline (`poll(2)` or IORING_OP_POLL_ADD).
+        public var polls = 0
         /// Reads served entirely from staging without a syscall or a copy (the fast path).
         public var stagedViews = 0
         /// Reads that went straight into their final memory after the staged prefix.

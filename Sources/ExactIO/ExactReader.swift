@@ -17,30 +17,32 @@ import SystemPackage
 /// no allocation and no copy). A read of at least a quarter of the staging capacity copies
 /// the bytes already staged (at most the staging capacity) into the frame's own memory and
 /// has the kernel write the rest straight there: READ_FIXED into registered memory with
-/// io_uring, READ (or `read(2)`) otherwise. Memory that a live view references is never
-/// written again; it returns to a per-reader pool when the last view goes.
+/// io_uring, READ (or `read(2)`) otherwise. Memory is committed as bytes arrive, not when a
+/// length is announced. Memory that a live view references is never written again; it
+/// returns to a per-reader pool when the last view goes.
 ///
 /// The descriptor is borrowed, never closed. It may be blocking or non-blocking (the reader
-/// waits for readiness). A reader has one owner at a time: it is not `Sendable`; the views
-/// it returns are.
+/// waits for readiness). Sockets must be `SOCK_STREAM`. A reader has one owner at a time: it
+/// is not `Sendable`; the views it returns are.
 public final class ExactReader {
     /// The descriptor read from (borrowed).
     public let fileDescriptor: FileDescriptor
     /// The options the reader was created with.
     public let options: Options
     /// The backend in use after any fallback: `.ioUring` or `.posix`.
-    public let backend: Backend
+    public var backend: Backend { engine.kind }
     /// Why io_uring, or part of it, is not used: nil when the reader runs on io_uring with
     /// registered buffers. With `backend == .posix`, the step that failed and its errno (for
     /// example "io_uring_setup failed: Operation not permitted (errno 1)" under a container's
     /// seccomp profile). With `backend == .ioUring`, why reads go to unregistered memory
     /// (for example RLIMIT_MEMLOCK too small to register buffers).
-    public let fallbackReason: String?
+    public var fallbackReason: String? { engine.degradation ?? setupReason }
     /// Counters since creation.
     public internal(set) var statistics = Statistics()
 
     let engine: any IOEngine
     let pool: MemoryPool
+    let setupReason: String?
     var staging: StagingBuffer
     /// Reads of at least this many bytes go straight to their final memory.
     let directThreshold: Int
@@ -48,54 +50,67 @@ public final class ExactReader {
     var sawEOF = false
     /// An error met by `isAtEOF`'s read-ahead, for the next read to throw.
     var pendingError: Errno? = nil
+    /// Set when the io_uring ring broke with a request that could not be cancelled: every
+    /// later call throws it (the stream position is unknown).
+    var brokenError: Errno? = nil
     /// How far a staging fill reads beyond what it needs: the whole free tail while frames are
     /// small, one page after a frame larger than staging (see `readDirect`).
-    lazy var readAhead: Int = staging.nominalCapacity
-    /// Caller memory registered with `register(_:)`: (range, slot).
-    var callerBuffers: [(base: UnsafeMutableRawPointer, count: Int, slot: Int32)] = []
+    var readAhead: Int
+    /// The deadline of the call in progress (CLOCK_MONOTONIC ns), 0 for none.
+    var deadline: Int64 = 0
+    /// Caller memory registered with `register(_:)`.
+    var callerBuffers: [(base: UnsafeMutableRawPointer, count: Int, slot: RegisteredSlot)] = []
 
     /// Creates a reader over `fd` (borrowed: the reader never closes it).
     ///
     /// - Parameters:
-    ///   - fd: A socket, pipe, FIFO, character device or regular file, blocking or not.
+    ///   - fd: A stream socket, pipe, FIFO, character device or regular file, blocking or not.
     ///   - options: Backend choice, staging capacity, frame limit; defaults for all.
-    /// - Throws: `Errno` when `fd` is not an open descriptor (`fstat` fails), or when
-    ///   `.ioUring` was demanded and io_uring cannot be set up.
+    /// - Throws: `InvalidOptionError` for an option out of range; `Errno` when `fd` is not an
+    ///   open descriptor (`fstat` fails), when it is a datagram or sequenced-packet socket
+    ///   (`Errno.protocolWrongTypeForSocket`: ExactIO reads byte streams), when the staging
+    ///   buffer cannot be mapped (`Errno.noMemory`), or when `.ioUring` was demanded and
+    ///   io_uring cannot be set up.
     public convenience init(_ fd: FileDescriptor, options: Options = Options()) throws {
         try self.init(fd: fd, options: options, syscalls: nil, environment: Self.processEnvironment())
     }
 
     /// The designated initializer; `syscalls` scripts the POSIX backend in tests.
-    init(fd: FileDescriptor, options: Options, syscalls: PosixSyscalls?, environment: [String: String]) throws(Errno) {
+    init(fd: FileDescriptor, options: Options, syscalls: PosixSyscalls?, environment: [String: String]) throws {
+        try options.validate()
         let setup = try BackendSelection.make(fd: fd, options: options, syscalls: syscalls, environment: environment)
         self.fileDescriptor = fd
         self.options = options
         self.engine = setup.engine
         self.pool = setup.pool
-        self.backend = setup.engine.kind
         // The staging buffer is the first block: mapped (and registered) now, so that a
         // registration refusal is known and reported from the start.
-        self.staging = StagingBuffer(pool: setup.pool, capacity: options.stagingCapacity)
+        self.staging = try StagingBuffer(pool: setup.pool, capacity: options.stagingCapacity)
         self.directThreshold = max(1, staging.nominalCapacity / 4)
+        self.readAhead = staging.nominalCapacity
         var reason = setup.fallbackReason
-        if reason == nil, let registrar = setup.registrar, staging.region.slot < 0 {
-            reason = BackendSelection.unregisteredStagingReason(
-                registrar: registrar, stagingCapacity: staging.nominalCapacity, limit: options.registeredMemoryLimit)
+        if reason == nil, setup.pool.hasRegistrar, staging.region.slot < 0, let refusal = setup.pool.lastRefusal {
+            reason = BackendSelection.describe(
+                refusal, what: "the staging buffer", bytes: staging.nominalCapacity)
         }
-        self.fallbackReason = reason
+        self.setupReason = reason
     }
 
     /// A reader whose every read is answered by `read` instead of a descriptor: for fuzzing
     /// and fault injection from outside the package (`@_spi(Testing) import ExactIO`). `read`
     /// returns bytes written into the buffer (0 = end of stream) or an errno; EINTR and EAGAIN
-    /// are retried as for a descriptor. Uses the POSIX backend's logic.
+    /// are retried as for a descriptor. Uses the POSIX backend's logic. `allowAllocation`, when
+    /// given, is asked before every block of memory the reader maps (its size in bytes):
+    /// false makes that allocation fail with `Errno.noMemory`.
     @_spi(Testing)
     public convenience init(
         options: Options = Options(),
-        testingRead read: @escaping @Sendable (UnsafeMutableRawBufferPointer) -> Result<Int, Errno>
+        testingRead read: @escaping @Sendable (UnsafeMutableRawBufferPointer) -> Result<Int, Errno>,
+        allowAllocation: (@Sendable (Int) -> Bool)? = nil
     ) throws {
-        let syscalls = PosixSyscalls(read: { _, buffer in read(buffer) }, waitReadable: { _ in .success(()) })
+        let syscalls = PosixSyscalls(read: { _, buffer, _ in read(buffer) }, waitReadable: { _, _ in .success(true) })
         try self.init(fd: FileDescriptor(rawValue: -1), options: options, syscalls: syscalls, environment: [:])
+        pool.allocationFilter = allowAllocation
     }
 
     /// Blocks the reader has mapped and not yet unmapped (in use by it or its views, or pooled).
@@ -103,14 +118,16 @@ public final class ExactReader {
     public var liveBlockCount: Int { pool.snapshot.liveBlocks }
 
     deinit {
-        for buffer in callerBuffers { pool.unregisterExternal(slot: buffer.slot) }
+        for buffer in callerBuffers { pool.unregisterExternal(buffer.slot) }
+        // Views may keep the staging buffer: it keeps only the pages they can reference.
+        staging.retire()
         pool.close()
     }
 
     static func processEnvironment() -> [String: String] {
         var env: [String: String] = [:]
-        for key in [BackendSelection.environmentVariable, "EXACTIO_SOCKET_READ"] {
-            if let value = getenv(key) { env[key] = String(cString: value) }
+        if let value = getenv(BackendSelection.environmentVariable) {
+            env[BackendSelection.environmentVariable] = String(cString: value)
         }
         return env
     }
@@ -119,22 +136,39 @@ public final class ExactReader {
     ///
     /// Never blocks: with nothing buffered and no end seen yet, it asks the kernel whether the
     /// descriptor is readable right now (`poll` with a zero timeout) and, if so, reads ahead
-    /// into staging to find out. A failure met that way is thrown by the next read.
+    /// into staging to find out. A failure met that way (including a descriptor that is no
+    /// longer open: `Errno.badFileDescriptor`) is thrown by the next read.
     public var isAtEOF: Bool {
-        if staging.buffered > 0 || pendingError != nil { return false }
+        if staging.buffered > 0 || pendingError != nil || brokenError != nil { return false }
         if sawEOF { return true }
-        guard engine.isReadableNow() else { return false }
-        do {
-            _ = try fill(atLeast: 1)
-        } catch {
-            pendingError = error
+        switch engine.readiness() {
+        case .notReadable:
             return false
+        case .failed(let e):
+            pendingError = e
+            return false
+        case .readable:
+            deadline = 0
+            do {
+                _ = try fill(atLeast: 1)
+            } catch {
+                pendingError = error
+                return false
+            }
+            return sawEOF && staging.buffered == 0
         }
-        return sawEOF && staging.buffered == 0
     }
 
     /// Bytes read from the descriptor and not yet consumed.
     public var bufferedCount: Int { staging.buffered }
+
+    /// Starts a public call: its deadline, and the error of a broken ring.
+    @inline(__always)
+    func beginCall() throws(Errno) {
+        if let brokenError { throw brokenError }
+        let timeout = options.timeoutNanoseconds
+        deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+    }
 
     // MARK: - Reading
 
@@ -147,17 +181,31 @@ public final class ExactReader {
     /// - Parameter count: Bytes to read, `>= 0` (a negative count is a programmer error).
     /// - Returns: A read-only view of exactly `count` bytes.
     /// - Throws: `ExactReadError.incomplete(partial:expected:)` when the stream ends first
-    ///   (`partial` holds every byte that arrived); `Errno` on a system failure (bytes read
-    ///   before the failure stay buffered for the next read).
+    ///   (`partial` holds every byte that arrived); `Errno` on a system failure, with bytes
+    ///   read before the failure buffered for the next read: `Errno.noMemory` when memory for
+    ///   `count` bytes cannot be mapped (nothing is consumed), `Errno.timedOut` when
+    ///   `Options.readTimeout` passes.
     public func readExactly(_ count: Int) throws -> ByteView {
         precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
         if count <= staging.buffered { return deliverStaged(count) }
+        try beginCall()
+        return try readBody(count, after: 0)
+    }
+
+    /// Reads `count` bytes that follow the `skip` staged bytes (a frame's length prefix), and
+    /// consumes both; on an `Errno` nothing is consumed (the prefix and whatever part of the
+    /// body arrived stay buffered, in order).
+    func readBody(_ count: Int, after skip: Int) throws -> ByteView {
         if count < directThreshold {
             readAhead = staging.nominalCapacity  // small reads: read ahead as far as staging goes
-            if try fill(atLeast: count) { return deliverStaged(count) }
+            if try fill(atLeast: skip + count) {
+                staging.consume(skip)
+                return deliverStaged(count)
+            }
+            staging.consume(skip)
             throw ExactReadError.incomplete(partial: deliverStaged(staging.buffered), expected: count)
         }
-        return try readDirect(count)
+        return try readDirect(count, after: skip)
     }
 
     /// Fills all of `buffer` from the stream, writing straight into the caller's memory
@@ -171,6 +219,7 @@ public final class ExactReader {
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws {
         let count = buffer.count
         guard count > 0, let base = buffer.baseAddress else { return }
+        try beginCall()
         var done = 0
         do {
             done = copyStaged(into: base, max: count)
@@ -180,28 +229,32 @@ public final class ExactReader {
                 if !arrived {
                     statistics.bytesDelivered += done
                     throw ExactReadError.incomplete(
-                        partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
+                        partial: try ByteView(copying: UnsafeRawBufferPointer(rebasing: buffer[0..<done])),
+                        expected: count)
                 }
             }
-            if done < count {
+            if done < count && !sawEOF {
                 let slot = registeredSlot(containing: base + done, count: count - done)
                 statistics.directReads += 1
-                let (got, error) = engineRead(
+                let r = engineRead(
                     into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
-                    atLeast: count - done, slot: slot, exact: true)
-                done += got
-                if let error { throw error }
-                if done < count {
-                    sawEOF = true
-                    statistics.bytesDelivered += done
-                    throw ExactReadError.incomplete(
-                        partial: ByteView(UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
-                }
+                    atLeast: count - done, slot: slot)
+                done += r.count
+                if let error = r.error { throw error }
+            }
+            if done < count {
+                sawEOF = true
+                statistics.bytesDelivered += done
+                throw ExactReadError.incomplete(
+                    partial: try ByteView(copying: UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
             }
         } catch let error as Errno {
             // Keep what arrived: the bytes already in `buffer` go back in front of whatever is
-            // still buffered, as the start of the stream for the next read.
-            statistics.bytesCopied += staging.unconsume(Array(UnsafeRawBufferPointer(rebasing: buffer[0..<done])))
+            // still buffered, as the start of the stream for the next read (a copy: the
+            // caller's memory is the caller's).
+            if done > 0 {
+                statistics.bytesCopied += try staging.unconsume(UnsafeRawBufferPointer(rebasing: buffer[0..<done]))
+            }
             throw error
         }
         statistics.bytesDelivered += count
@@ -222,22 +275,24 @@ public final class ExactReader {
         precondition(maxCount >= 0, "read(upTo:): maxCount must not be negative (got \(maxCount))")
         if maxCount == 0 { return ByteView() }
         if staging.buffered > 0 { return deliverStaged(min(maxCount, staging.buffered)) }
+        try beginCall()
         if sawEOF { return ByteView() }
         if maxCount >= directThreshold {
-            // Straight into memory of its own, up to 4 MiB per call.
+            // Straight into memory of its own, up to 4 MiB per call. A fresh block has nothing
+            // resident: the kernel commits the pages it writes, and nothing more.
             let size = min(maxCount, max(4 << 20, staging.nominalCapacity))
-            let region = pool.region(atLeast: size)
-            let (got, error) = engineRead(
-                into: UnsafeMutableRawBufferPointer(start: region.base, count: size),
-                atLeast: 1, slot: region.slot, exact: false)
-            if let error { throw error }  // got is 0 here: the loop stops at the first byte
-            if got == 0 {
+            let region = Region(block: try pool.take(atLeast: size), pool: pool)
+            let r = engineRead(
+                into: UnsafeMutableRawBufferPointer(start: region.base, count: size), atLeast: 1, slot: region.slot)
+            if let error = r.error { throw error }  // count is 0 here: the loop stops at the first byte
+            if r.count == 0 {
                 sawEOF = true
                 return ByteView()
             }
             statistics.directReads += 1
-            statistics.bytesDelivered += got
-            return ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: got), owner: region)
+            statistics.bytesDelivered += r.count
+            releaseTail(of: region, after: r.count)
+            return ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: r.count), owner: region)
         }
         guard try fill(atLeast: 1) else { return ByteView() }
         return deliverStaged(min(maxCount, staging.buffered))
@@ -251,6 +306,10 @@ public final class ExactReader {
     public func skip(_ count: Int) throws {
         precondition(count >= 0, "skip: count must not be negative (got \(count))")
         var left = count
+        if left > staging.buffered {
+            try beginCall()
+            readAhead = staging.nominalCapacity  // skip reads as much as staging holds per read
+        }
         while left > 0 {
             if staging.buffered == 0 {
                 guard try fill(atLeast: 1) else {
@@ -264,16 +323,22 @@ public final class ExactReader {
         }
     }
 
-    /// Maps (and, with io_uring, registers) memory for a frame of `byteCount` bytes now and
-    /// keeps it in the reader's pool, so that the first large read does not pay for page
-    /// faults inside the read. Counts toward the process's memory from now on.
+    /// Maps, faults in and (with io_uring, within the budget) registers memory for a frame of
+    /// `byteCount` bytes now, and keeps it in the reader's pool, so that the first large read
+    /// does not pay for page faults inside the read. Counts toward the process's memory from
+    /// now on: this is the one call that commits memory ahead of data.
     ///
     /// For servers that know their frame sizes: the first 512 MiB frame otherwise spends about
     /// as long faulting in fresh pages as reading (measured on our 2-core VM).
-    public func reserve(_ byteCount: Int) {
+    ///
+    /// - Throws: `Errno.noMemory` when the memory cannot be mapped, or when `byteCount` is
+    ///   more than the machine's physical memory (faulting it in would summon the OOM killer).
+    public func reserve(_ byteCount: Int) throws {
         precondition(byteCount >= 0, "reserve: byteCount must not be negative (got \(byteCount))")
         guard byteCount >= directThreshold else { return }  // small reads use staging
-        _ = pool.region(atLeast: byteCount)  // released at once: stays in the pool
+        let physical = Int(clamping: sysconf(Int32(_SC_PHYS_PAGES))) &* Block.pageSize
+        if physical > 0 && byteCount > physical { throw Errno.noMemory }
+        _ = try pool.residentRegion(atLeast: Block.pageSize + byteCount, register: true)  // released at once: pooled
     }
 
     /// Returns the memory the reader keeps for its next frames (released frame blocks, up to
@@ -304,28 +369,32 @@ public final class ExactReader {
     public func unregister(_ buffer: UnsafeMutableRawBufferPointer) {
         guard let i = callerBuffers.firstIndex(where: { $0.base == buffer.baseAddress && $0.count == buffer.count })
         else { return }
-        pool.unregisterExternal(slot: callerBuffers[i].slot)
+        pool.unregisterExternal(callerBuffers[i].slot)
         callerBuffers.remove(at: i)
     }
 
     func registeredSlot(containing start: UnsafeMutableRawPointer, count: Int) -> Int32 {
         for b in callerBuffers where start >= b.base && start + count <= b.base + b.count {
-            return b.slot
+            return b.slot.index
         }
         return -1
     }
 
     // MARK: - Internals
 
-    /// Every read from the descriptor goes through here: a failure `isAtEOF` met comes first.
-    func engineRead(
-        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, exact: Bool
-    ) -> (count: Int, error: Errno?) {
+    /// Every read from the descriptor goes through here: a failure `isAtEOF` met comes first;
+    /// the engine's counters go to `statistics`.
+    func engineRead(into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32) -> EngineResult {
         if let e = pendingError {
             pendingError = nil
-            return (0, e)
+            return EngineResult(error: e)
         }
-        return engine.read(into: dst, atLeast: minimum, slot: slot, exact: exact, statistics: &statistics)
+        let r = engine.read(into: dst, atLeast: minimum, slot: slot, offset: -1, deadline: deadline)
+        statistics.reads += r.reads
+        statistics.fixedReads += r.fixedReads
+        statistics.polls += r.polls
+        if r.destinationPoisoned { brokenError = r.error ?? .notRecoverable }
+        return r
     }
 
     /// A view of `count` staged bytes (the fast path: no allocation, no copy).
@@ -348,54 +417,132 @@ public final class ExactReader {
     }
 
     /// Makes `need` bytes buffered if the stream has them. Returns false at end of stream
-    /// (with what did arrive still buffered). `need` is at most the staging capacity.
+    /// (with what did arrive still buffered).
     func fill(atLeast need: Int) throws(Errno) -> Bool {
         if staging.buffered >= need { return true }
         if sawEOF { return false }
         let missing = need - staging.buffered
-        statistics.bytesCopied += staging.makeRoom(forAppending: missing)
+        statistics.bytesCopied += try staging.makeRoom(forAppending: missing)
         let tail = staging.writable
         let ahead = min(tail.count, max(missing, readAhead))
-        let (got, error) = engineRead(
-            into: UnsafeMutableRawBufferPointer(rebasing: tail[0..<ahead]), atLeast: missing,
-            slot: staging.region.slot, exact: false)
-        staging.commit(got)
-        if let error { throw error }
-        if got < missing {
+        let r = engineRead(
+            into: UnsafeMutableRawBufferPointer(rebasing: tail[0..<ahead]), atLeast: missing, slot: staging.region.slot)
+        if r.destinationPoisoned {
+            // The kernel may still write into the staging buffer's free tail: never use it again.
+            staging.region.quarantine()
+        }
+        staging.commit(r.count)
+        if let error = r.error { throw error }
+        if r.count < missing {
             sawEOF = true
             return false
         }
         return true
     }
 
+    /// The page left free in front of a large read's bytes: on an `Errno`, the frame's length
+    /// prefix is written back there, so the bytes that arrived become the buffered start of
+    /// the stream without being copied.
+    static var frontRoom: Int { Block.pageSize }
+
     /// A large read: the staged prefix is copied into memory of the frame's own, then the
-    /// kernel writes the rest straight there.
-    func readDirect(_ count: Int) throws -> ByteView {
+    /// kernel writes the rest straight there. Memory is committed a window ahead of the bytes
+    /// (as much again as has arrived, 64 KiB to 16 MiB), so a length alone costs 64 KiB.
+    func readDirect(_ count: Int, after skip: Int) throws -> ByteView {
+        let staged = staging.buffered - skip
+        if sawEOF {
+            staging.consume(skip)
+            throw ExactReadError.incomplete(partial: deliverStaged(staged), expected: count)
+        }
         // Frames larger than staging: read ahead only a page for the next prefix, so that little
         // of the next body is staged (and copied) before its own direct read.
         readAhead = count >= staging.nominalCapacity ? Block.pageSize : staging.nominalCapacity
-        let region = pool.region(atLeast: count)
-        let prefix = copyStaged(into: region.base, max: count)
-        var got = 0
-        var failure: Errno? = nil
-        if !sawEOF {
-            statistics.directReads += 1
-            (got, failure) = engineRead(
-                into: UnsafeMutableRawBufferPointer(start: region.base + prefix, count: count - prefix),
-                atLeast: count - prefix, slot: region.slot, exact: true)
+        let front = Self.frontRoom
+        let (needed, overflow) = count.addingReportingOverflow(front)
+        if overflow { throw Errno.noMemory }
+        // The prefix being skipped, kept aside (at most 10 bytes) to put back on an Errno.
+        var prefix: (UInt64, UInt64) = (0, 0)
+        withUnsafeMutableBytes(of: &prefix) { p in
+            p.baseAddress!.copyMemory(from: staging.readable.baseAddress!, byteCount: skip)
         }
-        let total = prefix + got
+        var got: Int
+        let region: Region
+        if let resumed = try staging.resumeFrame(after: skip, frontRoom: front, needed: needed) {
+            // A retry of a frame whose read failed: its bytes are already where they belong.
+            region = resumed
+            got = staged
+        } else {
+            var block = try pool.take(atLeast: needed)  // throws before anything is consumed
+            if block.slot == nil && block.resident >= needed
+                && block.capacity - needed <= max(needed / 8, Block.hugePageSize) {
+                // A pooled block whose pages an earlier frame made resident: register it, so that
+                // this frame and the next ones are READ_FIXED.
+                block.commit(upTo: block.capacity)
+                pool.register(&block)
+            }
+            block.commit(upTo: front + staged)
+            region = Region(block: block, pool: pool)
+            got = copyStaged(into: region.base + front, max: staged.clamped(to: 0...count), after: skip)
+        }
+        var failure: Errno? = nil
+        if got < count {
+            statistics.directReads += 1
+            while got < count {
+                var target = count
+                if region.slot < 0 && region.resident < needed {
+                    let window = min(max(got, 64 << 10), 16 << 20)
+                    region.commit(upTo: front + min(count, got + window))
+                    target = min(count, region.resident - front)
+                }
+                let r = engineRead(
+                    into: UnsafeMutableRawBufferPointer(start: region.base + front + got, count: count - got),
+                    atLeast: target - got, slot: region.slot)
+                got += r.count
+                if r.destinationPoisoned { region.quarantine() }
+                if let e = r.error {
+                    failure = e
+                    break
+                }
+                if got < target { break }  // end of stream
+            }
+        }
         if let failure {
-            // Nothing is lost: the bytes that arrived become the buffered start of the stream.
-            staging.adopt(region, holding: total)
+            // Nothing is lost and nothing is copied: the bytes that arrived become the buffered
+            // start of the stream, with the prefix written back in front of them.
+            if brokenError == nil {
+                staging.adopt(region, bytes: front, front + got)
+                let back = withUnsafeBytes(of: &prefix) { staging.prepend(UnsafeRawBufferPointer(rebasing: $0[0..<skip])) }
+                precondition(back, "the front room of a frame region is never viewed")
+            }
             throw failure
         }
-        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: total), owner: region)
-        statistics.bytesDelivered += total
-        if total < count {
+        releaseTail(of: region, after: front + got)
+        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + front, count: got), owner: region)
+        statistics.bytesDelivered += got
+        if got < count {
             sawEOF = true
-            throw ExactReadError.incomplete(partial: total == 0 ? ByteView() : view, expected: count)
+            throw ExactReadError.incomplete(partial: got == 0 ? ByteView() : view, expected: count)
         }
         return view
     }
+
+    /// Copies up to `max` staged bytes that follow the `skip` staged bytes to `dst`, consuming
+    /// both; returns the bytes copied.
+    func copyStaged(into dst: UnsafeMutableRawPointer, max: Int, after skip: Int) -> Int {
+        staging.consume(skip)
+        return copyStaged(into: dst, max: max)
+    }
+
+    /// Gives back the pages of `region` past `end` that no view can reference, when they are
+    /// worth a syscall (at least 64 KiB and an eighth of what is used).
+    func releaseTail(of region: Region, after end: Int) {
+        let tail = region.capacity - Block.roundUpToPage(end)
+        guard tail >= max(64 << 10, end / 8), region.resident > end else { return }
+        region.decommit(end, region.capacity, pool: pool)
+    }
+}
+
+extension Comparable {
+    @inline(__always)
+    func clamped(to range: ClosedRange<Self>) -> Self { min(max(self, range.lowerBound), range.upperBound) }
 }

@@ -22,7 +22,7 @@ final class Script: Sendable {
 
     var syscalls: PosixSyscalls {
         PosixSyscalls(
-            read: { _, buffer in
+            read: { _, buffer, _ in
                 self.state.withLock { s in
                     s.reads += 1
                     let step = s.step < self.steps.count ? self.steps[s.step] : .bytes(Int.max)
@@ -38,9 +38,9 @@ final class Script: Sendable {
                     }
                 }
             },
-            waitReadable: { _ in
+            waitReadable: { _, _ in
                 self.state.withLock { $0.waits += 1 }
-                return .success(())
+                return .success(true)
             })
     }
 }

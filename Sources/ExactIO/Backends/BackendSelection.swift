@@ -7,9 +7,6 @@ struct BackendSetup {
     let engine: any IOEngine
     let pool: MemoryPool
     let fallbackReason: String?
-    /// The ring's buffer table, when io_uring runs with registered buffers; the reader asks
-    /// it why a registration failed.
-    let registrar: URingRegistrar?
 }
 
 enum BackendSelection {
@@ -17,42 +14,50 @@ enum BackendSelection {
     /// readers: `posix` or `uring` (also `io_uring`, `iouring`).
     static let environmentVariable = "EXACTIO_BACKEND"
 
-    /// Sparse table size: one slot per registered block (staging, frames, caller buffers).
-    static let registeredSlots = 1024
-
     static func describe(_ e: Errno) -> String {
         "\(e) (errno \(e.rawValue))"
     }
 
-    /// The registration budget: RLIMIT_MEMLOCK for unprivileged users, capped at 1 GiB.
-    static func registrationBudget(limit: Int?) -> Int {
-        if let limit { return limit }
-        var rl = rlimit()
-        let cap = 1 << 30
-        guard getrlimit(Int32(__RLIMIT_MEMLOCK.rawValue), &rl) == 0 else { return cap }
-        if geteuid() == 0 || rl.rlim_cur == rlim_t.max { return cap }
-        return min(cap, Int(clamping: rl.rlim_cur))
-    }
-
-    static func memlockDescription() -> String {
-        var rl = rlimit()
-        guard getrlimit(Int32(__RLIMIT_MEMLOCK.rawValue), &rl) == 0 else { return "unknown" }
-        if rl.rlim_cur == rlim_t.max { return "unlimited" }
-        return "\(rl.rlim_cur >> 10) KiB"
-    }
-
-    /// Why the staging buffer is not registered although io_uring has a buffer table: the
-    /// kernel refused (usually ENOMEM: RLIMIT_MEMLOCK), or it is over the budget.
-    static func unregisteredStagingReason(registrar: URingRegistrar, stagingCapacity: Int, limit: Int?) -> String {
+    /// Why memory is not registered, as a sentence for `fallbackReason`.
+    static func describe(_ refusal: RegistrationRefusal, what: String, bytes: Int) -> String {
         let tail = "; io_uring reads go to unregistered memory"
-        if let e = registrar.lastFailure {
-            let memlock = e == .noMemory ? "; RLIMIT_MEMLOCK is \(memlockDescription())" : ""
-            return "registered buffers unused: registering the staging buffer failed: \(describe(e))\(memlock)\(tail)"
+        switch refusal {
+        case .noTable:
+            return "registered buffers unused: no registered-buffer table\(tail)"
+        case .overReaderLimit(let limit):
+            return "registered buffers unused: \(what) (\(bytes >> 10) KiB) is over registeredMemoryLimit "
+                + "(\(limit >> 10) KiB)\(tail)"
+        case .overProcessBudget:
+            return "registered buffers unused: \(what) (\(bytes >> 10) KiB) does not fit the process-wide "
+                + "registration budget: \(RegistrationBudget.shared.describe())\(tail)"
+        case .kernel(let e):
+            var why = "registered buffers unused: registering \(what) failed: \(describe(e))"
+            if e == .noMemory {
+                why += "; RLIMIT_MEMLOCK (\(memlockDescription()), per user, shared with the user's other "
+                    + "processes) is exhausted; \(RegistrationBudget.shared.describe())"
+            }
+            return why + tail
         }
-        let budget = registrationBudget(limit: limit)
-        let source = limit == nil ? "RLIMIT_MEMLOCK is \(memlockDescription())" : "registeredMemoryLimit"
-        return "registered buffers unused: the staging buffer (\(stagingCapacity >> 10) KiB) is over "
-            + "the registration budget (\(budget >> 10) KiB; \(source))\(tail)"
+    }
+
+    /// Why the ring could not be created, as a sentence for `fallbackReason`.
+    static func ringFailure(_ e: Errno) -> String {
+        var why = "io_uring_setup failed: \(describe(e))"
+        switch e {
+        case .notPermitted, .permissionDenied:
+            why += "; blocked by seccomp (containers) or the kernel.io_uring_disabled sysctl"
+        case .noFunction:
+            why += "; kernel built without io_uring"
+        case .noMemory where !RegistrationBudget.isUnlimited:
+            why += "; RLIMIT_MEMLOCK (\(memlockDescription()), per user, shared with the user's other "
+                + "processes, released a moment after rings close) is exhausted: each ring costs "
+                + "\(2 * Block.pageSize >> 10) KiB of it; \(RegistrationBudget.shared.describe())"
+        case .tooManyOpenFiles:
+            why += "; the descriptor limit (RLIMIT_NOFILE) is reached: each ring is a descriptor"
+        default:
+            break
+        }
+        return why
     }
 
     static func fileType(_ fd: FileDescriptor) throws(Errno) -> mode_t {
@@ -61,27 +66,48 @@ enum BackendSelection {
         return st.st_mode & S_IFMT
     }
 
+    /// ExactIO reads byte streams: a socket must be SOCK_STREAM. Datagram and sequenced-packet
+    /// sockets have message boundaries a stream reader would lose (an empty datagram would
+    /// read as end of stream, a read ending inside a datagram would drop its tail), so they
+    /// are refused with `Errno.protocolWrongTypeForSocket` (EPROTOTYPE).
+    static func requireStreamSocket(_ fd: FileDescriptor) throws(Errno) {
+        var type: Int32 = 0
+        var len = socklen_t(MemoryLayout<Int32>.size)
+        guard getsockopt(fd.rawValue, SOL_SOCKET, SO_TYPE, &type, &len) == 0 else { throw Errno(rawValue: errno) }
+        if type != Int32(SOCK_STREAM.rawValue) { throw .protocolWrongTypeForSocket }
+    }
+
     static func make(
         fd: FileDescriptor,
         options: ExactReader.Options,
         syscalls: PosixSyscalls?,
         environment: [String: String]
     ) throws(Errno) -> BackendSetup {
-        let posix = {
+        let posix = { (reason: String?) in
             BackendSetup(
                 engine: PosixEngine(fd: fd, syscalls: syscalls ?? .live),
-                pool: MemoryPool(registrar: nil, registrationBudget: 0), fallbackReason: $0, registrar: nil)
+                pool: MemoryPool(registrar: nil, registrationLimit: nil), fallbackReason: reason)
         }
         if syscalls != nil { return posix(nil) }  // tests and fuzzing: a scripted POSIX backend
 
-        let isSocket = try fileType(fd) == S_IFSOCK
+        if try fileType(fd) == S_IFSOCK { try requireStreamSocket(fd) }
         var wanted = options.backend
         var forced: String? = nil
-        if wanted == .automatic, let env = environment[environmentVariable]?.lowercased(), !env.isEmpty {
-            switch env {
-            case "posix": wanted = .posix; forced = "\(environmentVariable)=posix"
-            case "uring", "io_uring", "iouring": wanted = .ioUring; forced = "\(environmentVariable)=\(env)"
-            default: break
+        var note: String? = nil
+        if wanted == .automatic, let raw = environment[environmentVariable], !raw.isEmpty {
+            switch raw.lowercased() {
+            case "posix": wanted = .posix; forced = "\(environmentVariable)=\(raw)"
+            case "uring", "io_uring", "iouring": wanted = .ioUring; forced = "\(environmentVariable)=\(raw)"
+            case "automatic", "auto": break
+            default:
+                note = "\(environmentVariable)=\(raw) not understood (expected posix or uring): ignored"
+            }
+        }
+        func joined(_ reason: String?) -> String? {
+            switch (note, reason) {
+            case (nil, let r): r
+            case (let n?, nil): n
+            case (let n?, let r?): n + "; " + r
             }
         }
         if wanted == .posix {
@@ -95,53 +121,38 @@ enum BackendSelection {
         case .success(let r): ring = r
         case .failure(let e):
             if wanted == .ioUring { throw e }
-            var why = "io_uring_setup failed: \(describe(e))"
-            if e == .notPermitted || e == .permissionDenied {
-                why += "; blocked by seccomp (containers) or the kernel.io_uring_disabled sysctl"
-            } else if e == .noFunction {
-                why += "; kernel built without io_uring"
-            }
-            return posix(why)
+            return posix(joined(ringFailure(e)))
         }
         let ops: URingOps
         switch ring.probe() {
         case .success(let bits): ops = URingOps(rawValue: bits)
         case .failure(let e):
             if wanted == .ioUring { throw e }
-            return posix("io_uring probe failed: \(describe(e))")
+            return posix(joined("io_uring probe failed: \(describe(e))"))
         }
-        guard ops.contains(.read) else {
+        let needed: URingOps = [.read, .pollAdd, .linkTimeout, .asyncCancel]
+        guard ops.isSuperset(of: needed) else {
             if wanted == .ioUring { throw Errno.notSupported }
-            return posix("io_uring lacks IORING_OP_READ (kernel older than 5.6)")
+            return posix(joined("io_uring lacks IORING_OP_READ, POLL_ADD, LINK_TIMEOUT or ASYNC_CANCEL (kernel older than 5.6)"))
         }
-
-        // EXACTIO_SOCKET_READ=fixed|waitall overrides the threshold (for measurements).
-        var threshold = options.recvWaitAllThreshold
-        switch environment["EXACTIO_SOCKET_READ"] {
-        case "fixed": threshold = .max
-        case "waitall": threshold = 0
-        default: break
-        }
-        if !ops.contains(.recv) { threshold = .max }
-        let engine = URingEngine(ring: ring, fd: fd, isSocket: isSocket, waitAllThreshold: threshold)
+        let engine = URingEngine(ring: ring, fd: fd)
 
         var registrar: URingRegistrar? = nil
         var reason: String? = nil
-        let budget = registrationBudget(limit: options.registeredMemoryLimit)
         if !ops.contains(.readFixed) {
             reason = "registered buffers unused: io_uring lacks IORING_OP_READ_FIXED"
-        } else if budget <= 0 {
+        } else if options.registeredMemoryLimit == 0 {
             reason = "registered buffers unused: registeredMemoryLimit is 0"
         } else {
             do throws(Errno) {
-                registrar = try URingRegistrar(ring: ring, slots: registeredSlots)
+                registrar = try URingRegistrar(ring: ring)
             } catch {
                 reason = "registered buffers unused: sparse buffer table registration failed: \(describe(error))"
             }
         }
         return BackendSetup(
             engine: engine,
-            pool: MemoryPool(registrar: registrar, registrationBudget: budget),
-            fallbackReason: reason, registrar: registrar)
+            pool: MemoryPool(registrar: registrar, registrationLimit: options.registeredMemoryLimit),
+            fallbackReason: joined(reason))
     }
 }

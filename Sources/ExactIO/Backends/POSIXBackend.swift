@@ -11,37 +11,60 @@ final class PosixEngine: IOEngine {
     }
 
     var kind: ExactReader.Backend { .posix }
+    var degradation: String? { nil }
 
-    func isReadableNow() -> Bool { syscalls.isReadableNow(fd) }
+    func readiness() -> Readiness { syscalls.readiness(fd) }
 
     func read(
-        into dst: UnsafeMutableRawBufferPointer,
-        atLeast minimum: Int,
-        slot: Int32,
-        exact: Bool,
-        statistics: inout ExactReader.Statistics
-    ) -> (count: Int, error: Errno?) {
-        var got = 0
+        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, offset: Int64, deadline: Int64
+    ) -> EngineResult {
+        var result = EngineResult()
         // A request is capped at 1 GiB, as in the io_uring loop (the kernel caps one read at
         // about 2 GiB anyway).
         let maxRequest = 1 << 30
-        while got < minimum {
-            let want = min(dst.count - got, maxRequest)
-            let target = UnsafeMutableRawBufferPointer(rebasing: dst[got..<(got + want)])
-            statistics.reads += 1
-            switch syscalls.read(fd, target) {
+        while result.count < minimum {
+            if deadline > 0 {
+                // A blocking descriptor would wait in read(2) forever: wait in poll(2) with
+                // what is left of the time instead.
+                let left = deadline - monotonicNanoseconds()
+                if left <= 0 {
+                    result.error = .timedOut
+                    return result
+                }
+                result.polls += 1
+                switch syscalls.waitReadable(fd, left) {
+                case .success(true): break
+                case .success(false):
+                    result.error = .timedOut
+                    return result
+                case .failure(let e):
+                    result.error = e
+                    return result
+                }
+            }
+            let want = min(dst.count - result.count, maxRequest)
+            let target = UnsafeMutableRawBufferPointer(rebasing: dst[result.count..<(result.count + want)])
+            result.reads += 1
+            let at = offset < 0 ? offset : offset + Int64(result.count)
+            switch syscalls.read(fd, target, at) {
             case .success(0):
-                return (got, nil)
+                return result
             case .success(let n):
-                got += n
+                result.count += n
             case .failure(.interrupted):
                 continue
             case .failure(let e) where e == .resourceTemporarilyUnavailable:
-                if case .failure(let e) = syscalls.waitReadable(fd) { return (got, e) }
+                if deadline > 0 { continue }  // the poll above waits, with the deadline
+                result.polls += 1
+                if case .failure(let e) = syscalls.waitReadable(fd, -1) {
+                    result.error = e
+                    return result
+                }
             case .failure(let e):
-                return (got, e)
+                result.error = e
+                return result
             }
         }
-        return (got, nil)
+        return result
     }
 }

@@ -3,22 +3,26 @@ import Glibc
 import Synchronization
 import SystemPackage
 
-// The only Swift file that talks to CSupport (and so, through it, to liburing).
+// The only Swift file that talks to CSupport's ring and read loop (and so, through it, to
+// liburing).
 
 /// Owns a `csupport_ring`. Shared by the engine (submissions, reader's thread) and the
-/// registrar (slot updates, possibly from the thread releasing the last view of a block), so
-/// the ring lives until both are gone.
+/// registrar (slot updates), so the ring lives until both are gone. Views never reach it.
 final class RingHandle: @unchecked Sendable {
     // @unchecked Sendable: submissions happen only from the reader's owner (the reader is not
-    // Sendable); other threads only issue register syscalls, which the kernel serializes.
+    // Sendable); the registrar's updates are serialized by its own lock, and the kernel
+    // serializes register syscalls against submissions.
     let pointer: OpaquePointer
 
-    private init(pointer: OpaquePointer) { self.pointer = pointer }
+    private init(pointer: OpaquePointer) {
+        self.pointer = pointer
+        RegistrationBudget.shared.openRings.add(1, ordering: .relaxed)
+    }
 
-    /// Creates a ring, or returns the step and errno that failed.
-    static func create(entries: UInt32 = 8) -> Result<RingHandle, Errno> {
+    /// Creates a ring, or returns the errno that failed.
+    static func create(entries: UInt32 = 8, flags: UInt32 = 0) -> Result<RingHandle, Errno> {
         var ring: OpaquePointer? = nil
-        let ret = csupport_ring_create(entries, &ring)
+        let ret = csupport_ring_create(entries, flags, &ring)
         guard ret == 0, let ring else { return .failure(errnoFromNegative(ret)) }
         return .success(RingHandle(pointer: ring))
     }
@@ -29,7 +33,23 @@ final class RingHandle: @unchecked Sendable {
         return ops < 0 ? .failure(errnoFromNegative(ops)) : .success(ops)
     }
 
-    deinit { csupport_ring_destroy(pointer) }
+    /// nil when this process may submit; else why not (`Errno.fileDescriptorInBadState`:
+    /// inherited through fork(); `Errno.notRecoverable`: broken).
+    var unusable: Errno? {
+        let r = csupport_ring_usable(pointer)
+        return r == 0 ? nil : errnoFromNegative(r)
+    }
+
+    deinit {
+        csupport_ring_destroy(pointer)
+        RegistrationBudget.shared.openRings.subtract(1, ordering: .relaxed)
+    }
+}
+
+extension Errno {
+    /// EBADFD, which swift-system does not name: CSupport's "the ring was inherited through
+    /// fork()".
+    static var fileDescriptorInBadState: Errno { Errno(rawValue: EBADFD) }
 }
 
 struct URingOps: OptionSet {
@@ -38,86 +58,106 @@ struct URingOps: OptionSet {
     static let readFixed = URingOps(rawValue: Int32(CSUPPORT_OP_READ_FIXED))
     static let recv = URingOps(rawValue: Int32(CSUPPORT_OP_RECV))
     static let pollAdd = URingOps(rawValue: Int32(CSUPPORT_OP_POLL_ADD))
+    static let linkTimeout = URingOps(rawValue: Int32(CSUPPORT_OP_LINK_TIMEOUT))
+    static let asyncCancel = URingOps(rawValue: Int32(CSUPPORT_OP_ASYNC_CANCEL))
 }
 
-/// The ring's sparse buffer table: one slot per registered block.
-final class URingRegistrar: BlockRegistrar, @unchecked Sendable {
-    // @unchecked Sendable: `register`/`unregister` are called only with the pool's mutex held
-    // (MemoryPool's contract), which serializes every access to `freeSlots`; `failure` has its
-    // own mutex because the reader reads it without the pool lock.
+/// The ring's sparse buffer table: one slot per registered block. Its own lock serializes the
+/// slot list and the update syscalls; it may be called from any thread (a view released on
+/// another thread returns its block, which may be unregistered then).
+final class URingRegistrar: BlockRegistrar, Sendable {
     let ring: RingHandle
-    private var freeSlots: [Int32]
-    private let failure = Mutex<Errno?>(nil)
+    private let freeSlots: Mutex<[Int32]>
+
+    /// Sparse table size: one slot per registered block (staging, frames, caller buffers).
+    static let slots = 1024
 
     /// Registers a sparse table of `slots` entries; fails with the kernel's errno.
-    init(ring: RingHandle, slots: Int) throws(Errno) {
+    init(ring: RingHandle, slots: Int = URingRegistrar.slots) throws(Errno) {
         let ret = csupport_register_sparse(ring.pointer, UInt32(slots))
         if ret < 0 { throw errnoFromNegative(ret) }
         self.ring = ring
-        self.freeSlots = (0..<Int32(slots)).reversed()
+        self.freeSlots = Mutex((0..<Int32(slots)).reversed())
     }
 
-    /// Why the last registration was refused (ENOMEM: RLIMIT_MEMLOCK), if one was.
-    var lastFailure: Errno? { failure.withLock { $0 } }
-
-    func register(_ block: Block) -> Int32? {
+    func register(base: UnsafeMutableRawPointer, count: Int) -> Result<RegisteredSlot, Errno> {
         // The kernel refuses registered buffers over 1 GiB.
-        guard block.capacity <= 1 << 30, let slot = freeSlots.popLast() else { return nil }
-        let ret = csupport_register_slot(ring.pointer, UInt32(slot), block.base, block.capacity)
-        if ret < 0 {
-            freeSlots.append(slot)
-            failure.withLock { $0 = errnoFromNegative(ret) }
-            return nil
+        guard count <= 1 << 30 else { return .failure(.noBufferSpace) }
+        return freeSlots.withLock { free in
+            guard let slot = free.popLast() else { return .failure(.noBufferSpace) }
+            let ret = csupport_register_slot(ring.pointer, UInt32(slot), base, count)
+            if ret < 0 {
+                free.append(slot)
+                return .failure(errnoFromNegative(ret))
+            }
+            return .success(RegisteredSlot(index: slot))
         }
-        return slot
     }
 
-    func unregister(slot: Int32) {
-        _ = csupport_register_slot(ring.pointer, UInt32(slot), nil, 0)
-        freeSlots.append(slot)
+    func unregister(_ slot: RegisteredSlot) {
+        freeSlots.withLock { free in
+            // In a child process the table is the parent's: leave it alone (csupport refuses).
+            _ = csupport_register_slot(ring.pointer, UInt32(slot.index), nil, 0)
+            free.append(slot.index)
+        }
     }
 }
 
-/// io_uring through CSupport: READ_FIXED into registered memory, READ otherwise, and one
-/// RECV+MSG_WAITALL for large exact reads from sockets.
+/// io_uring through CSupport: READ_FIXED into registered memory, READ otherwise.
 final class URingEngine: IOEngine {
     let ring: RingHandle
     let fd: FileDescriptor
-    let isSocket: Bool
-    /// Exact socket reads of at least this many bytes use one RECV+MSG_WAITALL.
-    let waitAllThreshold: Int
+    /// `read(2)` for a child process that inherited the ring (fork), created on first need.
+    private var posix: PosixEngine? = nil
 
-    init(ring: RingHandle, fd: FileDescriptor, isSocket: Bool, waitAllThreshold: Int) {
+    init(ring: RingHandle, fd: FileDescriptor) {
         self.ring = ring
         self.fd = fd
-        self.isSocket = isSocket
-        self.waitAllThreshold = waitAllThreshold
     }
 
-    var kind: ExactReader.Backend { .ioUring }
+    var kind: ExactReader.Backend { posix == nil ? .ioUring : .posix }
 
-    func isReadableNow() -> Bool { pollNow(fd) }
+    var degradation: String? {
+        guard posix != nil else { return nil }
+        return "io_uring not used: this process inherited the reader's ring through fork(); "
+            + "reading with read(2) instead (the ring and its registered buffers belong to the parent)"
+    }
+
+    func readiness() -> Readiness { PosixSyscalls.live.readiness(fd) }
+
+    /// Test seam: the next `count` waits for a completion fail with `errno` (see
+    /// `csupport_debug_fail_waits`).
+    func injectWaitFailures(_ count: Int, errno: Int32) {
+        csupport_debug_fail_waits(ring.pointer, Int32(count), errno)
+    }
 
     func read(
-        into dst: UnsafeMutableRawBufferPointer,
-        atLeast minimum: Int,
-        slot: Int32,
-        exact: Bool,
-        statistics: inout ExactReader.Statistics
-    ) -> (count: Int, error: Errno?) {
-        var flags: UInt32 = 0
-        var slot = slot
-        if exact && isSocket && minimum >= waitAllThreshold {
-            // RECV cannot target a registered slot; WAITALL replaces the READ_FIXED loop.
-            flags |= UInt32(CSUPPORT_READ_RECV_WAITALL)
-            slot = -1
+        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, offset: Int64, deadline: Int64
+    ) -> EngineResult {
+        if let posix { return posix.read(into: dst, atLeast: minimum, slot: -1, offset: offset, deadline: deadline) }
+        if let why = ring.unusable {
+            if why == .fileDescriptorInBadState {
+                // fork(): the child's memory is its own copy; the parent's ring must not be touched.
+                let p = PosixEngine(fd: fd)
+                posix = p
+                return p.read(into: dst, atLeast: minimum, slot: -1, offset: offset, deadline: deadline)
+            }
+            return EngineResult(error: why)
         }
-        var done = 0
-        var submissions: UInt64 = 0
-        let ret = csupport_read(
-            ring.pointer, fd.rawValue, dst.baseAddress, dst.count, minimum, slot, flags, &done, &submissions)
-        statistics.reads += Int(submissions)
-        if slot >= 0 { statistics.fixedReads += Int(submissions) }
-        return (done, ret < 0 ? errnoFromNegative(ret) : nil)
+        var timeout: Int64 = 0
+        if deadline > 0 {
+            timeout = deadline - monotonicNanoseconds()
+            if timeout <= 0 { return EngineResult(error: .timedOut) }
+        }
+        var req = csupport_read_req(
+            fd: fd.rawValue, slot: slot, dst: dst.baseAddress, cap: dst.count, min: minimum, offset: offset,
+            timeout_ns: timeout)
+        var res = csupport_read_res()
+        let ret = csupport_read(ring.pointer, &req, &res)
+        var result = EngineResult(
+            count: res.done, error: ret < 0 ? errnoFromNegative(ret) : nil,
+            reads: Int(res.reads), fixedReads: Int(res.fixed_reads), polls: Int(res.polls))
+        if result.error == .notRecoverable { result.destinationPoisoned = true }
+        return result
     }
 }

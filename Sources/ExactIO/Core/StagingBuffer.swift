@@ -1,3 +1,5 @@
+import SystemPackage
+
 /// The read-ahead buffer: bytes the kernel delivered that no read has consumed yet.
 ///
 /// This is the I/O-free core of a reader: it knows what is buffered and which memory the next
@@ -10,7 +12,29 @@
 ///
 /// The one rule that makes views immutable: bytes below `writeIndex` are written again only
 /// when no view references the region (`isKnownUniquelyReferenced`); otherwise the region
-/// is retired to its views and the buffered bytes move to a fresh one.
+/// is retired to its views and the buffered bytes move to a fresh one. A retired region keeps
+/// only the pages views can reference (per-chunk owners say which): the rest goes
+/// back to the system at once, so a kept 10-byte view costs a page, not the whole buffer.
+/// Keeps part of a staging region alive for the views that own it.
+///
+/// Views of staging memory own a chunk, not the whole region: when the region is retired,
+/// the chunks whose owner is still referenced by a view are kept, and every other page goes
+/// back to the system. Each chunk has two owners: one for the views that lie inside it, one
+/// for the view that starts in it and runs into later chunks (views are consecutive and do not
+/// overlap, so there is at most one such view per chunk, and the pages it keeps are exactly
+/// its own). Owners are reused while no view holds them: in steady state a view costs one
+/// retain and no allocation.
+final class StagingChunk: @unchecked Sendable {
+    // @unchecked Sendable: `region` is immutable; `end` is read and written only by the reader
+    // that owns the staging buffer (views never touch it).
+    let region: Region
+    /// End (exclusive offset in the region) of the view that crosses out of the chunk (for a
+    /// crossing owner).
+    var end = 0
+
+    init(region: Region) { self.region = region }
+}
+
 struct StagingBuffer {
     private(set) var region: Region
     private(set) var readIndex = 0
@@ -19,11 +43,30 @@ struct StagingBuffer {
     /// partially read frame in it.
     let nominalCapacity: Int
     let pool: MemoryPool
+    /// The owners of the chunks of `region` that views were handed out from: entry 2i owns the
+    /// views inside chunk i = `[i << chunkShift, (i + 1) << chunkShift)`, entry 2i + 1 the view
+    /// that starts in chunk i and crosses out of it. An owner referenced by nothing but this
+    /// array has no view left.
+    private var chunks: [StagingChunk?]
+    /// log2 of the chunk size: at least a page, and at most 64 chunks per region.
+    private var chunkShift: Int
 
-    init(pool: MemoryPool, capacity: Int) {
+    init(pool: MemoryPool, capacity: Int) throws(Errno) {
         self.pool = pool
-        self.nominalCapacity = Block.roundedCapacity(capacity)
-        self.region = pool.region(atLeast: nominalCapacity)
+        self.nominalCapacity = try Block.roundedCapacity(capacity)
+        self.region = try pool.residentRegion(atLeast: nominalCapacity, register: true)
+        self.chunkShift = StagingBuffer.chunkShift(for: region.capacity)
+        self.chunks = StagingBuffer.noChunks(region.capacity, chunkShift)
+    }
+
+    static func noChunks(_ capacity: Int, _ shift: Int) -> [StagingChunk?] {
+        Array(repeating: nil, count: 2 * ((capacity + (1 << shift) - 1) >> shift))
+    }
+
+    static func chunkShift(for capacity: Int) -> Int {
+        var shift = Block.pageSize.trailingZeroBitCount
+        while capacity > 64 << shift { shift += 1 }
+        return shift
     }
 
     var buffered: Int { writeIndex - readIndex }
@@ -40,10 +83,20 @@ struct StagingBuffer {
 
     /// A view of the next `count` buffered bytes, consuming them (no copy).
     mutating func consumeView(_ count: Int) -> ByteView {
-        precondition(count <= buffered)
-        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + readIndex, count: count), owner: region)
+        precondition(count > 0 && count <= buffered)
+        let start = readIndex
         readIndex += count
-        return view
+        let first = start >> chunkShift
+        let i = first == (readIndex - 1) >> chunkShift ? 2 * first : 2 * first + 1
+        let owner: StagingChunk
+        if let existing = chunks[i] {
+            owner = existing
+        } else {
+            owner = StagingChunk(region: region)
+            chunks[i] = owner
+        }
+        owner.end = readIndex
+        return ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + start, count: count), owner: owner)
     }
 
     mutating func consume(_ count: Int) {
@@ -61,12 +114,13 @@ struct StagingBuffer {
     /// read (at least an eighth of the capacity), moving the buffered bytes to the front of
     /// this region (when nothing references it) or of a fresh one (when views do).
     /// Returns the number of bytes copied (at most the buffered count).
-    mutating func makeRoom(forAppending need: Int) -> Int {
+    /// - Throws: `Errno.noMemory` when a fresh region cannot be mapped (nothing changes then).
+    mutating func makeRoom(forAppending need: Int) throws(Errno) -> Int {
         let tail = region.capacity - writeIndex
         if tail >= need && tail >= nominalCapacity / 8 { return 0 }
         let keep = buffered
         let size = max(nominalCapacity, keep + need)
-        if isKnownUniquelyReferenced(&region) && region.capacity >= size && region.capacity <= 2 * size {
+        if region.capacity >= size && region.capacity <= 2 * size && noViewsLeft() {
             // Safety: no view references the region, so its consumed bytes can be overwritten.
             let moved = keep > 0 && readIndex > 0
             if moved {
@@ -77,37 +131,110 @@ struct StagingBuffer {
             writeIndex = keep
             return moved ? keep : 0
         }
-        let fresh = pool.region(atLeast: size)
+        let fresh = try pool.residentRegion(atLeast: size, register: true)
         if keep > 0 {
             fresh.base.copyMemory(from: region.base + readIndex, byteCount: keep)
         }
-        region = fresh  // the old region lives on in its views, then returns to the pool
-        readIndex = 0
-        writeIndex = keep
+        replace(with: fresh, readIndex: 0, writeIndex: keep)
         return keep
     }
 
     /// Puts `bytes` back in front of the buffered bytes (they were consumed by a read that
     /// then failed), in a fresh region. Returns the bytes copied. Error path only.
-    mutating func unconsume(_ bytes: [UInt8]) -> Int {
+    mutating func unconsume(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
         let keep = buffered
-        let fresh = pool.region(atLeast: max(nominalCapacity, keep + bytes.count))
-        bytes.withUnsafeBytes { fresh.base.copyMemory(from: $0.baseAddress!, byteCount: bytes.count) }
+        let fresh = try pool.residentRegion(atLeast: max(nominalCapacity, keep + bytes.count), register: true)
+        if let src = bytes.baseAddress, bytes.count > 0 { fresh.base.copyMemory(from: src, byteCount: bytes.count) }
         if keep > 0 {
             (fresh.base + bytes.count).copyMemory(from: region.base + readIndex, byteCount: keep)
         }
-        region = fresh
-        readIndex = 0
-        writeIndex = bytes.count + keep
+        replace(with: fresh, readIndex: 0, writeIndex: bytes.count + keep)
         return bytes.count + keep
     }
 
-    /// Replaces the (empty) buffer with `region`, whose first `count` bytes are unconsumed
-    /// data: used to keep the bytes of a read that failed part-way, so none is lost.
-    mutating func adopt(_ region: Region, holding count: Int) {
-        precondition(buffered == 0 && count <= region.capacity)
-        self.region = region
+    /// Replaces the (empty) buffer with `region`, whose bytes `[start, end)` are unconsumed
+    /// data: keeps the bytes of a large read that failed part-way, so none is lost, with no
+    /// copy. `region` must not be referenced by any view.
+    mutating func adopt(_ region: Region, bytes start: Int, _ end: Int) {
+        precondition(buffered == 0 && start <= end && end <= region.capacity)
+        replace(with: region, readIndex: start, writeIndex: end)
+    }
+
+    /// Writes `bytes` in front of the buffered ones when the region has unreferenced room
+    /// there (after `adopt` of a frame region, whose first page is left free for this).
+    /// Returns false when there is no such room.
+    mutating func prepend(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        let n = bytes.count
+        guard n <= readIndex, let src = bytes.baseAddress else { return n == 0 }
+        let start = readIndex - n
+        guard chunks.allSatisfy({ $0 == nil }) else { return false }
+        (region.base + start).copyMemory(from: src, byteCount: n)
+        readIndex = start
+        return true
+    }
+
+    /// The region of a large read that failed part-way (`adopt`ed, its length prefix put back
+    /// in front), when it is what staging holds now: exactly `skip` prefix bytes followed by
+    /// the body's first bytes at offset `frontRoom`, in a region of at least `needed` bytes
+    /// that no view references (any region laid out so will do: the body is where it belongs). Staging then starts afresh and the caller continues the read
+    /// where it stopped, with nothing copied. Nil otherwise.
+    mutating func resumeFrame(after skip: Int, frontRoom: Int, needed: Int) throws(Errno) -> Region? {
+        guard readIndex + skip == frontRoom, region.capacity >= needed, noViewsLeft() else { return nil }
+        let frame = region
+        let fresh = try pool.residentRegion(atLeast: nominalCapacity, register: true)
+        region = fresh
         readIndex = 0
-        writeIndex = count
+        writeIndex = 0
+        chunkShift = StagingBuffer.chunkShift(for: fresh.capacity)
+        chunks = StagingBuffer.noChunks(fresh.capacity, chunkShift)
+        return frame
+    }
+
+    private mutating func replace(with fresh: Region, readIndex r: Int, writeIndex w: Int) {
+        retire()
+        region = fresh
+        readIndex = r
+        writeIndex = w
+        chunkShift = StagingBuffer.chunkShift(for: fresh.capacity)
+        chunks = StagingBuffer.noChunks(fresh.capacity, chunkShift)
+    }
+
+    /// True when no view references the region: every chunk owner is held by this buffer
+    /// alone (then the region's bytes may be written again).
+    mutating func noViewsLeft() -> Bool {
+        for i in chunks.indices where chunks[i] != nil {
+            if !isKnownUniquelyReferenced(&chunks[i]!) { return false }
+            chunks[i]!.end = 0
+        }
+        return true
+    }
+
+    /// Called before the region is let go: when views keep it, every page they cannot reference
+    /// goes back to the system (after unregistering the block, as pinned pages would stay
+    /// resident). Afterwards the buffer holds no chunk owner of the region.
+    mutating func retire() {
+        let count = chunks.count / 2
+        var kept = [Bool](repeating: false, count: count)
+        var any = false
+        for i in chunks.indices where chunks[i] != nil {
+            if isKnownUniquelyReferenced(&chunks[i]!) { continue }
+            let first = i / 2
+            let last = i % 2 == 0 ? first : min(count - 1, (chunks[i]!.end - 1) >> chunkShift)
+            for k in first...last { kept[k] = true }
+            any = true
+        }
+        for i in chunks.indices { chunks[i] = nil }
+        guard any else { return }  // no view: the whole region goes back to the pool as it is
+        var i = 0
+        while i < count {
+            if kept[i] {
+                i += 1
+                continue
+            }
+            var j = i
+            while j < count && !kept[j] { j += 1 }
+            region.decommit(i << chunkShift, min(j << chunkShift, region.capacity), pool: pool)
+            i = j
+        }
     }
 }

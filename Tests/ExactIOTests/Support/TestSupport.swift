@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import SystemPackage
+import Testing
 @testable import ExactIO
 
 /// Transports every reader test runs over.
@@ -113,7 +114,7 @@ func tempFile(containing bytes: [UInt8]) throws -> (FileDescriptor, String) {
     var template = Array("/tmp/exactio-test-XXXXXX".utf8CString)
     let fd = mkstemp(&template)
     guard fd >= 0 else { throw Errno(rawValue: errno) }
-    let path = String(cString: template)
+    let path = String(decoding: template.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     let w = FileDescriptor(rawValue: fd)
     try bytes.withUnsafeBytes { try writeAll(w, $0) }
     _ = try w.seek(offset: 0, from: .start)
@@ -196,4 +197,63 @@ func resetPeakRSS() {
     guard fd >= 0 else { return }
     _ = write(fd, "5", 1)
     Glibc.close(fd)
+}
+
+/// Open descriptors of this process.
+func openDescriptorCount() -> Int {
+    (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
+}
+
+/// Open descriptors of this process and what they are.
+func openDescriptorList() -> String {
+    let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+    return fds.sorted().map { "\($0)=\((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + $0)) ?? "?")" }
+        .joined(separator: " ")
+}
+
+/// Lines in /proc/self/maps: the process's mappings.
+func mappingCount() -> Int {
+    guard let text = try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8) else { return -1 }
+    return text.split(separator: "\n").count
+}
+
+/// Writes `message` to stderr (what an exit test's parent prints).
+/// Also appended to /tmp/exactio-test-report.log: an exit test that fails shows no output.
+func report(_ message: String) {
+    FileHandle.standardError.write((message + "\n").data(using: .utf8)!)
+    if let log = FileHandle(forUpdatingAtPath: "/tmp/exactio-test-report.log") ?? {
+        _ = FileManager.default.createFile(atPath: "/tmp/exactio-test-report.log", contents: nil)
+        return FileHandle(forUpdatingAtPath: "/tmp/exactio-test-report.log")
+    }() {
+        log.seekToEndOfFile()
+        log.write((message + "\n").data(using: .utf8)!)
+        try? log.close()
+    }
+}
+
+/// Prints what an exit test's child wrote to stderr.
+func printChild(_ result: ExitTest.Result?) {
+    if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+}
+
+extension ExactReader.Backend {
+    /// For exit tests, which capture only Codable values.
+    var isURing: Bool { self == .ioUring }
+    init(uring: Bool) { self = uring ? .ioUring : .posix }
+}
+
+/// Drops this (child) process's privileges to a user of its own, with RLIMIT_MEMLOCK =
+/// `memlock` bytes. The kernel charges io_uring memory per user, and releases it a moment
+/// after rings close: a uid per process keeps concurrent and consecutive tests apart.
+func becomeUnprivileged(memlock: Int) {
+    var nofile = rlimit()
+    getrlimit(Int32(RLIMIT_NOFILE.rawValue), &nofile)
+    nofile.rlim_cur = nofile.rlim_max
+    setrlimit(Int32(RLIMIT_NOFILE.rawValue), &nofile)
+    var rl = rlimit(rlim_cur: rlim_t(memlock), rlim_max: rlim_t(memlock))
+    guard setrlimit(Int32(__RLIMIT_MEMLOCK.rawValue), &rl) == 0 else { fatalError("setrlimit") }
+    if getuid() == 0 {
+        let id = UInt32(200_000 + Int(getpid()) % 100_000)
+        guard setgroups(0, nil) == 0, setgid(id) == 0, setuid(id) == 0 else { fatalError("drop privileges") }
+    }
 }
