@@ -1,13 +1,15 @@
 // libFuzzer target for the reader core (issue: hostile input and faults).
 //
 // The input is split in two: a control program (what each read(2) returns: a chunk size,
-// EINTR, EAGAIN, ECONNRESET or EOF; and which API call to make next) and the stream bytes.
+// EINTR, EAGAIN, ECONNRESET, ETIMEDOUT or EOF; which allocations of frame and staging memory
+// fail with ENOMEM; and which API call to make next) and the stream bytes.
 // The reader runs over a scripted source (`@_spi(Testing) init(testingRead:)`) that feeds the
 // stream bytes in the chunks the program chose. Checked after every call:
 //   - every delivered byte equals the stream byte at the same position: none lost, duplicated
 //     or reordered (a cursor follows what each call consumed);
-//   - an Errno leaves the reader consistent (readExactly/readFrame consume nothing; skip says
-//     how far it got in statistics.bytesSkipped);
+//   - an Errno (including ENOMEM from a refused mapping) leaves the reader consistent
+//     (readExactly/readFrame consume nothing; skip says how far it got in
+//     statistics.bytesSkipped);
 //   - views handed out earlier never change (kept ones are re-checked after every call).
 //
 // Built two ways:
@@ -71,7 +73,7 @@ final class Source: Sendable {
             case 1: return .failure(.resourceTemporarilyUnavailable)
             case 2 where s.resets < 3:
                 s.resets += 1
-                return .failure(.connectionReset)
+                return .failure(s.resets % 2 == 0 ? .timedOut : .connectionReset)
             case 3 where s.program.next() < 16:
                 s.ended = true  // an early end of stream: the rest is never delivered
                 return .success(0)
@@ -105,10 +107,19 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     let stream = Array(data[split...])
     let staging = 4096 << Int(control.next() % 3)
     let limit = control.int(0...70_000)
+    // Every k-th new mapping (staging refills, frame memory) fails with ENOMEM; 0: none.
+    let failEvery = Int(control.next() % 6)
+    let allocations = Mutex(0)
     let source = Source(stream: stream, program: control)
     let reader = try ExactReader(
         options: .init(backend: .posix, stagingCapacity: staging, maxFrameLength: limit),
-        testingRead: { source.read($0) })
+        testingRead: { source.read($0) },
+        allowAllocation: { _ in
+            allocations.withLock { n in
+                n += 1
+                return failEvery == 0 || n % failEvery != 0
+            }
+        })
     var ops = Program(bytes: Array(data[1..<split].reversed()))
     var pos = 0  // bytes of `stream` consumed so far
     var kept: [(ByteView, Int)] = []  // views kept alive, with where they came from
@@ -125,7 +136,12 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
         case .varint:
             var v: UInt64 = 0
             for (i, b) in rest.prefix(10).enumerated() {
-                if i == 9 && b > 1 { return (.max, 10) }
+                if i == 9 && b > 1 {
+                    // Refused whole: through its last byte (the first without the continuation
+                    // bit), or to the end of the stream.
+                    let end = rest.dropFirst(9).firstIndex { $0 & 0x80 == 0 }.map { $0 + 1 } ?? rest.endIndex
+                    return (.max, end - p)
+                }
                 v |= UInt64(b & 0x7f) << UInt64(7 * i)
                 if b & 0x80 == 0 { return (v, i + 1) }
             }
@@ -218,7 +234,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
             }
             try check(source.ended && pos == source.available, "incomplete before the end (pos \(pos), fed \(source.available))")
         } catch let e as Errno {
-            try check(e == .connectionReset, "unexpected errno \(e)")
+            try check([.connectionReset, .timedOut, .noMemory].contains(e), "unexpected errno \(e)")
             if op % 7 == 3 { pos += reader.statistics.bytesSkipped - skippedBefore }
         }
         if let failure = (try? { () throws -> Void in for (v, at) in kept { try expectAt(v, at) } }()) == nil ? "a kept view changed" : nil {

@@ -95,7 +95,9 @@ extension ExactReader {
     /// Unsigned LEB128, at most 10 bytes for 64 bits. A longer one (or a tenth byte with bits
     /// past 64) is refused with `frameTooLarge(length: UInt64.max, …)` after consuming the
     /// whole prefix, up to and including its last byte (the first without the continuation
-    /// bit): the stream is then at the body, as for any refused length.
+    /// bit), or to the end of the stream: the stream is then at the body, as for any refused
+    /// length. An `Errno` while looking for its end consumes nothing (for a prefix longer than
+    /// the staging buffer, the part already skipped stays skipped).
     func peekVarint() throws -> (UInt64, Int)? {
         var value: UInt64 = 0
         var i = 0
@@ -106,17 +108,9 @@ extension ExactReader {
             }
             let byte = staging.readable[i]
             if i == 9 && byte > 1 {
-                // Eleven bytes or more, or a tenth byte with bits past 64: skip to the end of the
-                // prefix (bounded memory: byte by byte through staging), then refuse.
-                staging.consume(i + 1)
-                var last = byte
-                while last & 0x80 != 0 {
-                    guard try fill(atLeast: 1) else {
-                        throw ExactReadError.incomplete(partial: ByteView(), expected: 1)
-                    }
-                    last = staging.readable[0]
-                    staging.consume(1)
-                }
+                // Eleven bytes or more, or a tenth byte with bits past 64: find the end of the
+                // prefix (its first byte without the continuation bit) and refuse it whole.
+                try skipOverlongVarint(from: i)
                 throw ExactReadError.frameTooLarge(length: .max, limit: options.maxFrameLength)
             }
             value |= UInt64(byte & 0x7f) << UInt64(7 * i)
@@ -124,5 +118,29 @@ extension ExactReader {
             if byte & 0x80 == 0 { break }
         }
         return (value, i)
+    }
+
+    /// Consumes an over-long varint whose byte `i` is staged: through its last byte, or to the
+    /// end of the stream. Scans staging without consuming while the prefix fits in it.
+    private func skipOverlongVarint(from i: Int) throws {
+        var k = i
+        while true {
+            if k >= staging.buffered {
+                if k >= staging.nominalCapacity {
+                    // Longer than staging: drop what was scanned, keep looking.
+                    staging.consume(k)
+                    k = 0
+                }
+                guard try fill(atLeast: k + 1) else {
+                    staging.consume(staging.buffered)  // the stream ended inside the prefix
+                    return
+                }
+            }
+            if staging.readable[k] & 0x80 == 0 {
+                staging.consume(k + 1)
+                return
+            }
+            k += 1
+        }
     }
 }

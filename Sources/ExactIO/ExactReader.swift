@@ -220,44 +220,45 @@ public final class ExactReader {
         let count = buffer.count
         guard count > 0, let base = buffer.baseAddress else { return }
         try beginCall()
-        var done = 0
-        do {
-            done = copyStaged(into: base, max: count)
-            if done < count && count - done < directThreshold {
-                let arrived = try fill(atLeast: count - done)
-                done += copyStaged(into: base + done, max: count - done)
-                if !arrived {
-                    statistics.bytesDelivered += done
-                    throw ExactReadError.incomplete(
-                        partial: try ByteView(copying: UnsafeRawBufferPointer(rebasing: buffer[0..<done])),
-                        expected: count)
-                }
-            }
-            if done < count && !sawEOF {
-                let slot = registeredSlot(containing: base + done, count: count - done)
-                statistics.directReads += 1
-                let r = engineRead(
-                    into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
-                    atLeast: count - done, slot: slot)
-                done += r.count
-                if let error = r.error { throw error }
-            }
-            if done < count {
-                sawEOF = true
-                statistics.bytesDelivered += done
-                throw ExactReadError.incomplete(
-                    partial: try ByteView(copying: UnsafeRawBufferPointer(rebasing: buffer[0..<done])), expected: count)
-            }
-        } catch let error as Errno {
-            // Keep what arrived: the bytes already in `buffer` go back in front of whatever is
-            // still buffered, as the start of the stream for the next read (a copy: the
-            // caller's memory is the caller's).
-            if done > 0 {
-                statistics.bytesCopied += try staging.unconsume(UnsafeRawBufferPointer(rebasing: buffer[0..<done]))
-            }
-            throw error
+        if count - staging.buffered < directThreshold {
+            // Small: staged first (nothing is consumed if the fill fails), then one copy out.
+            let arrived = try fill(atLeast: count)
+            let done = copyStaged(into: base, max: count)
+            statistics.bytesDelivered += done
+            if !arrived { throw incomplete(buffer, done) }
+            return
         }
-        statistics.bytesDelivered += count
+        // Large: the staged prefix, then the kernel writes the rest straight into `buffer`.
+        var done = copyStaged(into: base, max: count)
+        if !sawEOF {
+            let slot = registeredSlot(containing: base + done, count: count - done)
+            statistics.directReads += 1
+            let r = engineRead(
+                into: UnsafeMutableRawBufferPointer(start: base + done, count: count - done),
+                atLeast: count - done, slot: slot)
+            done += r.count
+            if let error = r.error {
+                // Keep what arrived: the bytes already in `buffer` go back in front of whatever
+                // is still buffered, as the start of the stream for the next read (a copy: the
+                // caller's memory is the caller's).
+                if done > 0 {
+                    statistics.bytesCopied += try staging.unconsume(UnsafeRawBufferPointer(rebasing: buffer[0..<done]))
+                }
+                throw error
+            }
+        }
+        statistics.bytesDelivered += done
+        if done < count {
+            sawEOF = true
+            throw incomplete(buffer, done)
+        }
+    }
+
+    /// `incomplete` for a caller buffer: `partial` is a copy of the `done` bytes at its start
+    /// (empty if even that copy cannot be allocated; the bytes are in `buffer` all the same).
+    private func incomplete(_ buffer: UnsafeMutableRawBufferPointer, _ done: Int) -> ExactReadError {
+        let partial = (try? ByteView(copying: UnsafeRawBufferPointer(rebasing: buffer[0..<done]))) ?? ByteView()
+        return .incomplete(partial: partial, expected: buffer.count)
     }
 
     /// Reads exactly `count` bytes and lends them to `body` in place.

@@ -140,10 +140,13 @@ struct StagingBuffer {
     }
 
     /// Puts `bytes` back in front of the buffered bytes (they were consumed by a read that
-    /// then failed), in a fresh region. Returns the bytes copied. Error path only.
+    /// then failed): in place when the room in front is free, else in a fresh heap region (off
+    /// the pool, so that a refused mapping cannot lose them). Returns the bytes copied. Error
+    /// path only.
     mutating func unconsume(_ bytes: UnsafeRawBufferPointer) throws(Errno) -> Int {
+        if prepend(bytes) { return bytes.count }
         let keep = buffered
-        let fresh = try pool.residentRegion(atLeast: max(nominalCapacity, keep + bytes.count), register: true)
+        let fresh = try Region.standalone(capacity: max(nominalCapacity, keep + bytes.count))
         if let src = bytes.baseAddress, bytes.count > 0 { fresh.base.copyMemory(from: src, byteCount: bytes.count) }
         if keep > 0 {
             (fresh.base + bytes.count).copyMemory(from: region.base + readIndex, byteCount: keep)
@@ -160,14 +163,22 @@ struct StagingBuffer {
         replace(with: region, readIndex: start, writeIndex: end)
     }
 
-    /// Writes `bytes` in front of the buffered ones when the region has unreferenced room
-    /// there (after `adopt` of a frame region, whose first page is left free for this).
-    /// Returns false when there is no such room.
+    /// Writes `bytes` in front of the buffered ones when the region has room there that no
+    /// view can reference (after `adopt` of a frame region, whose first page is left free for
+    /// this, or where the bytes were just consumed). Returns false when there is no such room.
     mutating func prepend(_ bytes: UnsafeRawBufferPointer) -> Bool {
         let n = bytes.count
-        guard n <= readIndex, let src = bytes.baseAddress else { return n == 0 }
+        guard n > 0, let src = bytes.baseAddress else { return true }
+        guard n <= readIndex else { return false }
         let start = readIndex - n
-        guard chunks.allSatisfy({ $0 == nil }) else { return false }
+        for i in (2 * (start >> chunkShift))...(2 * ((readIndex - 1) >> chunkShift) + 1) where chunks[i] != nil {
+            if !isKnownUniquelyReferenced(&chunks[i]!) { return false }
+        }
+        // Views never start or cross past readIndex, but an owner of an earlier chunk may run
+        // into the range: the crossing owners before it must be free too.
+        for i in stride(from: 1, to: 2 * (start >> chunkShift), by: 2) where chunks[i] != nil {
+            if chunks[i]!.end > start && !isKnownUniquelyReferenced(&chunks[i]!) { return false }
+        }
         (region.base + start).copyMemory(from: src, byteCount: n)
         readIndex = start
         return true
