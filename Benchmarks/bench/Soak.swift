@@ -5,8 +5,10 @@ import Synchronization
 import SystemPackage
 
 // bench --soak MINUTES: mixed frame sizes (0 B to 16 MiB) over unix and tcp on both backends
-// at once, views held for random numbers of frames, every frame verified; RSS sampled every
-// second. Fails when a frame is wrong or RSS keeps growing after warm-up.
+// at once, views held for random numbers of frames, every frame verified; alongside, hostile
+// peers (headers that stall, maximal lengths, resets mid-body, up to 64 stalled connections
+// held open); RSS sampled every second. Fails when a frame is wrong, a hostile peer is not
+// refused with the right error, or RSS keeps growing after warm-up.
 
 /// The frame sequence of a soak stream: sizes and contents both follow from (seed, index).
 struct SoakSequence {
@@ -108,6 +110,14 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
             t.start()
         }
     }
+    let hostile = HostilePeers()
+    done.enter()
+    let ht = Thread {
+        hostile.run()
+        done.leave()
+    }
+    ht.stackSize = 1 << 20
+    ht.start()
     // Sample RSS every second.
     let start = now()
     var samples: [(Double, Int)] = []
@@ -122,7 +132,7 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
             log(String(format: "soak %4.0fs: RSS %@, %.2f GB read, %d frames", t, fmtBytes(samples.last!.1),
                        Double(total) / 1e9, streams.reduce(0) { $0 + $1.frames.load(ordering: .relaxed) }))
         }
-        if streams.contains(where: { $0.failure != nil }) { break }
+        if streams.contains(where: { $0.failure != nil }) || hostile.failure != nil { break }
     }
     soakStop.store(true, ordering: .relaxed)
     for w in writers { kill(w, SIGTERM) }
@@ -151,6 +161,10 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
                    s.heldMax.load(ordering: .relaxed), s.failure.map { " — FAILED: \($0)" } ?? ""))
         if s.failure != nil || s.frames.load(ordering: .relaxed) == 0 { ok = false }
     }
+    let h = hostile.counts.withLock { $0 }
+    log("soak hostile peers: \(h.stalls) stalled headers, \(h.oversized) oversized lengths, \(h.resets) resets mid-body, "
+        + "at most \(h.held) stalled connections held\(hostile.failure.map { " — FAILED: \($0)" } ?? "")")
+    if hostile.failure != nil || h.stalls == 0 || h.oversized == 0 || h.resets == 0 { ok = false }
     // Flat: the second half of the run never goes above the first half's peak by more than
     // 10 % + 32 MiB (one more 16 MiB frame held per stream is within the noise).
     let flat = secondHalfMax <= Int(Double(firstHalfMax) * 1.1) + (32 << 20)
@@ -198,4 +212,102 @@ func soakRead(_ s: SoakStream, fd: Int32) {
     } catch {
         if !soakStop.load(ordering: .relaxed) { s.fail("\(error)") }
     }
+}
+
+/// Hostile peers, in this process, on both backends: a header announcing 64 MiB and then
+/// nothing (the read times out; the connection is held open, up to 64 at a time), a length
+/// over the limit, and 8 MiB announced, 64 KiB sent, then a TCP reset.
+final class HostilePeers: Sendable {
+    struct Counts { var stalls = 0, oversized = 0, resets = 0, held = 0 }
+    let counts = Mutex(Counts())
+    let failureText = Mutex<String?>(nil)
+    var failure: String? { failureText.withLock { $0 } }
+
+    func run() {
+        var held: [(ExactReader, Int32, Int32)] = []
+        var i = 0
+        while !soakStop.load(ordering: .relaxed) && failure == nil {
+            let backend: ExactReader.Backend = i % 2 == 0 ? .ioUring : .posix
+            do {
+                switch i % 3 {
+                case 0: try stall(backend, &held)
+                case 1: try oversized(backend)
+                default: try reset(backend)
+                }
+            } catch {
+                failureText.withLock { $0 = "hostile case \(i % 3) on \(backend): \(error)" }
+            }
+            i += 1
+            usleep(20_000)
+        }
+        for (_, a, b) in held { close(a); close(b) }
+    }
+
+    func stall(_ backend: ExactReader.Backend, _ held: inout [(ExactReader, Int32, Int32)]) throws {
+        var sv: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw BenchFailure("socketpair") }
+        let reader = try ExactReader(
+            FileDescriptor(rawValue: sv[0]), options: .init(backend: backend, readTimeout: .milliseconds(50)))
+        try writeAll(sv[1], Marks.header(64 << 20), 4)
+        do {
+            _ = try reader.readFrame()
+            throw BenchFailure("a stalled header produced a frame")
+        } catch let e as Errno where e == .timedOut {
+        }
+        held.append((reader, sv[0], sv[1]))
+        if held.count > 64 {
+            let (_, a, b) = held.removeFirst()
+            close(a)
+            close(b)
+        }
+        counts.withLock { c in
+            c.stalls += 1
+            c.held = max(c.held, held.count)
+        }
+    }
+
+    func oversized(_ backend: ExactReader.Backend) throws {
+        var sv: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sv) == 0 else { throw BenchFailure("socketpair") }
+        defer { close(sv[0]); close(sv[1]) }
+        let reader = try ExactReader(FileDescriptor(rawValue: sv[0]), options: .init(backend: backend))
+        try writeAll(sv[1], [0xFF, 0xFF, 0xFF, 0xFF], 4)
+        do {
+            _ = try reader.readFrame()
+            throw BenchFailure("an oversized length produced a frame")
+        } catch ExactReadError.frameTooLarge(let length, _) where length == 0xFFFF_FFFF {
+        }
+        counts.withLock { $0.oversized += 1 }
+    }
+
+    func reset(_ backend: ExactReader.Backend) throws {
+        let l = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(l) }
+        var addr = loopbackAddress(port: 0)
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        guard withSockaddr(&addr, { sa, l2 in bind(l, sa, l2) == 0 && listen(l, 1) == 0 && getsockname(l, sa, &len) == 0 })
+        else { throw BenchFailure("listen") }
+        let client = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard withSockaddr(&addr, { connect(client, $0, $1) }) == 0 else { throw BenchFailure("connect") }
+        let server = accept(l, nil, nil)
+        defer { close(server) }
+        let reader = try ExactReader(FileDescriptor(rawValue: server), options: .init(backend: backend))
+        let body = [UInt8](repeating: 0x5A, count: 64 << 10)  // fits the loopback buffers: no reader needed yet
+        try writeAll(client, Marks.header(8 << 20), 4)
+        try body.withUnsafeBytes { try writeAll(client, $0.baseAddress!, $0.count) }
+        var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+        setsockopt(client, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+        close(client)  // RST
+        do {
+            _ = try reader.readFrame()
+            throw BenchFailure("a reset body produced a frame")
+        } catch let e as Errno where e == .connectionReset {
+        }
+        counts.withLock { $0.resets += 1 }
+    }
+}
+
+/// writeAll for an array.
+func writeAll(_ fd: Int32, _ bytes: [UInt8], _ count: Int) throws {
+    try bytes.withUnsafeBytes { try writeAll(fd, $0.baseAddress!, count) }
 }
