@@ -165,19 +165,25 @@ final class MemoryPool: Sendable {
     func register(_ block: inout Block) -> Bool {
         guard block.slot == nil else { return true }
         guard block.isMapped, block.resident == block.capacity else { return false }
-        let bytes = block.capacity
-        guard let registrar = claim(bytes) else { return false }
-        switch registrar.register(base: block.base, count: bytes) {
+        guard let slot = registerWithinBudget(base: block.base, count: block.capacity) else { return false }
+        block.slot = slot
+        return true
+    }
+
+    /// Claims `count` bytes of the budgets and registers the memory; on a refusal, the claim is
+    /// returned and the reason kept in `lastRefusal`.
+    private func registerWithinBudget(base: UnsafeMutableRawPointer, count: Int) -> RegisteredSlot? {
+        guard let registrar = claim(count) else { return nil }
+        switch registrar.register(base: base, count: count) {
         case .success(let slot):
-            block.slot = slot
-            return true
+            return slot
         case .failure(let e):
             state.withLock { s in
-                s.registeredBytes -= bytes
+                s.registeredBytes -= count
                 s.lastRefusal = .kernel(e)
             }
-            RegistrationBudget.shared.release(bytes)
-            return false
+            RegistrationBudget.shared.release(count)
+            return nil
         }
     }
 
@@ -250,19 +256,9 @@ final class MemoryPool: Sendable {
 
     /// Registers caller-owned memory in a free slot (within the budgets); nil when not possible.
     func registerExternal(base: UnsafeMutableRawPointer, count: Int) -> RegisteredSlot? {
-        guard let registrar = claim(count) else { return nil }
-        switch registrar.register(base: base, count: count) {
-        case .success(let slot):
-            state.withLock { $0.externalBytes[slot.index] = count }
-            return slot
-        case .failure(let e):
-            state.withLock { s in
-                s.registeredBytes -= count
-                s.lastRefusal = .kernel(e)
-            }
-            RegistrationBudget.shared.release(count)
-            return nil
-        }
+        guard let slot = registerWithinBudget(base: base, count: count) else { return nil }
+        state.withLock { $0.externalBytes[slot.index] = count }
+        return slot
     }
 
     func unregisterExternal(_ slot: RegisteredSlot) {
