@@ -81,3 +81,10 @@ uint64_t ctest_stop_signal_storm(void)
 	setitimer(ITIMER_REAL, &it, NULL);
 	return (uint64_t)atomic_load(&signals);
 }
+
+int ctest_set_dumpable(void)
+{
+	/* After setuid the kernel clears the dumpable flag: /proc/self then belongs to root and
+	 * LeakSanitizer cannot read it. Set it again. */
+	return prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0 ? 0 : -errno;
+}

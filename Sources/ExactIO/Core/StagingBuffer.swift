@@ -35,7 +35,7 @@ final class StagingChunk: @unchecked Sendable {
     init(region: Region) { self.region = region }
 }
 
-struct StagingBuffer {
+struct StagingBuffer: CoreBuffer {
     private(set) var region: Region
     private(set) var readIndex = 0
     private(set) var writeIndex = 0
@@ -79,6 +79,27 @@ struct StagingBuffer {
     /// The free tail, where the next read lands. Valid until the next mutating call.
     var writable: UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(start: region.base + writeIndex, count: region.capacity - writeIndex)
+    }
+
+    @inline(__always)
+    func byte(at i: Int) -> UInt8 {
+        region.base.load(fromByteOffset: readIndex + i, as: UInt8.self)
+    }
+
+    /// A view of the next `count` buffered bytes, consuming them: always in place (staging is
+    /// contiguous).
+    @inline(__always)
+    mutating func view(_ count: Int) throws(Errno) -> (ByteView, copied: Int) {
+        (consumeView(count), 0)
+    }
+
+    mutating func copyOut(into dst: UnsafeMutableRawPointer, max: Int) -> Int {
+        let n = min(max, buffered)
+        if n > 0 {
+            dst.copyMemory(from: region.base + readIndex, byteCount: n)
+            readIndex += n
+        }
+        return n
     }
 
     /// A view of the next `count` buffered bytes, consuming them (no copy).

@@ -1,3 +1,4 @@
+import CTestSupport
 import Foundation
 import Glibc
 import SystemPackage
@@ -255,5 +256,6 @@ func becomeUnprivileged(memlock: Int) {
     if getuid() == 0 {
         let id = UInt32(200_000 + Int(getpid()) % 100_000)
         guard setgroups(0, nil) == 0, setgid(id) == 0, setuid(id) == 0 else { fatalError("drop privileges") }
+        _ = ctest_set_dumpable()
     }
 }
