@@ -85,6 +85,6 @@ uint64_t ctest_stop_signal_storm(void)
 int ctest_set_dumpable(void)
 {
 	/* After setuid the kernel clears the dumpable flag: /proc/self then belongs to root and
-	 * LeakSanitizer cannot read it. Set it again. */
+	 * the child could not read its own status (VmRSS). Set it again. */
 	return prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0 ? 0 : -errno;
 }

@@ -257,6 +257,7 @@ func manyReadersChild() throws {
         try send(ends[i].1, [UInt8(i % 256), 1, 2])
         guard try r.readExactly(3) == ByteView([UInt8(i % 256), 1, 2]) else { exit(83) }
     }
+    endUnprivilegedChild()
 }
 
 // MARK: - isAtEOF on a descriptor closed behind the reader's back

@@ -58,6 +58,7 @@ func smallMemlockChild() throws {
     let forced = try ExactReader(c, options: .init(registeredMemoryLimit: 1 << 30))
     report("with registeredMemoryLimit 1 GiB: \(forced.fallbackReason ?? "nil")")
     guard forced.backend == .ioUring, let w = forced.fallbackReason, w.contains("budget") else { exit(8) }
+    endUnprivilegedChild()
 }
 
 @Suite struct MemoryTests {

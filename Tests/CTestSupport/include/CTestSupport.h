@@ -18,7 +18,7 @@ int ctest_start_signal_storm(long usec);
 /* Stops the timer; returns the number of signals delivered since the start. */
 uint64_t ctest_stop_signal_storm(void);
 
-/* Makes the process dumpable again after a uid change (for LeakSanitizer). Returns 0 or -errno. */
+/* Makes the process dumpable again after a uid change (/proc/self readable). Returns 0 or -errno. */
 int ctest_set_dumpable(void);
 
 #endif

@@ -243,6 +243,12 @@ extension ExactReader.Backend {
     init(uring: Bool) { self = uring ? .ioUring : .posix }
 }
 
+/// Ends an unprivileged child: `_exit`, skipping LeakSanitizer's check at exit, which cannot
+/// stop the threads of a process whose uid changed (its tracer is refused).
+func endUnprivilegedChild() -> Never {
+    _exit(0)
+}
+
 /// Drops this (child) process's privileges to a user of its own, with RLIMIT_MEMLOCK =
 /// `memlock` bytes. The kernel charges io_uring memory per user, and releases it a moment
 /// after rings close: a uid per process keeps concurrent and consecutive tests apart.
