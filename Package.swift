@@ -41,10 +41,20 @@ let package = Package(
                 .treatAllWarnings(as: .error),
             ]
         ),
+        // Linux interfaces the Glibc module lacks (epoll, eventfd, accept4): the loop's epoll backend.
+        .target(
+            name: "CExactIOLinux",
+            cSettings: [
+                .enableWarning("all"),
+                .enableWarning("extra"),
+                .treatAllWarnings(as: .error),
+            ]
+        ),
         .target(
             name: "ExactIO",
             dependencies: [
                 "CSupport",
+                "CExactIOLinux",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: swiftSettings

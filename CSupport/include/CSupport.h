@@ -138,6 +138,70 @@ struct csupport_read_res {
  */
 int csupport_read(csupport_ring *ring, const struct csupport_read_req *req, struct csupport_read_res *res);
 
+/*
+ * The event loop (loop.c): requests queued without waiting, tagged with the caller's
+ * user_data, submitted and reaped in batches. One thread calls these for a given ring.
+ */
+
+/* A provided-buffer ring: buffers the kernel picks from when data arrives (5.19). */
+typedef struct csupport_bufring csupport_bufring;
+
+enum {
+	/* Buffers may be consumed a part at a time (IOU_PBUF_RING_INC, 6.12): a completion uses
+	 * only the bytes it received. Dropped (csupport_bufring_flags says) where the kernel
+	 * refuses it. */
+	CSUPPORT_BUFRING_INCREMENTAL = 1u << 0,
+};
+
+/* Registers a ring of `entries` (a power of two) provided buffers as group `group`. Returns 0
+ * or -errno (-EINVAL before 5.19). Buffers are added with csupport_bufring_add. */
+int csupport_bufring_create(csupport_ring *ring, unsigned entries, unsigned group, unsigned flags,
+			    csupport_bufring **out);
+/* The CSUPPORT_BUFRING_* flags in effect. */
+unsigned csupport_bufring_flags(const csupport_bufring *b);
+/* Queues buffer `bid` = [addr, addr + len) for the kernel; visible after publish. */
+void csupport_bufring_add(csupport_bufring *b, void *addr, unsigned len, unsigned short bid);
+/* Makes every buffer added since the last publish visible to the kernel. */
+void csupport_bufring_publish(csupport_bufring *b);
+/* Unregisters (when the ring is still this process's) and frees the buffer ring. */
+void csupport_bufring_destroy(csupport_ring *ring, csupport_bufring *b);
+
+/* Queue one request each (submitted by the next csupport_enter). 0 or -errno (-EBUSY: the
+ * submission queue is full even after a flush). */
+int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, uint64_t user_data);
+int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, int slot, uint64_t user_data);
+/* A single READ of up to `len` bytes into a provided buffer of `group` (pipes and other
+ * non-sockets, where multishot RECV does not apply). */
+int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsigned len, uint64_t user_data);
+int csupport_queue_accept_multishot(csupport_ring *ring, int fd, uint64_t user_data);
+int csupport_queue_poll(csupport_ring *ring, int fd, unsigned events, int multishot, uint64_t user_data);
+int csupport_queue_cancel(csupport_ring *ring, uint64_t target, uint64_t user_data);
+/* Cancels every request in flight on the ring (IORING_ASYNC_CANCEL_ANY, 5.19); its own
+ * completion's res is the number cancelled or -errno. */
+int csupport_queue_cancel_all(csupport_ring *ring, uint64_t user_data);
+
+/* Submits everything queued and waits for at least `wait_nr` completions, at most
+ * `timeout_ns` (0: no limit). One io_uring_enter. Returns the number submitted, 0 on a
+ * timeout or an interrupted wait, or -errno. */
+int csupport_enter(csupport_ring *ring, unsigned wait_nr, int64_t timeout_ns);
+
+/* One completion, as the loop sees it. */
+struct csupport_cqe {
+	uint64_t user_data;
+	int32_t res;
+	uint16_t flags;  /* CSUPPORT_CQE_* */
+	uint16_t buffer; /* the provided buffer's id, with CSUPPORT_CQE_BUFFER */
+};
+
+enum {
+	CSUPPORT_CQE_BUFFER = 1u << 0,      /* `buffer` holds the data (IORING_CQE_F_BUFFER) */
+	CSUPPORT_CQE_MORE = 1u << 1,        /* the multishot request goes on (IORING_CQE_F_MORE) */
+	CSUPPORT_CQE_BUFFER_MORE = 1u << 2, /* the buffer is not used up (IORING_CQE_F_BUF_MORE) */
+};
+
+/* Copies up to `max` available completions to `out` and consumes them; returns how many. */
+unsigned csupport_reap(csupport_ring *ring, struct csupport_cqe *out, unsigned max);
+
 /* Test seam: the next `count` waits for a completion on `ring` fail with -err (0: stop). */
 void csupport_debug_fail_waits(csupport_ring *ring, int count, int err);
 

@@ -137,6 +137,16 @@ struct ReaderCore<Buffer: CoreBuffer> {
         if r.count < minimum { sawEOF = true }
     }
 
+    /// A direct read stopped before its end for `error` (a cancelled task, a deadline): the
+    /// `count` bytes it read are kept by the recovery path, and `error` is thrown.
+    mutating func directInterrupted<E: Error>(count: Int, _ error: E) throws(E) {
+        if var d = direct {
+            d.got += count
+            direct = d
+        }
+        try abandon(error)
+    }
+
     mutating func count(_ r: EngineResult) {
         statistics.reads += r.reads
         statistics.fixedReads += r.fixedReads
@@ -208,6 +218,10 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// own for large counts, up to 4 MiB).
     mutating func upTo(_ maxCount: Int) throws -> CoreStep<ByteView> {
         if let d = direct {
+            if d.got == 0 && buffer.buffered > 0 {
+                direct = nil  // bytes arrived in the buffer meanwhile: they are the answer
+                return .done(try deliver(min(maxCount, buffer.buffered)))
+            }
             guard d.got == 0 && !sawEOF else {
                 direct = nil
                 guard case .chunk(let region) = d.memory, d.got > 0 else { return .done(ByteView()) }
@@ -252,7 +266,11 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// the caller's memory.
     mutating func into(_ dst: UnsafeMutableRawBufferPointer, slot: Int32) throws -> CoreStep<Void> {
         let count = dst.count
-        if let d = direct {
+        if var d = direct {
+            if buffer.buffered > 0 && d.got < d.count {
+                d.got += copyOut(into: dst.baseAddress! + d.got, max: d.count - d.got)
+                direct = d
+            }
             if d.got < d.count && !sawEOF {
                 return .need(.direct(dst: UnsafeMutableRawBufferPointer(rebasing: dst[d.got...]), minimum: d.count - d.got, slot: slot))
             }
@@ -351,8 +369,14 @@ struct ReaderCore<Buffer: CoreBuffer> {
 
     /// The next request of the large read in progress, or its result.
     private mutating func directStep() throws -> CoreStep<ByteView> {
-        guard let d = direct, case .frame(let region) = d.memory else { preconditionFailure("no frame read in progress") }
+        guard var d = direct, case .frame(let region) = d.memory else { preconditionFailure("no frame read in progress") }
         let front = Self.frontRoom
+        if buffer.buffered > 0 && d.got < d.count {
+            // Bytes that arrived in the buffer meanwhile (an event loop's receive) come first.
+            region.commit(upTo: front + min(d.count, d.got + buffer.buffered))
+            d.got += copyOut(into: region.base + front + d.got, max: d.count - d.got)
+            direct = d
+        }
         if d.got < d.count && !sawEOF {
             var target = d.count
             if region.slot < 0 && region.resident < front + d.count {

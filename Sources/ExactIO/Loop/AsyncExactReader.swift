@@ -1,0 +1,270 @@
+import Glibc
+import SystemPackage
+
+/// The async twin of `ExactReader`: exactly n bytes, or length-prefixed frames, from a socket
+/// or pipe served by an `IOLoop`, with the same names, errors and memory and copy contract.
+///
+/// ```swift
+/// let reader = try AsyncExactReader(conn, loop: loop)
+/// while let frame = try await reader.readFrame() { handle(frame) }
+/// // or: for try await frame in reader.frames() { handle(frame) }
+/// ```
+///
+/// How bytes travel: the loop receives into its shared receive buffers (an idle connection
+/// holds none); a frame that lies inside one received buffer is a view of it (no copy), one that
+/// spans two is copied once into memory of its own (`statistics.bytesCopied`), and a large
+/// body (a quarter of `Options.stagingCapacity` or more, 64 KiB by default) goes straight into
+/// its own memory after the bytes already received.
+///
+/// A reader has one owner at a time: it is not `Sendable`, so the compiler stops two tasks from
+/// using it at once. Cancelling the task that awaits a read ends the read with
+/// `CancellationError` and cancels its request in the kernel; the stream stays consistent (bytes
+/// that arrived stay buffered, `readFrame` consumes nothing), so a later read continues exactly
+/// where the stream is. `Options.readTimeout` works as for `ExactReader` (`Errno.timedOut`).
+/// After the loop's `shutdown()`, reads fail with `Errno.canceled`.
+public final class AsyncExactReader {
+    /// The descriptor read from (borrowed: never closed by the reader).
+    public let fileDescriptor: FileDescriptor
+    /// The loop that serves the reader.
+    public let loop: IOLoop
+    /// The options the reader was created with (`backend` is the loop's).
+    public let options: ExactReader.Options
+    /// Counters since creation.
+    public var statistics: ExactReader.Statistics { core.statistics }
+
+    var core: ReaderCore<SegmentBuffer>
+    let connection: LoopConnection
+    /// The deadline of the call in progress (CLOCK_MONOTONIC ns), 0 for none.
+    private var deadline: Int64 = 0
+    private var contacted = false
+
+    /// Creates a reader over `fd` on `loop` (the descriptor is borrowed, never closed).
+    ///
+    /// - Parameters:
+    ///   - fd: A stream socket or a pipe/FIFO, blocking or not. Regular files are refused
+    ///     (`Errno.notSupported`): read them with `ExactReader`.
+    ///   - loop: The loop that serves it.
+    ///   - options: Staging capacity (which sets the direct-read threshold), frame limit, read
+    ///     timeout; `backend` is ignored (the loop's is used).
+    /// - Throws: `InvalidOptionError`; `Errno` as for `ExactReader.init` (a datagram socket is
+    ///   `Errno.protocolWrongTypeForSocket`); `Errno.canceled` when the loop was shut down.
+    public init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
+        try options.validate()
+        let type = try BackendSelection.fileType(fd)
+        if type == S_IFSOCK { try BackendSelection.requireStreamSocket(fd) }
+        if type == S_IFREG || type == S_IFDIR { throw Errno.notSupported }
+        if loop.isStopped { throw Errno.canceled }
+        self.fileDescriptor = fd
+        self.loop = loop
+        self.options = options
+        self.connection = LoopConnection(
+            fd: fd, loop: loop, isSocket: type == S_IFSOCK, maxBuffered: loop.options.maxBufferedBytesPerConnection)
+        let capacity = try Block.roundedCapacity(options.stagingCapacity)
+        self.core = ReaderCore(
+            buffer: SegmentBuffer(nominalCapacity: capacity), pool: loop.framePool,
+            maxFrameLength: options.maxFrameLength, directThreshold: max(1, capacity / 4))
+    }
+
+    deinit {
+        if contacted { loop.send(.detach(connection)) }
+    }
+
+    /// True when the stream has ended and every byte of it was consumed, as far as the loop has
+    /// seen (never waits; starts receiving if nothing is buffered).
+    public var isAtEOF: Bool {
+        absorb()
+        return core.buffer.buffered == 0 && core.sawEOF && core.pendingError == nil
+    }
+
+    /// Bytes received and not yet consumed by the reader.
+    public var bufferedCount: Int {
+        absorb()
+        return core.buffer.buffered
+    }
+
+    // MARK: - Reading
+
+    /// Reads one length-prefixed frame; as `ExactReader.readFrame(prefix:)`, plus
+    /// `CancellationError` when the awaiting task is cancelled (the frame is then not consumed).
+    public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) async throws -> ByteView? {
+        try await drive { core in try core.frame(prefix) }
+    }
+
+    /// Reads exactly `count` bytes; as `ExactReader.readExactly(_:)`.
+    public func readExactly(_ count: Int) async throws -> ByteView {
+        precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
+        return try await drive { core in try core.exactly(count) }
+    }
+
+    /// Fills all of `buffer`; as `ExactReader.readExactly(into:)`. The memory must stay valid
+    /// until the call returns (also when the task is cancelled: the call returns only when the
+    /// kernel is done with it).
+    public func readExactly(into buffer: UnsafeMutableRawBufferPointer) async throws {
+        guard buffer.count > 0, buffer.baseAddress != nil else { return }
+        try await drive { core in try core.into(buffer, slot: -1) }
+    }
+
+    /// Reads exactly `count` bytes and lends them to `body` in place; as
+    /// `ExactReader.withExactly(_:_:)`.
+    public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) async throws -> R {
+        let view = try await readExactly(count)
+        return try view.withUnsafeBytes(body)
+    }
+
+    /// Reads between 1 and `maxCount` bytes; as `ExactReader.read(upTo:)`.
+    public func read(upTo maxCount: Int) async throws -> ByteView {
+        precondition(maxCount >= 0, "read(upTo:): maxCount must not be negative (got \(maxCount))")
+        if maxCount == 0 { return ByteView() }
+        return try await drive { core in try core.upTo(maxCount) }
+    }
+
+    /// Reads and discards `count` bytes; as `ExactReader.skip(_:)`.
+    public func skip(_ count: Int) async throws {
+        precondition(count >= 0, "skip: count must not be negative (got \(count))")
+        var left = count
+        try await drive { core in try core.skip(&left) }
+    }
+
+    /// The frames of the stream, as an `AsyncSequence` that ends at a clean end of stream
+    /// between frames (and throws what `readFrame` throws otherwise).
+    public func frames(prefix: LengthPrefix = .uint32(.bigEndian)) -> Frames {
+        Frames(reader: self, prefix: prefix)
+    }
+
+    /// The frames of a reader (`AsyncExactReader.frames(prefix:)`).
+    public struct Frames: AsyncSequence {
+        public typealias Element = ByteView
+        let reader: AsyncExactReader
+        let prefix: LengthPrefix
+
+        public func makeAsyncIterator() -> Iterator {
+            Iterator(reader: reader, prefix: prefix)
+        }
+
+        public struct Iterator: AsyncIteratorProtocol {
+            let reader: AsyncExactReader
+            let prefix: LengthPrefix
+
+            public mutating func next() async throws -> ByteView? {
+                try await reader.readFrame(prefix: prefix)
+            }
+        }
+    }
+
+    // MARK: - The async driver
+
+    /// Runs one core operation to its end, serving its requests from the loop: received
+    /// segments for `.buffered`, a read in the loop for `.direct`.
+    private func drive<T>(_ step: (inout ReaderCore<SegmentBuffer>) throws -> CoreStep<T>) async throws -> T {
+        if let e = core.brokenError { throw e }
+        absorb()
+        let timeout = options.timeoutNanoseconds
+        deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        while true {
+            switch try step(&core) {
+            case .done(let value):
+                return value
+            case .need(.buffered(let count)):
+                try await receive(atLeast: count)
+            case .need(.direct(let dst, let minimum, let slot)):
+                try await direct(dst, minimum: minimum, slot: slot)
+            }
+        }
+    }
+
+    /// Takes what the loop received (without waiting), and asks it to receive when it does not.
+    @discardableResult
+    private func absorb() -> (error: Errno?, timedOut: Bool, shutDown: Bool) {
+        let (segments, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
+            let segments = s.received
+            s.received.removeAll(keepingCapacity: true)
+            s.receivedBytes = 0
+            let error = s.error
+            s.error = nil
+            let timedOut = s.timedOut
+            s.timedOut = false
+            let arm = !s.receiving && !s.eof && error == nil && !s.shutDown
+            if arm { s.receiving = true }
+            return (segments, s.eof, error, timedOut, s.shutDown, arm)
+        }
+        if !segments.isEmpty {
+            core.statistics.reads += segments.count
+            core.buffer.appendAll(segments)
+        }
+        if eof { core.sawEOF = true }
+        if arm {
+            contacted = true
+            loop.send(.receive(connection))
+        }
+        return (error, timedOut, shutDown)
+    }
+
+    private func receive(atLeast count: Int) async throws {
+        var watching = false
+        while true {
+            let (error, timedOut, shutDown) = absorb()
+            if core.buffer.buffered >= count || core.sawEOF { return }
+            if let error { throw error }
+            if shutDown { throw Errno.canceled }
+            if timedOut { throw Errno.timedOut }
+            try Task.checkCancellation()
+            if deadline > 0 {
+                if monotonicNanoseconds() >= deadline { throw Errno.timedOut }
+                if !watching {
+                    connection.state.withLock { $0.deadline = deadline }
+                    loop.send(.deadline(connection))
+                    watching = true
+                }
+            }
+            await connection.wait(cancellable: true)
+        }
+    }
+
+    private func direct(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
+        // Bytes received before the read come first: the core copies them in when it steps.
+        let (error, _, shutDown) = absorb()
+        if core.buffer.buffered > 0 { return }
+        if let error { return try core.directCompleted(EngineResult(error: error), minimum: minimum) }
+        if core.sawEOF { return try core.directCompleted(EngineResult(), minimum: minimum) }
+        if shutDown { return try core.directInterrupted(count: 0, Errno.canceled) }
+        if Task.isCancelled { return try core.directInterrupted(count: 0, CancellationError()) }
+        connection.state.withLock { s in
+            s.direct = DirectRequest(dst: dst, minimum: minimum, slot: slot)
+            s.deadline = deadline
+        }
+        contacted = true
+        loop.send(.direct(connection))
+        if deadline > 0 { loop.send(.deadline(connection)) }
+        var cancelSent = false
+        while true {
+            // Once the cancellation is asked for, wait (uncancellably) for the kernel to let go
+            // of the memory.
+            await connection.wait(cancellable: !cancelSent)
+            let (done, interrupted) = connection.state.withLock { s in
+                (s.direct?.done ?? true, s.shutDown || s.timedOut)
+            }
+            if done { break }
+            if !cancelSent && (Task.isCancelled || interrupted) {
+                loop.send(.cancelDirect(connection))
+                cancelSent = true
+            }
+        }
+        let (d, timedOut, shutDown2) = connection.state.withLock { s in
+            let d = s.direct
+            s.direct = nil
+            let t = s.timedOut
+            s.timedOut = false
+            return (d, t, s.shutDown)
+        }
+        guard let d else { return }
+        if d.retry { return }  // bytes arrived before the read started: the core takes them first
+        if timedOut { return try core.directInterrupted(count: d.got, Errno.timedOut) }
+        if shutDown2 && (d.error == .canceled || d.error == nil && d.got < minimum) {
+            return try core.directInterrupted(count: d.got, Errno.canceled)
+        }
+        if cancelSent && (d.error == .canceled || d.got < minimum) {
+            return try core.directInterrupted(count: d.got, CancellationError())
+        }
+        try core.directCompleted(EngineResult(count: d.got, error: d.error, reads: 1), minimum: minimum)
+    }
+}

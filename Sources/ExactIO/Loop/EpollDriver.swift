@@ -1,0 +1,283 @@
+import CExactIOLinux
+import Glibc
+import SystemPackage
+
+/// The loop on epoll with non-blocking `read(2)`, where io_uring is unavailable: level-
+/// triggered readiness for the connections that want bytes, one `read(2)` per ready
+/// connection per turn (fairness), received bytes packed into the loop's receive buffers.
+final class EpollDriver: LoopDriverBase, LoopDriver {
+    let epfd: Int32
+    let eventFD: Int32
+    private var events: [epoll_event]
+    /// Receive buffers not in use, and the one being filled (with its fill offset).
+    private var free: [UInt16]
+    private var current: ReceiveBuffer? = nil
+    private var currentOffset = 0
+    private var inflight = 0
+
+    static let wakeTag: UInt64 = LoopTag(slot: 0xff_ffff, generation: 0, kind: .wake).rawValue
+
+    init(pool: ReceivePool, eventFD: Int32) throws(Errno) {
+        let fd = epoll_create1(Int32(EPOLL_CLOEXEC))
+        guard fd >= 0 else { throw Errno(rawValue: errno) }
+        self.epfd = fd
+        self.eventFD = eventFD
+        self.events = Array(repeating: epoll_event(), count: 256)
+        self.free = (0..<UInt16(pool.count)).reversed()
+        super.init(pool: pool)
+        var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: EpollDriver.wakeTag))
+        guard epoll_ctl(epfd, EPOLL_CTL_ADD, eventFD, &ev) == 0 else {
+            let e = Errno(rawValue: errno)
+            Glibc.close(fd)
+            throw e
+        }
+    }
+
+    var kind: ExactReader.Backend { .posix }
+
+    func close() {
+        Glibc.close(epfd)
+    }
+
+    /// Reading interest on or off. Off is a removal: EPOLLHUP and EPOLLERR are reported even
+    /// for an empty event mask, and a closed peer would wake every turn.
+    private func setInterest(_ fd: Int32, tag: UInt64, reading: Bool, registered: inout Bool) {
+        if !reading {
+            if registered {
+                _ = epoll_ctl(epfd, EPOLL_CTL_DEL, fd, nil)
+                registered = false
+            }
+            return
+        }
+        var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: tag))
+        if registered {
+            _ = epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev)
+        } else if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) == 0 {
+            registered = true
+        }
+    }
+
+    // MARK: Receiving
+
+    override func startReceive(_ c: LoopConnection, loop: IOLoop) {
+        c.armed = true
+        c.state.withLock { $0.receiving = true }
+        setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: true, registered: &c.registeredWithEpoll)
+    }
+
+    override func stopReceive(_ c: LoopConnection) {
+        c.armed = false
+        setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
+        c.receivingStopped()
+        if c.directPending && !c.detached {
+            c.directPending = false
+            startDirectNow(c)
+        }
+    }
+
+    override func startDirect(_ c: LoopConnection, loop: IOLoop) {
+        startDirectNow(c)
+    }
+
+    private func startDirectNow(_ c: LoopConnection) {
+        let hasData = c.state.withLock { !$0.received.isEmpty }
+        if hasData {
+            c.directProgress(0, finished: true, error: nil, retry: true)
+            return
+        }
+        c.directInFlight = true
+        setInterest(c.fd.rawValue, tag: c.tag(.direct), reading: true, registered: &c.registeredWithEpoll)
+    }
+
+    override func cancelDirect(_ c: LoopConnection) {
+        guard c.directInFlight else { return }
+        c.directInFlight = false
+        setInterest(c.fd.rawValue, tag: c.tag(.direct), reading: false, registered: &c.registeredWithEpoll)
+        c.directProgress(0, finished: true, error: .canceled)
+        releaseIfIdle(c)
+    }
+
+    override func detachKernel(_ c: LoopConnection) {
+        if c.registeredWithEpoll {
+            _ = epoll_ctl(epfd, EPOLL_CTL_DEL, c.fd.rawValue, nil)
+            c.registeredWithEpoll = false
+        }
+        c.armed = false
+    }
+
+    /// One read(2) for a connection that wants received bytes.
+    private func receive(_ c: LoopConnection, loop: IOLoop) {
+        if current == nil || pool.size - currentOffset < 512 {
+            guard let bid = free.popLast() else {
+                // No buffer: stop reading this connection until buffers come back.
+                loop.count { $0.starvations += 1 }
+                c.armed = false
+                setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
+                c.starved = true
+                starved.append(c)
+                pool.starved.store(true, ordering: .releasing)
+                return
+            }
+            current = ReceiveBuffer(pool: pool, bid: bid)
+            currentOffset = 0
+        }
+        let buffer = current!
+        loop.count { $0.reads += 1 }
+        let n = Glibc.read(c.fd.rawValue, buffer.base + currentOffset, pool.size - currentOffset)
+        if n > 0 {
+            let segment = Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)
+            currentOffset += n
+            if c.deliver(segment) {
+                // Backpressure: stop reading until the reader takes its bytes.
+                stopReceive(c)
+            }
+        } else if n == 0 {
+            c.armed = false
+            setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
+            c.finishReceiving(eof: true, error: nil)
+        } else {
+            let e = Errno(rawValue: errno)
+            if e == .resourceTemporarilyUnavailable || e == .interrupted { return }
+            c.armed = false
+            setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
+            c.finishReceiving(eof: false, error: e)
+        }
+    }
+
+    /// One read(2) straight into a direct read's memory.
+    private func readDirect(_ c: LoopConnection, loop: IOLoop) {
+        guard let d = c.state.withLock({ $0.direct }), !d.done else {
+            c.directInFlight = false
+            return
+        }
+        loop.count { $0.reads += 1 }
+        let n = Glibc.read(c.fd.rawValue, d.dst.baseAddress! + d.got, d.dst.count - d.got)
+        var finished = false
+        var error: Errno? = nil
+        if n > 0 {
+            finished = d.got + n >= d.minimum
+        } else if n == 0 {
+            finished = true
+        } else {
+            let e = Errno(rawValue: errno)
+            if e == .resourceTemporarilyUnavailable || e == .interrupted { return }
+            finished = true
+            error = e
+        }
+        if finished {
+            c.directInFlight = false
+            setInterest(c.fd.rawValue, tag: c.tag(.direct), reading: false, registered: &c.registeredWithEpoll)
+        }
+        c.directProgress(max(n, 0), finished: finished, error: error)
+        releaseIfIdle(c)
+    }
+
+    func giveBack(_ bids: [UInt16], loop: IOLoop) {
+        guard !bids.isEmpty else { return }
+        free.append(contentsOf: bids)
+        if !starved.isEmpty {
+            let waiting = starved
+            starved.removeAll()
+            pool.starved.store(false, ordering: .releasing)
+            for c in waiting where !c.detached {
+                c.starved = false
+                startReceive(c, loop: loop)
+            }
+        }
+    }
+
+    // MARK: Accepting
+
+    override func startAccept(_ l: Listener, loop: IOLoop) {
+        let flags = fcntl(l.fd.rawValue, F_GETFL)
+        _ = fcntl(l.fd.rawValue, F_SETFL, flags | O_NONBLOCK)
+        var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: LoopTag(slot: l.slot, generation: l.generation, kind: .accept).rawValue))
+        if epoll_ctl(epfd, EPOLL_CTL_ADD, l.fd.rawValue, &ev) == 0 {
+            l.armed = true
+        } else {
+            l.queue.finish(throwing: Errno(rawValue: errno))
+            release(slot: l.slot)
+        }
+    }
+
+    override func stopAccept(_ l: Listener) {
+        if l.armed {
+            _ = epoll_ctl(epfd, EPOLL_CTL_DEL, l.fd.rawValue, nil)
+            l.armed = false
+        }
+        l.queue.finish()
+        release(slot: l.slot)
+    }
+
+    private func accept(_ l: Listener) {
+        while true {
+            let fd = cexactio_accept4(l.fd.rawValue, Int32(SOCK_CLOEXEC.rawValue))
+            if fd >= 0 {
+                l.queue.yield(FileDescriptor(rawValue: fd))
+                continue
+            }
+            let e = Errno(rawValue: errno)
+            if e == .resourceTemporarilyUnavailable || e == .interrupted { return }
+            if e == .connectionAbort { continue }
+            if e == .tooManyOpenFiles || e == .noMemory || e == .noBufferSpace { return }  // try again later
+            stopAccept(l)
+            return
+        }
+    }
+
+    // MARK: The turn
+
+    func turn(block: Bool, loop: IOLoop) {
+        var timeoutMs: Int32 = 0
+        if block {
+            let ns = nearestDeadline()
+            timeoutMs = ns == 0 ? -1 : Int32(clamping: (ns + 999_999) / 1_000_000)
+        }
+        loop.count { $0.enters += 1 }
+        let n = events.withUnsafeMutableBufferPointer { epoll_wait(epfd, $0.baseAddress, Int32($0.count), timeoutMs) }
+        if n > 0 {
+            loop.count { $0.completions += Int(n) }
+            for i in 0..<Int(n) {
+                let tag = LoopTag(rawValue: events[i].data.u64)
+                if tag.rawValue == EpollDriver.wakeTag {
+                    var value: UInt64 = 0
+                    _ = Glibc.read(eventFD, &value, 8)
+                    continue
+                }
+                switch entry(tag) {
+                case .connection(let c)?:
+                    if c.directInFlight {
+                        readDirect(c, loop: loop)
+                    } else if c.armed {
+                        receive(c, loop: loop)
+                    }
+                case .listener(let l)?:
+                    accept(l)
+                case nil:
+                    break
+                }
+            }
+        }
+        expireDeadlines()
+    }
+
+    func beginShutdown() {
+        stopping = true
+        interruptAll()
+        for case let entry? in entries {
+            switch entry {
+            case .connection(let c):
+                if c.directInFlight { cancelDirect(c) }
+                detachKernel(c)
+            case .listener(let l):
+                stopAccept(l)
+            }
+        }
+    }
+
+    var isDrained: Bool { inflight == 0 }
+
+    func finishShutdown(loop: IOLoop) {
+        current = nil
+    }
+}

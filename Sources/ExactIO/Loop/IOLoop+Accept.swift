@@ -1,0 +1,132 @@
+import Glibc
+import Synchronization
+import SystemPackage
+
+extension IOLoop {
+    /// The connections accepted on `listener`, as they come: multishot accept on io_uring,
+    /// readiness and `accept4(2)` on epoll (the listener is then set non-blocking).
+    ///
+    /// Each element is a new descriptor (close-on-exec) that the caller owns and closes. The
+    /// sequence ends when the loop shuts down or the iteration stops (a `break`, a cancelled
+    /// task); descriptors accepted but not yet taken are closed then. It throws the errno of a
+    /// listener that fails for good (a passing shortage — EMFILE, ENOBUFS — only pauses it).
+    /// `listener` is borrowed: it stays open.
+    public func connections(accepting listener: FileDescriptor) -> AcceptedConnections {
+        AcceptedConnections(loop: self, listener: listener)
+    }
+}
+
+/// Connections accepted on a listener by a loop (`IOLoop.connections(accepting:)`).
+public struct AcceptedConnections: AsyncSequence, Sendable {
+    public typealias Element = FileDescriptor
+    let loop: IOLoop
+    let listener: FileDescriptor
+
+    public func makeAsyncIterator() -> Iterator {
+        let queue = AcceptQueue()
+        let l = Listener(fd: listener, queue: queue)
+        queue.onStop = { [loop] in loop.send(.unlisten(l)) }
+        loop.send(.listen(l))
+        return Iterator(queue: queue)
+    }
+
+    public struct Iterator: AsyncIteratorProtocol {
+        let queue: AcceptQueue
+
+        /// The next accepted descriptor, or nil when the sequence ended.
+        public mutating func next() async throws -> FileDescriptor? {
+            try await queue.next()
+        }
+    }
+}
+
+/// Accepted descriptors waiting for the iterator. When the iterator goes, accepting stops and
+/// the descriptors not taken are closed.
+final class AcceptQueue: @unchecked Sendable {
+    // @unchecked Sendable: `state` is behind its mutex; `onStop` is set once before sharing.
+    struct State {
+        var pending: [FileDescriptor] = []
+        var waiter: UnsafeContinuation<Void, Never>? = nil
+        var finished = false
+        var failure: Errno? = nil
+    }
+    let state = Mutex(State())
+    var onStop: (@Sendable () -> Void)? = nil
+
+    func yield(_ fd: FileDescriptor) {
+        let (waiter, refused) = state.withLock { s -> (UnsafeContinuation<Void, Never>?, Bool) in
+            if s.finished { return (nil, true) }
+            s.pending.append(fd)
+            let w = s.waiter
+            s.waiter = nil
+            return (w, false)
+        }
+        if refused { try? fd.close() }
+        waiter?.resume()
+    }
+
+    func finish(throwing error: Errno? = nil) {
+        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+            if !s.finished {
+                s.finished = true
+                s.failure = error
+            }
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
+    }
+
+    func next() async throws -> FileDescriptor? {
+        while true {
+            let (fd, finished, failure) = state.withLock { s -> (FileDescriptor?, Bool, Errno?) in
+                if !s.pending.isEmpty { return (s.pending.removeFirst(), false, nil) }
+                let f = s.failure
+                s.failure = nil
+                return (nil, s.finished, f)
+            }
+            if let fd { return fd }
+            if let failure { throw failure }
+            if finished { return nil }
+            if Task.isCancelled {
+                stop()
+                return nil
+            }
+            await withTaskCancellationHandler {
+                await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+                    let now = state.withLock { s -> Bool in
+                        if !s.pending.isEmpty || s.finished || s.failure != nil || Task.isCancelled { return true }
+                        s.waiter = c
+                        return false
+                    }
+                    if now { c.resume() }
+                }
+            } onCancel: {
+                let w = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+                    let w = s.waiter
+                    s.waiter = nil
+                    return w
+                }
+                w?.resume()
+            }
+        }
+    }
+
+    /// Stops accepting (once) and closes what was not taken.
+    func stop() {
+        let (left, first) = state.withLock { s -> ([FileDescriptor], Bool) in
+            let first = !s.finished
+            s.finished = true
+            let left = s.pending
+            s.pending.removeAll()
+            return (left, first)
+        }
+        for fd in left { try? fd.close() }
+        if first { onStop?() }
+    }
+
+    deinit {
+        stop()
+    }
+}

@@ -1,0 +1,415 @@
+import CExactIOLinux
+import Glibc
+import Synchronization
+import SystemPackage
+
+/// One thread that serves any number of connections: one io_uring ring (provided-buffer
+/// receive, multishot, one `io_uring_enter` per turn for every submission and completion), or
+/// epoll with non-blocking `read(2)` where io_uring is unavailable.
+///
+/// ```swift
+/// let loop = try IOLoop()
+/// for try await conn in loop.connections(accepting: listener) {
+///     Task {
+///         defer { try? conn.close() }
+///         let reader = try AsyncExactReader(conn, loop: loop)
+///         for try await frame in reader.frames() { handle(frame) }
+///     }
+/// }
+/// ```
+///
+/// A loop is `Sendable` and shared by many tasks; each `AsyncExactReader` has one owner. Idle
+/// connections hold no receive memory: the loop's receive buffers (a fixed pool, shared) are
+/// taken when data arrives and given back when the last view of their bytes is released.
+///
+/// The loop is also a `TaskExecutor`: inside `withTaskExecutorPreference(loop) { … }`, a
+/// connection handler runs on the loop's thread, and the code that consumes a completion runs
+/// right after it, with no thread hop.
+///
+/// Scaling: one loop per core. With `SO_REUSEPORT`, give each loop a listener of its own on the
+/// same port and let the kernel spread connections (see `IOLoopGroup`).
+public final class IOLoop: @unchecked Sendable {
+    // @unchecked Sendable: the fields below are immutable, atomic, or behind `inbox`'s mutex;
+    // `driver`, `entries` and the per-connection loop fields are touched only on the loop's
+    // thread.
+
+    /// Loop configuration. Every field has a default.
+    public struct Options: Sendable {
+        /// `.automatic` (io_uring, else epoll), `.ioUring` (or the initializer throws), or
+        /// `.posix` (epoll with `read(2)`). `EXACTIO_BACKEND` overrides `.automatic`, as for
+        /// `ExactReader`.
+        public var backend: ExactReader.Backend
+        /// Bytes of each receive buffer (4 KiB to 1 MiB, rounded up to a power of two): small
+        /// frames inside one buffer are views of it; a frame that spans two is copied once.
+        public var receiveBufferSize: Int
+        /// Receive buffers shared by the loop's connections (a power of two, 16 to 32,768).
+        /// With `receiveBufferSize`, the loop's receive memory: 1,024 × 16 KiB = 16 MiB by
+        /// default, committed only as the kernel writes into it.
+        public var receiveBufferCount: Int
+        /// Backpressure: a connection whose received, unread bytes reach this stops receiving
+        /// until its reader takes them. Default 256 KiB.
+        public var maxBufferedBytesPerConnection: Int
+
+        public init(
+            backend: ExactReader.Backend = .automatic,
+            receiveBufferSize: Int = 16 << 10,
+            receiveBufferCount: Int = 1024,
+            maxBufferedBytesPerConnection: Int = 256 << 10
+        ) {
+            self.backend = backend
+            self.receiveBufferSize = receiveBufferSize
+            self.receiveBufferCount = receiveBufferCount
+            self.maxBufferedBytesPerConnection = maxBufferedBytesPerConnection
+        }
+
+        func validate() throws(ExactReader.InvalidOptionError) {
+            if receiveBufferSize < 4096 || receiveBufferSize > 1 << 20 {
+                throw .init(option: "receiveBufferSize", value: "\(receiveBufferSize)", requirement: "between 4096 and 1048576")
+            }
+            if receiveBufferCount < 16 || receiveBufferCount > 32768 {
+                throw .init(option: "receiveBufferCount", value: "\(receiveBufferCount)", requirement: "between 16 and 32768")
+            }
+            if maxBufferedBytesPerConnection < 1 {
+                throw .init(
+                    option: "maxBufferedBytesPerConnection", value: "\(maxBufferedBytesPerConnection)", requirement: ">= 1")
+            }
+        }
+    }
+
+    /// Counters since the loop started (the loop's own, across its connections).
+    public struct Statistics: Sendable, Hashable {
+        /// Waits in the kernel: `io_uring_enter` or `epoll_wait` calls.
+        public var enters = 0
+        /// Read requests submitted (io_uring: receives armed and direct reads) or `read(2)`
+        /// calls (epoll).
+        public var reads = 0
+        /// Completions (io_uring) or readiness events (epoll) handled.
+        public var completions = 0
+        /// Times another thread woke the loop (an eventfd write).
+        public var wakeups = 0
+        /// Receives that found the buffer pool empty and waited for buffers to come back.
+        public var starvations = 0
+        public init() {}
+    }
+
+    /// The backend in use after any fallback: `.ioUring` or `.posix` (epoll).
+    public private(set) var backend: ExactReader.Backend = .posix
+    /// Why io_uring is not used, if it is not (as for `ExactReader.fallbackReason`).
+    public private(set) var fallbackReason: String? = nil
+    public let options: Options
+
+    let pool: ReceivePool
+    /// Frame memory for large bodies, shared by the loop's readers (unregistered: registration
+    /// would have to happen on the loop's thread).
+    let framePool: MemoryPool
+    let eventFD: Int32
+    /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
+    private var driver: LoopDriver! = nil
+    private let inbox = Mutex(Inbox())
+    private let sleeping = Atomic<Bool>(false)
+    private let stats = Mutex(Statistics())
+    /// The loop thread's own counters, published to `stats` once per turn.
+    private var localStats = Statistics()
+    private let wakeups = Atomic<Int>(0)
+    private let loopThreadID = Atomic<UInt>(0)
+    private var thread: pthread_t? = nil
+    /// Set once shutdown has begun: new work is refused, jobs go to the global executor.
+    private let stopped = Atomic<Bool>(false)
+    private let joined = Mutex(false)
+
+    struct Inbox {
+        var commands: [LoopCommand] = []
+        var jobs: [UnownedJob] = []
+        /// The thread has ended: jobs go to the global executor.
+        var exited = false
+    }
+
+    /// Creates a loop and starts its thread.
+    ///
+    /// - Throws: `InvalidOptionError`; `Errno` when the eventfd, the receive memory or the
+    ///   thread cannot be created, or `.ioUring` was demanded and is unavailable.
+    public init(options: Options = Options()) throws {
+        try options.validate()
+        self.options = options
+        var size = 4096
+        while size < options.receiveBufferSize { size <<= 1 }
+        var count = 16
+        while count < options.receiveBufferCount { count <<= 1 }
+        let efd = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
+        guard efd >= 0 else { throw Errno(rawValue: errno) }
+        self.eventFD = efd
+        let wakeFD = efd
+        do {
+            self.pool = try ReceivePool(count: count, size: size, wake: { IOLoop.signal(wakeFD) })
+        } catch {
+            close(efd)
+            throw error
+        }
+        self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
+        try start()
+    }
+
+    static func makeDriver(options: Options, pool: ReceivePool, eventFD: Int32) throws -> (LoopDriver, String?) {
+        var wanted = options.backend
+        var note: String? = nil
+        if wanted == .automatic, let raw = ExactReader.processEnvironment()[BackendSelection.environmentVariable], !raw.isEmpty {
+            switch raw.lowercased() {
+            case "posix": return (try EpollDriver(pool: pool, eventFD: eventFD), "io_uring not used: forced by \(BackendSelection.environmentVariable)=\(raw)")
+            case "uring", "io_uring", "iouring": wanted = .ioUring
+            case "automatic", "auto": break
+            default: note = "\(BackendSelection.environmentVariable)=\(raw) not understood (expected posix or uring): ignored"
+            }
+        }
+        if wanted == .posix { return (try EpollDriver(pool: pool, eventFD: eventFD), nil) }
+        switch URingLoopDriver.make(pool: pool, eventFD: eventFD) {
+        case .success(let d):
+            return (d, note)
+        case .failure(let failure):
+            if wanted == .ioUring { throw failure.errno }
+            let reason = [note, failure.reason].compactMap { $0 }.joined(separator: "; ")
+            return (try EpollDriver(pool: pool, eventFD: eventFD), reason)
+        }
+    }
+
+    /// Starts the thread, which creates the backend (a SINGLE_ISSUER ring must be created and
+    /// registered on by the thread that submits to it), and waits for the outcome.
+    private func start() throws {
+        let context = StartContext(loop: self)
+        var tid = pthread_t()
+        let ret = pthread_create(&tid, nil, { arg in
+            let context = Unmanaged<StartContext>.fromOpaque(arg!).takeRetainedValue()
+            let loop = context.loop
+            do {
+                let (driver, reason) = try IOLoop.makeDriver(options: loop.options, pool: loop.pool, eventFD: loop.eventFD)
+                loop.driver = driver
+                loop.backend = driver.kind
+                loop.fallbackReason = reason
+                context.started.withLock { $0 = .success(()) }
+            } catch {
+                context.started.withLock { $0 = .failure(error) }
+                return nil
+            }
+            loop.run()
+            return nil
+        }, Unmanaged.passRetained(context).toOpaque())
+        guard ret == 0 else {
+            Unmanaged.passUnretained(context).release()
+            throw Errno(rawValue: ret)
+        }
+        // The outcome comes within the time it takes to set a ring up.
+        while true {
+            if let outcome = context.started.withLock({ $0 }) {
+                if case .failure(let e) = outcome {
+                    pthread_join(tid, nil)
+                    stopped.store(true, ordering: .releasing)
+                    throw e
+                }
+                break
+            }
+            usleep(50)
+        }
+        thread = tid
+    }
+
+    /// What the new thread needs, and how it reports back whether the backend came up.
+    private final class StartContext: @unchecked Sendable {
+        // @unchecked Sendable: handed to the new thread once; `started` is a mutex.
+        let loop: IOLoop
+        let started = Mutex<Result<Void, any Error>?>(nil)
+        init(loop: IOLoop) { self.loop = loop }
+    }
+
+    deinit {
+        // A loop is released only after its thread ended (the thread holds it while it runs).
+        driver?.close()
+        close(eventFD)
+    }
+
+    /// The loop's counters.
+    public var statistics: Statistics {
+        var s = stats.withLock { $0 }
+        s.wakeups = wakeups.load(ordering: .relaxed)
+        return s
+    }
+
+    /// Counts on the loop's thread (published once per turn).
+    @inline(__always)
+    func count(_ body: (inout Statistics) -> Void) {
+        body(&localStats)
+    }
+
+    // MARK: - Shutdown
+
+    /// Stops the loop: every pending read fails (`Errno.canceled`), every request is cancelled
+    /// and drained, accept sequences end, the thread is joined, and the ring (or epoll set),
+    /// the receive memory and the eventfd are released. Readers of this loop fail from then on.
+    /// Calling it again does nothing.
+    public func shutdown() async {
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else {
+            await waitJoined()
+            return
+        }
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            send(.shutdown(c))
+        }
+        await waitJoined()
+    }
+
+    private func waitJoined() async {
+        // The thread resumed the continuation as its last act; joining takes a moment.
+        let toJoin: pthread_t? = joined.withLock { done in
+            if done { return nil }
+            done = true
+            return thread
+        }
+        if let t = toJoin { pthread_join(t, nil) }
+    }
+
+    var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    // MARK: - Commands and wakeups
+
+    /// Queues `command` for the loop's thread and wakes it if it sleeps.
+    func send(_ command: LoopCommand) {
+        let queued = inbox.withLock { box -> Bool in
+            if box.exited { return false }
+            box.commands.append(command)
+            return true
+        }
+        if queued {
+            wake()
+            return
+        }
+        // The thread has ended: answer as a shut-down loop would.
+        switch command {
+        case .receive(let c), .deadline(let c):
+            c.interrupt(shutDown: true)
+        case .direct(let c), .cancelDirect(let c):
+            c.directProgress(0, finished: true, error: .canceled)
+            c.interrupt(shutDown: true)
+        case .listen(let l):
+            l.queue.finish()
+        case .detach, .unlisten:
+            break
+        case .shutdown(let c):
+            c.resume()
+        }
+    }
+
+    var isLoopThread: Bool {
+        loopThreadID.load(ordering: .relaxed) == UInt(bitPattern: Int(bitPattern: pthread_self()))
+    }
+
+    private func wake() {
+        if isLoopThread { return }
+        if sleeping.load(ordering: .acquiring) {
+            IOLoop.signal(eventFD)
+            wakeups.add(1, ordering: .relaxed)
+        }
+    }
+
+    static func signal(_ fd: Int32) {
+        var one: UInt64 = 1
+        _ = write(fd, &one, 8)
+    }
+
+    // MARK: - The thread
+
+    private func run() {
+        loopThreadID.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .relaxed)
+        var shutdownWaiter: UnsafeContinuation<Void, Never>? = nil
+        while true {
+            let (commands, jobs) = inbox.withLock { box -> ([LoopCommand], [UnownedJob]) in
+                let c = box.commands
+                let j = box.jobs
+                box.commands.removeAll(keepingCapacity: true)
+                box.jobs.removeAll(keepingCapacity: true)
+                return (c, j)
+            }
+            for command in commands {
+                if case .shutdown(let c) = command {
+                    shutdownWaiter = c
+                    driver.beginShutdown()
+                } else {
+                    driver.handle(command, loop: self)
+                }
+            }
+            driver.giveBack(pool.takeReturned(), loop: self)
+            for job in jobs { job.runSynchronously(on: asUnownedTaskExecutor()) }
+            if shutdownWaiter != nil && driver.isDrained { break }
+
+            // Sleep only when nothing is queued: the flag is set before the last look, so an
+            // enqueue after that look sees it and writes the eventfd.
+            sleeping.store(true, ordering: .sequentiallyConsistent)
+            let idle = inbox.withLock { $0.commands.isEmpty && $0.jobs.isEmpty }
+            driver.turn(block: idle && shutdownWaiter == nil, loop: self)
+            sleeping.store(false, ordering: .relaxed)
+            let snapshot = localStats
+            stats.withLock { $0 = snapshot }
+        }
+        // Drained: every request is done. Jobs that still arrive go to the global executor.
+        let late = inbox.withLock { box -> [UnownedJob] in
+            box.exited = true
+            let j = box.jobs
+            box.jobs.removeAll()
+            return j
+        }
+        for job in late { job.runSynchronously(on: asUnownedTaskExecutor()) }
+        driver.finishShutdown(loop: self)
+        shutdownWaiter?.resume()
+    }
+}
+
+// MARK: - TaskExecutor
+
+extension IOLoop: TaskExecutor {
+    /// Runs `job` on the loop's thread (after shutdown: on the global concurrent executor).
+    public func enqueue(_ job: consuming ExecutorJob) {
+        let unowned = UnownedJob(job)
+        let accepted = inbox.withLock { box -> Bool in
+            if box.exited { return false }
+            box.jobs.append(unowned)
+            return true
+        }
+        if accepted {
+            wake()
+        } else {
+            globalConcurrentExecutor.enqueue(ExecutorJob(unowned))
+        }
+    }
+}
+
+/// What other threads ask of the loop's thread.
+enum LoopCommand {
+    /// Start (or resume) receiving for a connection.
+    case receive(LoopConnection)
+    /// Run the direct read recorded in the connection's state.
+    case direct(LoopConnection)
+    /// Cancel the direct read in flight.
+    case cancelDirect(LoopConnection)
+    /// The reader is gone: stop everything for the connection.
+    case detach(LoopConnection)
+    /// Watch a connection's deadline.
+    case deadline(LoopConnection)
+    /// Start accepting on a listener, or stop.
+    case listen(Listener)
+    case unlisten(Listener)
+    case shutdown(UnsafeContinuation<Void, Never>)
+}
+
+/// What a loop backend does, on the loop's thread only.
+protocol LoopDriver: AnyObject {
+    var kind: ExactReader.Backend { get }
+    func handle(_ command: LoopCommand, loop: IOLoop)
+    /// Receive buffers whose last user let go.
+    func giveBack(_ bids: [UInt16], loop: IOLoop)
+    /// Submits what is queued, waits (when `block`) for something to happen or the nearest
+    /// deadline, and handles what happened.
+    func turn(block: Bool, loop: IOLoop)
+    func beginShutdown()
+    /// True once every request is done (after `beginShutdown`).
+    var isDrained: Bool { get }
+    func finishShutdown(loop: IOLoop)
+    /// Releases the ring or epoll set (from the loop's deinit).
+    func close()
+}

@@ -1,0 +1,191 @@
+import Synchronization
+import SystemPackage
+
+/// A direct read asked of the loop: at least `minimum` bytes into `dst`.
+struct DirectRequest: @unchecked Sendable {
+    // @unchecked Sendable: `dst` is memory of the reader that asked, which waits (and keeps it
+    // valid) until the loop marks the request done; only the loop's thread writes into it.
+    let dst: UnsafeMutableRawBufferPointer
+    let minimum: Int
+    let slot: Int32
+    var got = 0
+    var done = false
+    var error: Errno? = nil
+    /// Received bytes arrived before the read could start: the reader takes them first.
+    var retry = false
+}
+
+/// One connection on a loop: what its reader (any thread, one at a time) and the loop's
+/// thread share, behind one mutex, plus fields only the loop's thread touches.
+final class LoopConnection: @unchecked Sendable {
+    // @unchecked Sendable: `state` is behind its mutex; the `var`s below it are touched only on
+    // the loop's thread.
+    let fd: FileDescriptor
+    let loop: IOLoop
+    let isSocket: Bool
+    let maxBuffered: Int
+
+    struct State {
+        /// Received bytes the reader has not taken yet, in order.
+        var received: [Segment] = []
+        var receivedBytes = 0
+        var eof = false
+        var error: Errno? = nil
+        /// The reader waiting for a change.
+        var waiter: UnsafeContinuation<Void, Never>? = nil
+        var direct: DirectRequest? = nil
+        /// The reader's deadline (CLOCK_MONOTONIC ns, 0 = none) and whether it passed.
+        var deadline: Int64 = 0
+        var timedOut = false
+        /// The loop shut down.
+        var shutDown = false
+        /// A receive is armed (or asked for): the reader need not ask again.
+        var receiving = false
+    }
+    let state = Mutex(State())
+
+    // Loop thread only.
+    var slot = -1
+    var generation: UInt32 = 0
+    /// A receive request is in the kernel (io_uring) or the fd is in the epoll set for reading.
+    var armed = false
+    /// The armed receive is being cancelled (backpressure, or before a direct read).
+    var disarming = false
+    var directInFlight = false
+    var directCancelSent = false
+    /// A direct read waits for the armed receive to end.
+    var directPending = false
+    var detached = false
+    var starved = false
+    var watched = false
+    var registeredWithEpoll = false
+
+    init(fd: FileDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int) {
+        self.fd = fd
+        self.loop = loop
+        self.isSocket = isSocket
+        self.maxBuffered = maxBuffered
+    }
+
+    // MARK: - The loop's side
+
+    /// Appends received bytes and wakes the reader. Returns true when the connection should
+    /// stop receiving (backpressure).
+    func deliver(_ segment: Segment) -> Bool {
+        let (waiter, full) = state.withLock { s -> (UnsafeContinuation<Void, Never>?, Bool) in
+            s.received.append(segment)
+            s.receivedBytes += segment.count
+            let w = s.waiter
+            s.waiter = nil
+            return (w, s.receivedBytes >= maxBuffered)
+        }
+        waiter?.resume()
+        return full
+    }
+
+    /// Records the end of receiving: end of stream (`error` nil), or an error.
+    func finishReceiving(eof: Bool, error: Errno?) {
+        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+            if eof { s.eof = true }
+            if let error { s.error = error }
+            s.receiving = false
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
+    }
+
+    /// The receive stopped without news (cancelled for backpressure or a direct read, or the
+    /// buffers ran out): the reader will ask again.
+    func receivingStopped() {
+        state.withLock { $0.receiving = false }
+    }
+
+    /// Records progress of the direct read; `finished` completes it.
+    func directProgress(_ bytes: Int, finished: Bool, error: Errno?, retry: Bool = false) {
+        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+            guard s.direct != nil else { return nil }
+            s.direct!.got += bytes
+            if finished {
+                s.direct!.done = true
+                s.direct!.error = error
+                s.direct!.retry = retry
+            }
+            guard finished else { return nil }
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
+    }
+
+    /// Wakes the reader for a passed deadline or a shutdown.
+    func interrupt(timedOut: Bool = false, shutDown: Bool = false) {
+        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+            if timedOut { s.timedOut = true }
+            if shutDown { s.shutDown = true }
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
+    }
+
+    /// The user_data of this connection's requests of `kind`.
+    func tag(_ kind: LoopTag.Kind) -> UInt64 {
+        LoopTag(slot: slot, generation: generation, kind: kind).rawValue
+    }
+
+    // MARK: - The reader's side
+
+    /// Waits until the loop reports something (data, end, error, a finished direct read, a
+    /// deadline, a shutdown). With `cancellable`, a cancelled task also ends the wait.
+    func wait(cancellable: Bool) async {
+        if cancellable {
+            await withTaskCancellationHandler {
+                await suspend(cancellable: true)
+            } onCancel: {
+                let w = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+                    let w = s.waiter
+                    s.waiter = nil
+                    return w
+                }
+                w?.resume()
+            }
+        } else {
+            await suspend(cancellable: false)
+        }
+    }
+
+    private func suspend(cancellable: Bool) async {
+        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+            let now = state.withLock { s -> Bool in
+                let news = !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
+                    || (s.direct?.done ?? false)
+                if news || (cancellable && Task.isCancelled) { return true }
+                s.waiter = c
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+}
+
+/// A request's user_data: which entry of the loop's table, which incarnation, what for.
+struct LoopTag: RawRepresentable {
+    enum Kind: UInt64 {
+        case receive = 1, direct, cancel, accept, wake, cancelAll
+    }
+    let rawValue: UInt64
+
+    init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    init(slot: Int, generation: UInt32, kind: Kind) {
+        rawValue = UInt64(generation) << 32 | UInt64(UInt32(truncatingIfNeeded: slot)) << 8 | kind.rawValue
+    }
+
+    var kind: Kind? { Kind(rawValue: rawValue & 0xff) }
+    var slot: Int { Int(rawValue >> 8 & 0xff_ffff) }
+    var generation: UInt32 { UInt32(truncatingIfNeeded: rawValue >> 32) }
+}

@@ -1,0 +1,218 @@
+import Glibc
+import Synchronization
+import SystemPackage
+
+/// A listener the loop accepts connections on, for `IOLoop.connections(accepting:)`.
+final class Listener: @unchecked Sendable {
+    // @unchecked Sendable: `fd` and `queue` are immutable (the queue is thread-safe); the `var`s are touched only on the loop's thread.
+    let fd: FileDescriptor
+    let queue: AcceptQueue
+    var slot = -1
+    var generation: UInt32 = 0
+    var armed = false
+    var closing = false
+
+    init(fd: FileDescriptor, queue: AcceptQueue) {
+        self.fd = fd
+        self.queue = queue
+    }
+}
+
+/// What both loop backends share: the table of connections and listeners (indexed by the
+/// slot in each request's tag), command handling, deadlines and shutdown bookkeeping. The
+/// kernel-specific parts are the subclasses' (`URingLoopDriver`, `EpollDriver`).
+class LoopDriverBase {
+    enum Entry {
+        case connection(LoopConnection)
+        case listener(Listener)
+    }
+    private(set) var entries: [Entry?] = []
+    private var generations: [UInt32] = []
+    private var freeSlots: [Int] = []
+    /// Connections with a deadline to watch.
+    private var watched: [LoopConnection] = []
+    /// Connections waiting for receive buffers.
+    var starved: [LoopConnection] = []
+    var stopping = false
+    let pool: ReceivePool
+
+    init(pool: ReceivePool) {
+        self.pool = pool
+    }
+
+    // MARK: Table
+
+    func attach(_ c: LoopConnection) {
+        guard c.slot < 0 else { return }
+        let slot = takeSlot()
+        c.slot = slot
+        c.generation = generations[slot]
+        entries[slot] = .connection(c)
+    }
+
+    func attach(_ l: Listener) {
+        let slot = takeSlot()
+        l.slot = slot
+        l.generation = generations[slot]
+        entries[slot] = .listener(l)
+    }
+
+    private func takeSlot() -> Int {
+        if let s = freeSlots.popLast() { return s }
+        entries.append(nil)
+        generations.append(1)
+        return entries.count - 1
+    }
+
+    func release(slot: Int) {
+        guard slot >= 0, slot < entries.count, entries[slot] != nil else { return }
+        entries[slot] = nil
+        generations[slot] &+= 1
+        freeSlots.append(slot)
+    }
+
+    /// The entry a completion's tag names, if it is still the same incarnation.
+    func entry(_ tag: LoopTag) -> Entry? {
+        let slot = tag.slot
+        guard slot < entries.count, generations[slot] == tag.generation else { return nil }
+        return entries[slot]
+    }
+
+    /// Frees a detached connection's slot once nothing of it is in the kernel.
+    func releaseIfIdle(_ c: LoopConnection) {
+        if c.detached && !c.armed && !c.directInFlight && !c.disarming && c.slot >= 0 {
+            release(slot: c.slot)
+            c.slot = -1
+        }
+    }
+
+    // MARK: Deadlines
+
+    func watch(_ c: LoopConnection) {
+        if !c.watched {
+            c.watched = true
+            watched.append(c)
+        }
+    }
+
+    /// Nanoseconds until the nearest deadline (0: none).
+    func nearestDeadline() -> Int64 {
+        var nearest: Int64 = 0
+        for c in watched {
+            let d = c.state.withLock { $0.waiter == nil && $0.direct == nil ? 0 : $0.deadline }
+            if d > 0 && (nearest == 0 || d < nearest) { nearest = d }
+        }
+        guard nearest > 0 else { return 0 }
+        return max(1, nearest - monotonicNanoseconds())
+    }
+
+    /// Wakes readers whose deadline passed (and cancels their direct read); forgets
+    /// connections that no longer wait.
+    func expireDeadlines() {
+        guard !watched.isEmpty else { return }
+        let now = monotonicNanoseconds()
+        var keep: [LoopConnection] = []
+        for c in watched {
+            let (deadline, waiting) = c.state.withLock { s in (s.deadline, s.waiter != nil || s.direct != nil) }
+            if deadline == 0 || c.detached {
+                c.watched = false
+                continue
+            }
+            if deadline <= now {
+                c.watched = false
+                if c.directInFlight { cancelDirect(c) }
+                c.interrupt(timedOut: true)
+                continue
+            }
+            if waiting || deadline > now { keep.append(c) }
+        }
+        watched = keep
+    }
+
+    // MARK: Commands
+
+    func handle(_ command: LoopCommand, loop: IOLoop) {
+        switch command {
+        case .receive(let c):
+            guard !c.detached else { return }
+            attach(c)
+            if stopping {
+                c.interrupt(shutDown: true)
+            } else if !c.armed && !c.disarming {
+                startReceive(c, loop: loop)
+            }
+        case .direct(let c):
+            guard !c.detached else { return }
+            attach(c)
+            if stopping {
+                c.directProgress(0, finished: true, error: .canceled)
+            } else if c.armed {
+                // The armed receive would race the read for the stream's next bytes: stop it
+                // first; the read starts when it has ended.
+                c.directPending = true
+                if !c.disarming { stopReceive(c) }
+            } else {
+                startDirect(c, loop: loop)
+            }
+        case .cancelDirect(let c):
+            if c.directInFlight { cancelDirect(c) }
+        case .detach(let c):
+            c.detached = true
+            if c.armed && !c.disarming { stopReceive(c) }
+            if c.directInFlight { cancelDirect(c) }
+            detachKernel(c)
+            releaseIfIdle(c)
+        case .deadline(let c):
+            watch(c)
+        case .listen(let l):
+            attach(l)
+            if stopping {
+                l.queue.finish()
+            } else {
+                startAccept(l, loop: loop)
+            }
+        case .unlisten(let l):
+            l.closing = true
+            stopAccept(l)
+        case .shutdown:
+            break  // the loop's run() handles it
+        }
+    }
+
+    /// After a receive ended (cancelled or terminated): start a pending direct read, or resume
+    /// receiving for starved connections.
+    func receiveEnded(_ c: LoopConnection, loop: IOLoop) {
+        c.armed = false
+        c.disarming = false
+        if c.directPending && !c.detached {
+            c.directPending = false
+            startDirect(c, loop: loop)
+        }
+        releaseIfIdle(c)
+    }
+
+    /// Every connection's reader is told the loop is going; listeners end.
+    func interruptAll() {
+        for case let entry? in entries {
+            switch entry {
+            case .connection(let c):
+                c.interrupt(shutDown: true)
+                if !c.directInFlight {
+                    c.directProgress(0, finished: true, error: .canceled)
+                }
+            case .listener(let l):
+                l.closing = true
+            }
+        }
+    }
+
+    // MARK: Kernel-specific (subclasses)
+
+    func startReceive(_ c: LoopConnection, loop: IOLoop) { fatalError("abstract") }
+    func stopReceive(_ c: LoopConnection) { fatalError("abstract") }
+    func startDirect(_ c: LoopConnection, loop: IOLoop) { fatalError("abstract") }
+    func cancelDirect(_ c: LoopConnection) { fatalError("abstract") }
+    func detachKernel(_ c: LoopConnection) {}
+    func startAccept(_ l: Listener, loop: IOLoop) { fatalError("abstract") }
+    func stopAccept(_ l: Listener) { fatalError("abstract") }
+}
