@@ -133,7 +133,8 @@ static struct io_uring_sqe *loop_sqe(csupport_ring *ring, int *err)
 	return sqe;
 }
 
-int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, uint64_t user_data)
+int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, unsigned limit,
+				   uint64_t user_data)
 {
 	int err;
 	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
@@ -141,6 +142,9 @@ int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, u
 	if (!sqe)
 		return err;
 	io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+	/* The total the request may receive before it ends (sqe->optlen, 6.16; liburing 2.3
+	 * names the field file_index). Older kernels refuse it with -EINVAL. */
+	sqe->file_index = limit;
 	sqe->flags |= IOSQE_BUFFER_SELECT;
 	sqe->buf_group = (__u16)group;
 	sqe->user_data = user_data;

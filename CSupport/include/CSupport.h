@@ -168,7 +168,11 @@ void csupport_bufring_destroy(csupport_ring *ring, csupport_bufring *b);
 
 /* Queue one request each (submitted by the next csupport_enter). 0 or -errno (-EBUSY: the
  * submission queue is full even after a flush). */
-int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, uint64_t user_data);
+/* Multishot RECV into provided buffers of `group`. With `limit` > 0, the request ends (its
+ * last completion without CSUPPORT_CQE_MORE) once it received that many bytes (kernel 6.16;
+ * older kernels fail the request with -EINVAL: arm again with 0). */
+int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, unsigned limit,
+				   uint64_t user_data);
 int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, int slot, uint64_t user_data);
 /* A single READ of up to `len` bytes into a provided buffer of `group` (pipes and other
  * non-sockets, where multishot RECV does not apply). */

@@ -1,10 +1,57 @@
+import CTestSupport
 import Foundation
 import Glibc
+import Synchronization
 import SystemPackage
 import Testing
 @testable import ExactIO
 
+/// Frame bodies of connection `i`: sizes from 0 to ~70 KB (some above the 16 KiB direct
+/// threshold of a 64 KiB staging capacity), contents per connection and frame.
+func loopBodies(_ i: Int, count: Int = 12) -> [[UInt8]] {
+    var x = UInt64(i) &* 0x9E37_79B9_7F4A_7C15 | 1
+    return (0..<count).map { k in
+        x ^= x << 13
+        x ^= x >> 7
+        x ^= x << 17
+        let size = k % 5 == 4 ? Int(x % 70_000) : Int(x % 3000)
+        return pattern(size, seed: UInt64(i * 1000 + k))
+    }
+}
+
+/// Writes each connection's bytes in random chunks, a few writer threads for all of them.
+func feedMany(_ writes: [(FileDescriptor, [UInt8])], threads: Int = 4, seed: UInt64 = 1) -> [Writer] {
+    (0..<threads).map { t in
+        let mine = writes.enumerated().filter { $0.offset % threads == t }.map(\.element)
+        return Writer {
+            var x = seed &+ UInt64(t) | 1
+            var offsets = Array(repeating: 0, count: mine.count)
+            var open = mine.count
+            while open > 0 {
+                for (k, (fd, bytes)) in mine.enumerated() where offsets[k] < bytes.count {
+                    x ^= x << 13
+                    x ^= x >> 7
+                    x ^= x << 17
+                    let n = min(bytes.count - offsets[k], 1 + Int(x % 9000))
+                    try bytes.withUnsafeBytes { try writeAll(fd, UnsafeRawBufferPointer(rebasing: $0[offsets[k]..<(offsets[k] + n)])) }
+                    offsets[k] += n
+                    if offsets[k] == bytes.count {
+                        try fd.close()
+                        open -= 1
+                    }
+                }
+            }
+        }
+    }
+}
+
+func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor, FileDescriptor)] {
+    try (0..<n).map { _ in transport == .tcp ? try tcpPair() : try socketPair(AF_UNIX) }
+}
+
 @Suite struct LoopTests {
+    static let combos: [(ExactReader.Backend, Transport)] = testBackends.flatMap { b in [(b, .unix), (b, .tcp)] }
+
     @Test(arguments: testBackends)
     func framesOverOneConnection(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
@@ -15,10 +62,446 @@ import Testing
         defer { ch.close() }
         let reader = try AsyncExactReader(ch.read, loop: loop, options: .init(stagingCapacity: 64 << 10))
         var got: [ByteView] = []
-        while let f = try await reader.readFrame() { got.append(f) }
+        for try await f in reader.frames() { got.append(f) }
         writer.join()
         #expect(got.count == bodies.count)
         for (v, b) in zip(got, bodies) { #expect(v == ByteView(b)) }
+        #expect(reader.isAtEOF)
         await loop.shutdown()
+    }
+
+    /// 256 connections at once, random frames and chunkings, every byte checked per connection.
+    @Test(arguments: combos)
+    func manyConnectionsEveryByteArrives(backend: ExactReader.Backend, transport: Transport) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let n = 256
+        let pairs = try connectedPairs(transport, n)
+        let bodies = (0..<n).map { loopBodies($0) }
+        let writers = feedMany(pairs.enumerated().map { ($1.1, bodies[$0].flatMap(frame)) })
+        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
+            for (i, pair) in pairs.enumerated() {
+                let fd = pair.0
+                let expected = bodies[i]
+                group.addTask {
+                    let reader = try AsyncExactReader(fd, loop: loop, options: .init(stagingCapacity: 64 << 10))
+                    var k = 0
+                    for try await f in reader.frames() {
+                        guard k < expected.count, f == ByteView(expected[k]) else { return 1 }
+                        k += 1
+                    }
+                    return k == expected.count ? 0 : 1
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        for w in writers { w.join() }
+        for p in pairs { try? p.0.close() }
+        #expect(failures == 0)
+        let stats = loop.statistics
+        await loop.shutdown()
+        print("256 connections, \(backend), \(transport): \(stats)")
+    }
+
+    @Test(arguments: testBackends)
+    func cancellationMidHeaderAndMidBodyLosesNothing(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        // The reader moves into a task and back once that task is over: the compiler cannot see
+        // that (an AsyncExactReader is not Sendable, precisely so that two tasks cannot share it).
+        nonisolated(unsafe) let reader = try AsyncExactReader(a, loop: loop, options: .init(stagingCapacity: 64 << 10))
+        let small = pattern(1000, seed: 1)
+        let large = pattern(200_000, seed: 2)
+        let wire = frame(small) + frame(large)
+        // Mid-header: 2 of 4 prefix bytes, then the task is cancelled.
+        try send(b, Array(wire[0..<2]))
+        let first = Task { try await reader.readFrame() }
+        try await Task.sleep(for: .milliseconds(50))
+        first.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await first.value }
+        // Mid-body of the large frame (a direct read in the kernel): cancelled too.
+        try send(b, Array(wire[2..<(4 + 1000 + 4 + 50_000)]))
+        #expect(try await reader.readFrame() == ByteView(small))
+        let second = Task { try await reader.readFrame() }
+        try await Task.sleep(for: .milliseconds(50))
+        second.cancel()
+        await #expect(throws: CancellationError.self) { _ = try await second.value }
+        // The rest arrives: the same frame, whole, and nothing after it.
+        let rest = Writer { try send(b, Array(wire[(4 + 1000 + 4 + 50_000)...])) }
+        #expect(try await reader.readFrame() == ByteView(large))
+        rest.join()
+        try b.close()
+        #expect(try await reader.readFrame() == nil)
+        await loop.shutdown()
+    }
+
+    @Test(arguments: testBackends)
+    func aResetFailsOnlyItsReader(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let pairs = try connectedPairs(.tcp, 32)
+        let victim = 7
+        let bodies = (0..<32).map { loopBodies($0, count: 6) }
+        let writers = feedMany(pairs.enumerated().filter { $0.offset != victim }.map { ($1.1, bodies[$0].flatMap(frame)) })
+        // The victim: a header announcing 1 MiB, part of the body, then a reset.
+        try send(pairs[victim].1, header32(1 << 20) + pattern(30_000))
+        let results = try await withThrowingTaskGroup(of: (Int, String).self) { group in
+            for (i, pair) in pairs.enumerated() {
+                let fd = pair.0
+                let expected = bodies[i]
+                group.addTask {
+                    let reader = try AsyncExactReader(fd, loop: loop)
+                    do {
+                        var k = 0
+                        while let f = try await reader.readFrame() {
+                            guard f == ByteView(expected[k]) else { return (i, "wrong frame") }
+                            k += 1
+                        }
+                        return (i, k == expected.count ? "ok" : "short")
+                    } catch let e as Errno {
+                        return (i, "\(e)")
+                    }
+                }
+            }
+            try await Task.sleep(for: .milliseconds(100))
+            var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+            setsockopt(pairs[victim].1.rawValue, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+            try pairs[victim].1.close()
+            var out: [Int: String] = [:]
+            for try await (i, r) in group { out[i] = r }
+            return out
+        }
+        for w in writers { w.join() }
+        for p in pairs { try? p.0.close() }
+        #expect(results[victim] == "\(Errno.connectionReset)")
+        #expect(results.filter { $0.key != victim && $0.value != "ok" }.isEmpty, "\(results)")
+        await loop.shutdown()
+    }
+
+    /// 16 receive buffers of 4 KiB for 48 busy connections: the buffers run dry (ENOBUFS on
+    /// io_uring), receiving resumes as buffers come back, nothing is lost, and partial frames
+    /// waiting in the buffers cannot hold the pool hostage (they are moved out when it is dry).
+    @Test(arguments: testBackends)
+    func aDryBufferPoolLosesNothing(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend, receiveBufferSize: 4096, receiveBufferCount: 16))
+        let n = 48
+        let pairs = try connectedPairs(.unix, n)
+        let bodies = (0..<n).map { i in (0..<40).map { pattern(100 + ($0 * 37 + i) % 900, seed: UInt64(i * 100 + $0)) } }
+        let writers = feedMany(pairs.enumerated().map { ($1.1, bodies[$0].flatMap(frame)) })
+        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
+            for (i, pair) in pairs.enumerated() {
+                let fd = pair.0
+                let expected = bodies[i]
+                group.addTask {
+                    let reader = try AsyncExactReader(fd, loop: loop)
+                    var k = 0
+                    while let f = try await reader.readFrame() {
+                        guard f == ByteView(expected[k]) else { return 1 }
+                        k += 1
+                        // A pause after the first frame: meanwhile the loop receives for every
+                        // connection, and 64 KiB of buffers cannot hold it all.
+                        if k == 1 { try await Task.sleep(for: .milliseconds(50)) }
+                    }
+                    return k == expected.count ? 0 : 1
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        for w in writers { w.join() }
+        for p in pairs { try? p.0.close() }
+        #expect(failures == 0)
+        let stats = loop.statistics
+        print("dry pool (\(backend)): \(stats)")
+        #expect(stats.starvations > 0, "the pool should have run dry")
+        await loop.shutdown()
+    }
+
+    /// A consumer that stops reading: its connection stops receiving at the bound, while
+    /// another connection keeps flowing.
+    @Test(arguments: testBackends)
+    func backpressureBoundsAStalledConsumer(backend: ExactReader.Backend) async throws {
+        let bound = 64 << 10
+        let loop = try IOLoop(options: .init(backend: backend, maxBufferedBytesPerConnection: bound))
+        let (sa, sb) = try socketPair(AF_UNIX)
+        let (fa, fb) = try socketPair(AF_UNIX)
+        defer { try? sa.close(); try? fa.close() }
+        let stalled = try AsyncExactReader(sa, loop: loop)
+        let flowing = try AsyncExactReader(fa, loop: loop)
+        // The stalled reader reads one frame (so it receives), then stops.
+        let stalledBytes = Array(repeating: frame(pattern(1000)), count: 4000).flatMap { $0 }  // ~4 MB
+        let stalledWriter = Writer {
+            defer { try? sb.close() }
+            try send(sb, stalledBytes)
+        }
+        #expect(try await stalled.readFrame() == ByteView(pattern(1000)))
+        let flowingBodies = (0..<2000).map { pattern(2000, seed: UInt64($0)) }
+        let flowingWriter = Writer {
+            defer { try? fb.close() }
+            try send(fb, flowingBodies.flatMap(frame))
+        }
+        var k = 0
+        while let f = try await flowing.readFrame() {
+            #expect(f == ByteView(flowingBodies[k]))
+            k += 1
+        }
+        #expect(k == flowingBodies.count)
+        flowingWriter.join()
+        let held = stalled.connection.state.withLock { $0.receivedBytes }
+        print("backpressure (\(backend)): the stalled connection holds \(held) received bytes (bound \(bound))")
+        // The bound, plus what the kernel had already received for it when receiving stopped
+        // (at most a socket buffer's worth).
+        #expect(held <= bound + (256 << 10), "received \(held) with a bound of \(bound)")
+        // It resumes when read again: every frame arrives.
+        var m = 1
+        while let f = try await stalled.readFrame() {
+            if f != ByteView(pattern(1000)) { Issue.record("stalled frame \(m) differs"); break }
+            m += 1
+        }
+        stalledWriter.join()
+        #expect(m == 4000)
+        await loop.shutdown()
+    }
+
+    @Test(arguments: testBackends)
+    func acceptChurnLeavesNoDescriptorsBehind(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let listener = try tcpListener()
+        defer { try? listener.fd.close() }
+        let fds0 = openDescriptorCount()
+        let total = 1000
+        let clients = Writer {
+            for i in 0..<total {
+                let c = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+                var addr = listener.address
+                _ = withUnsafePointer(to: &addr) { p in
+                    p.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(c, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) }
+                }
+                let f = frame(pattern(i % 50, seed: UInt64(i)))
+                _ = f.withUnsafeBytes { write(c, $0.baseAddress, $0.count) }
+                close(c)
+            }
+        }
+        var accepted = 0
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for try await conn in loop.connections(accepting: listener.fd) {
+                accepted += 1
+                group.addTask {
+                    defer { try? conn.close() }
+                    let reader = try AsyncExactReader(conn, loop: loop)
+                    _ = try await reader.readFrame()
+                    #expect(try await reader.readFrame() == nil)
+                }
+                if accepted == total { break }
+            }
+            try await group.waitForAll()
+        }
+        clients.join()
+        try await Task.sleep(for: .milliseconds(100))
+        let fds = openDescriptorCount() - fds0
+        print("accept churn (\(backend)): \(accepted) accepted, descriptors +\(fds)")
+        #expect(accepted == total)
+        #expect(fds <= 2, "descriptors +\(fds)")
+        await loop.shutdown()
+    }
+
+    @Test(arguments: testBackends)
+    func shutdownEndsPendingReads(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let pairs = try connectedPairs(.unix, 8)
+        defer { for p in pairs { try? p.0.close(); try? p.1.close() } }
+        // Half wait for a header, half inside a large body (a direct read in flight).
+        for (i, p) in pairs.enumerated() where i % 2 == 1 {
+            try send(p.1, header32(1 << 20) + pattern(10_000))
+        }
+        let outcomes = await withTaskGroup(of: String.self) { group in
+            for p in pairs {
+                let fd = p.0
+                group.addTask {
+                    do {
+                        let reader = try AsyncExactReader(fd, loop: loop)
+                        _ = try await reader.readFrame()
+                        return "returned"
+                    } catch let e as Errno {
+                        return "\(e)"
+                    } catch {
+                        return "\(error)"
+                    }
+                }
+            }
+            try? await Task.sleep(for: .milliseconds(100))
+            await loop.shutdown()
+            var out: [String] = []
+            for await o in group { out.append(o) }
+            return out
+        }
+        #expect(outcomes.count == 8)
+        #expect(outcomes.allSatisfy { $0 == "\(Errno.canceled)" }, "\(outcomes)")
+        #expect(throws: Errno.canceled) { try AsyncExactReader(pairs[0].0, loop: loop) }
+        await loop.shutdown()  // again: nothing happens
+    }
+
+    @Test(arguments: testBackends)
+    func executorPreferenceRunsHandlersOnTheLoop(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close() }
+        let writer = Writer {
+            defer { try? b.close() }
+            for i in 0..<100 { try send(b, frame(pattern(i * 10, seed: UInt64(i)))) }
+        }
+        let onLoop = try await withTaskExecutorPreference(loop) {
+            let reader = try AsyncExactReader(a, loop: loop)
+            var all = true
+            var i = 0
+            while let f = try await reader.readFrame() {
+                all = all && loop.isLoopThread
+                #expect(f == ByteView(pattern(i * 10, seed: UInt64(i))))
+                i += 1
+            }
+            return all && i == 100
+        }
+        writer.join()
+        #expect(onLoop, "every frame was consumed on the loop's thread")
+        await loop.shutdown()
+    }
+
+    @Test(arguments: testBackends)
+    func readTimeoutOnTheLoop(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        let reader = try AsyncExactReader(a, loop: loop, options: .init(stagingCapacity: 64 << 10, readTimeout: .milliseconds(50)))
+        await #expect(throws: Errno.timedOut) { _ = try await reader.readFrame() }
+        try send(b, header32(100_000) + pattern(1000))
+        await #expect(throws: Errno.timedOut) { _ = try await reader.readFrame() }  // inside a direct read
+        let rest = Writer { try send(b, Array(pattern(100_000)[1000...])) }
+        // Each retry continues where the last one stopped (the deadline is short for a busy
+        // machine: a timeout in between is fine, a lost byte is not).
+        var frame: ByteView? = nil
+        while frame == nil {
+            do { frame = try await reader.readFrame() } catch let e as Errno where e == .timedOut {}
+        }
+        #expect(frame == ByteView(pattern(100_000)))
+        rest.join()
+        await loop.shutdown()
+    }
+
+    @Test(arguments: testBackends)
+    func everyCallOnTheLoop(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let data = pattern(2 << 20, seed: 42)
+        let (ch, writer) = try stream(.unix, data, chunks: [4093, 1])
+        defer { ch.close() }
+        let reader = try AsyncExactReader(ch.read, loop: loop, options: .init(stagingCapacity: 64 << 10))
+        var pos = 0
+        func expectNext(_ bytes: some Collection<UInt8>) {
+            #expect(ByteView(bytes) == ByteView(data[pos..<(pos + bytes.count)]), "at \(pos)")
+            pos += bytes.count
+        }
+        expectNext(try await reader.readExactly(10))
+        expectNext(try await reader.readExactly(100_000))
+        try await reader.skip(5000)
+        pos += 5000
+        expectNext(try await reader.withExactly(777) { Array($0) })
+        let some = try await reader.read(upTo: 50)
+        #expect((1...50).contains(some.count))
+        expectNext(some)
+        let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: 200_000, alignment: 16)
+        defer { buf.deallocate() }
+        try await reader.readExactly(into: buf)
+        expectNext(UnsafeRawBufferPointer(buf))
+        try await reader.skip(300_000)
+        pos += 300_000
+        while pos < data.count {
+            let chunk = try await reader.read(upTo: 70_000)
+            try #require(!chunk.isEmpty)
+            expectNext(chunk)
+        }
+        #expect(try await reader.read(upTo: 10).isEmpty)
+        writer.join()
+        await loop.shutdown()
+    }
+
+    @Test func datagramsAndFilesAreRefused() async throws {
+        let loop = try IOLoop()
+        let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(udp) }
+        #expect(throws: Errno.protocolWrongTypeForSocket) { try AsyncExactReader(FileDescriptor(rawValue: udp), loop: loop) }
+        let (file, path) = try tempFile(containing: [1, 2, 3])
+        defer { try? file.close(); unlink(path) }
+        #expect(throws: Errno.notSupported) { try AsyncExactReader(file, loop: loop) }
+        await loop.shutdown()
+    }
+}
+
+/// A TCP listener on an ephemeral loopback port.
+func tcpListener() throws -> (fd: FileDescriptor, address: sockaddr_in) {
+    let l = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    guard l >= 0 else { throw Errno(rawValue: errno) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    try withUnsafeMutablePointer(to: &addr) { p in
+        try p.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+            guard bind(l, sa, len) == 0, listen(l, 4096) == 0, getsockname(l, sa, &len) == 0 else { throw Errno(rawValue: errno) }
+        }
+    }
+    return (FileDescriptor(rawValue: l), addr)
+}
+
+// MARK: - Hostile environments, for the loop (exit tests)
+
+/// Under a seccomp filter that denies io_uring: `.automatic` runs on epoll and says why,
+/// `.ioUring` throws, frames arrive.
+func loopDeniedURingChild() async throws {
+    guard ctest_deny_io_uring() == 0 else { fatalError("seccomp filter not installed") }
+    do {
+        _ = try IOLoop(options: .init(backend: .ioUring))
+        exit(10)
+    } catch let e as Errno where e == .notPermitted {
+    }
+    let loop = try IOLoop()
+    report("loop under a seccomp filter denying io_uring: backend \(loop.backend), fallbackReason: \(loop.fallbackReason ?? "nil")")
+    guard loop.backend == .posix, let why = loop.fallbackReason, why.contains("io_uring_setup"), why.contains("errno 1") else { exit(11) }
+    try await loopRoundTrip(loop)
+    await loop.shutdown()
+}
+
+/// Under RLIMIT_MEMLOCK = 64 KiB as an unprivileged user: the loop still runs, frames arrive.
+func loopSmallMemlockChild() async throws {
+    becomeUnprivileged(memlock: 64 << 10)
+    let loop = try IOLoop()
+    report("loop, uid \(getuid()), memlock 64 KiB: backend \(loop.backend), fallbackReason: \(loop.fallbackReason ?? "nil")")
+    try await loopRoundTrip(loop)
+    await loop.shutdown()
+    endUnprivilegedChild()
+}
+
+func loopRoundTrip(_ loop: IOLoop) async throws {
+    let (a, b) = try socketPair(AF_UNIX)
+    let bodies = [pattern(5), pattern(300_000), pattern(0), pattern(70_000)]
+    let writer = Writer {
+        defer { try? b.close() }
+        try send(b, bodies.flatMap(frame))
+    }
+    let reader = try AsyncExactReader(a, loop: loop)
+    for body in bodies {
+        guard try await reader.readFrame() == ByteView(body) else { exit(12) }
+    }
+    guard try await reader.readFrame() == nil else { exit(13) }
+    writer.join()
+}
+
+@Suite struct LoopEnvironmentTests {
+    @Test(.enabled(if: uringAvailable)) func loopFallsBackToEpollUnderSeccomp() async {
+        printChild(await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try await loopDeniedURingChild()
+        })
+    }
+
+    @Test(.enabled(if: uringAvailable)) func loopRunsUnderASmallMemlock() async {
+        printChild(await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try await loopSmallMemlockChild()
+        })
     }
 }

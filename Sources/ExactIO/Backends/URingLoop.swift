@@ -21,6 +21,10 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     private var kernelOffset: [Int]
     /// Requests whose final completion has not arrived.
     private var inflight = 0
+    /// Whether the kernel takes a byte limit on multishot receives (6.16+): with it, a
+    /// connection receives at most its backpressure bound; without it, the bound stops
+    /// receiving a moment late (what the kernel received meanwhile still arrives).
+    private var receiveLimits = true
     private var closed = false
 
     static let group: UInt32 = 7
@@ -93,8 +97,14 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     // MARK: Receiving
 
     override func startReceive(_ c: LoopConnection, loop: IOLoop) {
+        var limit: UInt32 = 0
+        if receiveLimits {
+            let queued = c.state.withLock { $0.receivedBytes }
+            limit = UInt32(clamping: max(c.maxBuffered - queued, pool.size))
+        }
+        c.receiveLimit = limit
         let ret = c.isSocket
-            ? csupport_queue_recv_multishot(ring, c.fd.rawValue, URingLoopDriver.group, c.tag(.receive))
+            ? csupport_queue_recv_multishot(ring, c.fd.rawValue, URingLoopDriver.group, limit, c.tag(.receive))
             : csupport_queue_read_select(ring, c.fd.rawValue, URingLoopDriver.group, UInt32(pool.size), c.tag(.receive))
         guard ret == 0 else {
             c.finishReceiving(eof: false, error: errnoFromNegative(ret))
@@ -281,6 +291,13 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         }
         if cqe.flags & UInt16(CSUPPORT_CQE_BUFFER) != 0 { _ = segment(cqe) }
         guard !more else { return }
+        if res == -EINVAL && c.receiveLimit > 0 && receiveLimits {
+            // This kernel takes no byte limit on multishot receives: arm without one.
+            receiveLimits = false
+            c.armed = false
+            startReceive(c, loop: loop)
+            return
+        }
         let wasDisarming = c.disarming
         receiveEnded(c, loop: loop)
         switch res {
@@ -289,11 +306,11 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         case -ENOBUFS:
             // The buffers ran out: receive again when some come back (no busy loop).
             loop.count { $0.starvations += 1 }
-            if !c.detached {
+            if !c.detached && !c.starved {
                 c.starved = true
                 starved.append(c)
-                pool.starved.store(true, ordering: .releasing)
             }
+            if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
             c.receivingStopped()
         case -ECANCELED:
             c.receivingStopped()

@@ -173,8 +173,9 @@ public final class AsyncExactReader {
     }
 
     /// Takes what the loop received (without waiting), and asks it to receive when it does not.
+    /// An error the loop met is kept in `core.pendingError`, after the bytes that came before it.
     @discardableResult
-    private func absorb() -> (error: Errno?, timedOut: Bool, shutDown: Bool) {
+    private func absorb() -> (timedOut: Bool, shutDown: Bool) {
         let (segments, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
             let segments = s.received
             s.received.removeAll(keepingCapacity: true)
@@ -192,19 +193,27 @@ public final class AsyncExactReader {
             core.buffer.appendAll(segments)
         }
         if eof { core.sawEOF = true }
+        if let error { core.pendingError = error }
         if arm {
             contacted = true
             loop.send(.receive(connection))
         }
-        return (error, timedOut, shutDown)
+        return (timedOut, shutDown)
+    }
+
+    /// The error the loop met, once the bytes before it are consumed.
+    private func takePendingError() -> Errno? {
+        let e = core.pendingError
+        core.pendingError = nil
+        return e
     }
 
     private func receive(atLeast count: Int) async throws {
         var watching = false
         while true {
-            let (error, timedOut, shutDown) = absorb()
+            let (timedOut, shutDown) = absorb()
             if core.buffer.buffered >= count || core.sawEOF { return }
-            if let error { throw error }
+            if let error = takePendingError() { throw error }
             if shutDown { throw Errno.canceled }
             if timedOut { throw Errno.timedOut }
             try Task.checkCancellation()
@@ -216,15 +225,19 @@ public final class AsyncExactReader {
                     watching = true
                 }
             }
+            if loop.pool.isLow {
+                // Waiting with part of a frame: let the shared receive buffers go back.
+                core.statistics.bytesCopied += (try? core.buffer.detachFromReceiveBuffers()) ?? 0
+            }
             await connection.wait(cancellable: true)
         }
     }
 
     private func direct(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
         // Bytes received before the read come first: the core copies them in when it steps.
-        let (error, _, shutDown) = absorb()
+        let (_, shutDown) = absorb()
         if core.buffer.buffered > 0 { return }
-        if let error { return try core.directCompleted(EngineResult(error: error), minimum: minimum) }
+        if let error = takePendingError() { return try core.directCompleted(EngineResult(error: error), minimum: minimum) }
         if core.sawEOF { return try core.directCompleted(EngineResult(), minimum: minimum) }
         if shutDown { return try core.directInterrupted(count: 0, Errno.canceled) }
         if Task.isCancelled { return try core.directInterrupted(count: 0, CancellationError()) }

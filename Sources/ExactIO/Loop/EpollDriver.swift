@@ -113,9 +113,11 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
                 loop.count { $0.starvations += 1 }
                 c.armed = false
                 setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
-                c.starved = true
-                starved.append(c)
-                pool.starved.store(true, ordering: .releasing)
+                if !c.starved {
+                    c.starved = true
+                    starved.append(c)
+                }
+                if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
                 return
             }
             current = ReceiveBuffer(pool: pool, bid: bid)

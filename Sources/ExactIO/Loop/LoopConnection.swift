@@ -55,6 +55,8 @@ final class LoopConnection: @unchecked Sendable {
     var directCancelSent = false
     /// A direct read waits for the armed receive to end.
     var directPending = false
+    /// The byte limit of the armed receive (0: none).
+    var receiveLimit: UInt32 = 0
     var detached = false
     var starved = false
     var watched = false
@@ -118,6 +120,18 @@ final class LoopConnection: @unchecked Sendable {
             return w
         }
         waiter?.resume()
+    }
+
+    /// Moves received bytes that sit in shared receive buffers into memory of their own (the
+    /// loop's thread, when the pool ran dry): a slow reader's queue must not starve the others.
+    func evacuate() {
+        state.withLock { s in
+            guard s.received.contains(where: { $0.owner is ReceiveBuffer }) else { return }
+            var buffer = SegmentBuffer(nominalCapacity: 0)
+            buffer.appendAll(s.received)
+            guard (try? buffer.detachFromReceiveBuffers()) != nil else { return }
+            s.received = buffer.segments
+        }
     }
 
     /// Wakes the reader for a passed deadline or a shutdown.

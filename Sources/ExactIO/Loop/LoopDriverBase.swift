@@ -191,6 +191,12 @@ class LoopDriverBase {
         releaseIfIdle(c)
     }
 
+    /// The pool ran dry: received bytes queued for readers that are not reading are moved out of
+    /// the shared buffers, so that those buffers come back.
+    func evacuateQueues() {
+        for case .connection(let c)? in entries { c.evacuate() }
+    }
+
     /// Every connection's reader is told the loop is going; listeners end.
     func interruptAll() {
         for case let entry? in entries {

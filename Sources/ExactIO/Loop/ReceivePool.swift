@@ -22,6 +22,8 @@ final class ReceivePool: @unchecked Sendable {
     let starved = Atomic<Bool>(false)
     /// Wakes the loop (an eventfd write).
     let wake: @Sendable () -> Void
+    /// Buffers out of the pool (held by the kernel, by segments or by views).
+    let outstanding = Atomic<Int>(0)
 
     init(count: Int, size: Int, wake: @escaping @Sendable () -> Void) throws(Errno) {
         let bytes = count * size
@@ -42,8 +44,15 @@ final class ReceivePool: @unchecked Sendable {
         base + Int(bid) * size
     }
 
+    /// True when few buffers are left (a quarter or less), or some connection waits for one:
+    /// partial frames should then not keep buffers out of the pool (see `SegmentBuffer.detach`).
+    var isLow: Bool {
+        starved.load(ordering: .relaxed) || outstanding.load(ordering: .relaxed) * 4 >= count * 3
+    }
+
     /// Called when the last user of a buffer lets go (any thread).
     func giveBack(_ bid: UInt16) {
+        outstanding.subtract(1, ordering: .relaxed)
         returned.withLock { $0.append(bid) }
         if starved.load(ordering: .acquiring) { wake() }
     }
@@ -69,6 +78,7 @@ final class ReceiveBuffer: @unchecked Sendable {
     init(pool: ReceivePool, bid: UInt16) {
         self.pool = pool
         self.bid = bid
+        pool.outstanding.add(1, ordering: .relaxed)
     }
 
     var base: UnsafeMutableRawPointer { pool.address(bid) }

@@ -154,6 +154,19 @@ struct SegmentBuffer: CoreBuffer {
         return bytes.count
     }
 
+    /// Moves the buffered bytes that sit in the loop's shared receive buffers into memory of
+    /// their own (one copy), so that a partial frame waiting for its end does not keep receive
+    /// buffers out of the pool while it is short of them. Returns the bytes copied.
+    mutating func detachFromReceiveBuffers() throws(Errno) -> Int {
+        guard buffered > 0, segments[head...].contains(where: { $0.owner is ReceiveBuffer }) else { return 0 }
+        let region = try Region.standalone(capacity: buffered)
+        let n = copyOut(into: region.base, max: buffered)
+        segments.removeAll(keepingCapacity: true)
+        head = 0
+        append(Segment(owner: region, base: region.base, start: 0, end: n))
+        return n
+    }
+
     mutating func retire() {
         segments.removeAll()
         head = 0
