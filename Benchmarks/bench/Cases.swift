@@ -4,8 +4,16 @@ struct BenchCase: Hashable, Codable {
     var transport: String
     var frameBytes: Int
     var frames: Int
+    /// Connections read at once (1: the single-stream cases).
+    var connections: Int = 1
+    /// The idle-memory case: every connection with a read pending, then one frame each.
+    var idle: Bool = false
 
-    var name: String { "\(strategy)/\(transport)/\(sizeLabel(frameBytes))" }
+    var name: String {
+        let base = "\(strategy)/\(transport)/\(sizeLabel(frameBytes))"
+        if idle { return base + "/idle\(connections)" }
+        return connections > 1 || manyStrategies.contains(strategy) ? base + "/x\(connections)" : base
+    }
 }
 
 /// Every reader strategy, in table order.

@@ -58,6 +58,63 @@ struct CaseResult: Codable {
     var runs: Int? = nil
     var gbPerSecondMin: Double? = nil
     var gbPerSecondMax: Double? = nil
+    /// Connections read at once (1 for single-stream cases).
+    var connections: Int = 1
+    /// Many-connection cases: (peak − baseline) / connections, and syscalls per frame.
+    var rssPerConnection: Double? = nil
+    var syscallsPerFrame: Double? = nil
+    /// The idle-memory case.
+    var idle: Bool? = nil
+
+    enum CodingKeys: String, CodingKey {
+        case strategy, transport, frameBytes, frames, seconds, gbPerSecond, framesPerSecond, peakRSSBytes,
+            baselineRSSBytes, peakOverFrame, cpuUserSeconds, cpuSystemSeconds, note, runs, gbPerSecondMin,
+            gbPerSecondMax, connections, rssPerConnection, syscallsPerFrame, idle
+    }
+
+    init(
+        strategy: String, transport: String, frameBytes: Int, frames: Int, seconds: Double, gbPerSecond: Double,
+        framesPerSecond: Double, peakRSSBytes: Int, baselineRSSBytes: Int, peakOverFrame: Double,
+        cpuUserSeconds: Double, cpuSystemSeconds: Double, note: String?
+    ) {
+        self.strategy = strategy
+        self.transport = transport
+        self.frameBytes = frameBytes
+        self.frames = frames
+        self.seconds = seconds
+        self.gbPerSecond = gbPerSecond
+        self.framesPerSecond = framesPerSecond
+        self.peakRSSBytes = peakRSSBytes
+        self.baselineRSSBytes = baselineRSSBytes
+        self.peakOverFrame = peakOverFrame
+        self.cpuUserSeconds = cpuUserSeconds
+        self.cpuSystemSeconds = cpuSystemSeconds
+        self.note = note
+    }
+
+    init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        strategy = try c.decode(String.self, forKey: .strategy)
+        transport = try c.decode(String.self, forKey: .transport)
+        frameBytes = try c.decode(Int.self, forKey: .frameBytes)
+        frames = try c.decode(Int.self, forKey: .frames)
+        seconds = try c.decode(Double.self, forKey: .seconds)
+        gbPerSecond = try c.decode(Double.self, forKey: .gbPerSecond)
+        framesPerSecond = try c.decode(Double.self, forKey: .framesPerSecond)
+        peakRSSBytes = try c.decode(Int.self, forKey: .peakRSSBytes)
+        baselineRSSBytes = try c.decode(Int.self, forKey: .baselineRSSBytes)
+        peakOverFrame = try c.decode(Double.self, forKey: .peakOverFrame)
+        cpuUserSeconds = try c.decode(Double.self, forKey: .cpuUserSeconds)
+        cpuSystemSeconds = try c.decode(Double.self, forKey: .cpuSystemSeconds)
+        note = try c.decodeIfPresent(String.self, forKey: .note)
+        runs = try c.decodeIfPresent(Int.self, forKey: .runs)
+        gbPerSecondMin = try c.decodeIfPresent(Double.self, forKey: .gbPerSecondMin)
+        gbPerSecondMax = try c.decodeIfPresent(Double.self, forKey: .gbPerSecondMax)
+        connections = try c.decodeIfPresent(Int.self, forKey: .connections) ?? 1
+        rssPerConnection = try c.decodeIfPresent(Double.self, forKey: .rssPerConnection)
+        syscallsPerFrame = try c.decodeIfPresent(Double.self, forKey: .syscallsPerFrame)
+        idle = try c.decodeIfPresent(Bool.self, forKey: .idle)
+    }
 }
 
 struct BenchFailure: Error, CustomStringConvertible {

@@ -1,8 +1,9 @@
 import Foundation
 
-/// The JSON document (DESIGN.md's schema, version 1; extra fields are additive).
+/// The JSON document (DESIGN.md's schema, version 2: every case has `connections`; extra
+/// fields are additive).
 struct Report: Codable {
-    var version = 1
+    var version = 2
     var date: String
     var command: String
     var cases: [CaseResult]
@@ -26,6 +27,8 @@ func fmtBytes(_ b: Int) -> String {
 /// to posix-into, peak growth in bytes and as a multiple of the frame.
 func renderTable(_ results: [CaseResult]) -> String {
     var out = ""
+    let many = results.filter { $0.connections > 1 || manyStrategies.contains($0.strategy) || $0.idle == true }
+    let results = results.filter { r in !many.contains { $0.strategy == r.strategy && $0.transport == r.transport && $0.frameBytes == r.frameBytes && $0.connections == r.connections && $0.idle == r.idle } }
     let transports = allTransports.filter { t in results.contains { $0.transport == t } }
     let strategies = (allStrategies + peerStrategies)
     for t in transports {
@@ -45,6 +48,47 @@ func renderTable(_ results: [CaseResult]) -> String {
                     + pad(fmtBytes(r.peakRSSBytes - r.baselineRSSBytes), 11, right: true)
                     + String(format: "   %9.2f×   %6.2f  %6.2f\n", r.peakOverFrame, r.cpuUserSeconds, r.cpuSystemSeconds)
             }
+        }
+    }
+    return out + renderManyTable(many)
+}
+
+/// The many-connection table: aggregate throughput, the ratio to SwiftNIO and to `threads`,
+/// memory per connection and syscalls per frame.
+func renderManyTable(_ results: [CaseResult]) -> String {
+    guard !results.isEmpty else { return "" }
+    var out = ""
+    let order = manyStrategies + manyPeerStrategies
+    let groups = Dictionary(grouping: results.filter { $0.idle != true }) { "\($0.transport)|\($0.frameBytes)|\($0.connections)" }
+    for key in groups.keys.sorted(by: { a, b in
+        let x = a.split(separator: "|"), y = b.split(separator: "|")
+        return (String(x[0]), Int(x[1])!, Int(x[2])!) < (String(y[0]), Int(y[1])!, Int(y[2])!)
+    }) {
+        let rows = groups[key]!.sorted { (order.firstIndex(of: $0.strategy) ?? 99) < (order.firstIndex(of: $1.strategy) ?? 99) }
+        let first = rows[0]
+        let nio = rows.first { $0.strategy == "swift-nio" }?.framesPerSecond
+        let threads = rows.first { $0.strategy == "threads" }?.framesPerSecond
+        out += "\n\(first.transport), \(sizeLabel(first.frameBytes)) frames × \(first.frames) over \(first.connections) connections\n"
+        out += "  strategy          GB/s  (min-max)        frames/s   ×NIO  ×threads   RSS/conn   syscalls/frame   user s   sys s\n"
+        for r in rows {
+            let xn = nio.map { String(format: "%5.2f", r.framesPerSecond / $0) } ?? "    -"
+            let xt = threads.map { String(format: "%6.2f", r.framesPerSecond / $0) } ?? "     -"
+            out += "  " + pad(r.strategy, 15)
+                + String(format: " %6.2f ", r.gbPerSecond)
+                + pad(r.gbPerSecondMin.map { String(format: "(%.2f-%.2f)", $0, r.gbPerSecondMax ?? $0) } ?? "", 14)
+                + String(format: " %10.0f  %@  %@   ", r.framesPerSecond, xn, xt)
+                + pad(fmtBytes(Int(r.rssPerConnection ?? 0)), 9, right: true)
+                + "   " + pad(r.syscallsPerFrame.map { String(format: "%.4f", $0) } ?? "-", 14, right: true)
+                + String(format: "   %6.2f  %6.2f\n", r.cpuUserSeconds, r.cpuSystemSeconds)
+        }
+    }
+    let idle = results.filter { $0.idle == true }
+    if !idle.isEmpty {
+        out += "\nidle connections (a read pending on each; kernel socket buffers aside)\n"
+        out += "  strategy          connections   RSS/conn\n"
+        for r in idle {
+            out += "  " + pad(r.strategy, 15) + String(format: "   %9d   ", r.connections)
+                + pad(fmtBytes(Int(r.rssPerConnection ?? 0)), 9, right: true) + "\n"
         }
     }
     return out

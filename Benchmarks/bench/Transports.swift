@@ -7,13 +7,21 @@ let selfPath: String = {
     return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
 }()
 
-/// Spawns `path args`, with `passFD` (if any) as the child's descriptor 3 and stdout
-/// optionally to `stdoutFD`. Returns the pid.
-func spawn(_ path: String, _ args: [String], passFD: Int32? = nil, stdoutFD: Int32? = nil) throws -> pid_t {
+/// Spawns `path args`, with `passFD` (if any) as the child's descriptor 3 (or `passFDs` as
+/// descriptors 3, 4, …), stdin from `stdinFD` and stdout to `stdoutFD` if given. Returns the pid.
+func spawn(
+    _ path: String, _ args: [String], passFD: Int32? = nil, passFDs: [Int32] = [], stdinFD: Int32? = nil,
+    stdoutFD: Int32? = nil
+) throws -> pid_t {
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
     if let passFD { posix_spawn_file_actions_adddup2(&actions, passFD, 3) }
+    // Descriptors 3… may be taken in this process: move each out of the way first.
+    let moved = passFDs.map { fcntl($0, F_DUPFD_CLOEXEC, 3 + Int32(passFDs.count)) }
+    defer { for fd in moved where fd >= 0 { close(fd) } }
+    for (i, fd) in moved.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, 3 + Int32(i)) }
+    if let stdinFD { posix_spawn_file_actions_adddup2(&actions, stdinFD, 0) }
     if let stdoutFD { posix_spawn_file_actions_adddup2(&actions, stdoutFD, 1) }
     let argv: [UnsafeMutablePointer<CChar>?] = ([path] + args).map { strdup($0) } + [nil]
     defer { argv.forEach { free($0) } }

@@ -63,12 +63,31 @@ if args.first == "--soak" {
     exit(runSoak(minutes: minutes, log: { FileHandle.standardError.write(($0 + "\n").data(using: .utf8)!) }) ? 0 : 1)
 }
 
+if args.first == "--many-writer" {
+    guard args.count >= 5, let n = Int(args[2]), let conns = Int(args[3]), let frames = Int(args[4]) else { usage() }
+    var port: UInt16? = nil
+    var path: String? = nil
+    if let i = args.firstIndex(of: "--port"), i + 1 < args.count { port = UInt16(args[i + 1]) }
+    if let i = args.firstIndex(of: "--path"), i + 1 < args.count { path = args[i + 1] }
+    do {
+        try runManyWriter(transport: args[1], n: n, connections: conns, frames: frames, idle: args.contains("--idle"), port: port, path: path)
+        exit(0)
+    } catch {
+        FileHandle.standardError.write("many writer: \(error)\n".data(using: .utf8)!)
+        exit(1)
+    }
+}
+
 if args.first == "--child" {
     guard args.count >= 5, let n = Int(args[3]), let frames = Int(args[4]) else { usage() }
-    let c = BenchCase(strategy: args[1], transport: args[2], frameBytes: n, frames: frames)
+    var c = BenchCase(strategy: args[1], transport: args[2], frameBytes: n, frames: frames)
+    if args.count >= 6, let conns = Int(args[5]) { c.connections = conns }
+    if args.count >= 7 { c.idle = args[6] == "idle" }
     do {
         let r: CaseResult
-        if peerStrategies.contains(c.strategy) {
+        if c.connections > 1 || manyStrategies.contains(c.strategy) || c.idle {
+            r = try runManyCase(c)
+        } else if peerStrategies.contains(c.strategy) {
             r = try runPeer(c)
         } else {
             r = try runCase(c)
@@ -110,7 +129,7 @@ func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .u
 log("WARNING: this is a debug build; its figures are meaningless. Use: swift run -c release bench")
 #endif
 
-let cases = makeCases(quick: quick, peers: peers, filter: filters)
+let cases = makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters)
 if list {
     for c in cases { print("\(c.name) × \(c.frames)") }
     exit(0)
@@ -126,7 +145,7 @@ var results: [CaseResult] = []
 var failures: [String] = []
 for (k, c) in cases.enumerated() {
     let t0 = now()
-    FileHandle.standardError.write((String(format: "[%3d/%d %6.1fs] ", k + 1, cases.count, t0 - start) + pad(c.name, 34)).data(using: .utf8)!)
+    FileHandle.standardError.write((String(format: "[%3d/%d %6.1fs] ", k + 1, cases.count, t0 - start) + pad(c.name, 40)).data(using: .utf8)!)
     var runs: [CaseResult] = []
     var lastStatus: Int32 = 0
     for _ in 0..<repeats {
@@ -154,7 +173,10 @@ func runChild(_ c: BenchCase) -> (Int32, CaseResult?)? {
     pipe(&p)
     let pid: pid_t
     do {
-        pid = try spawn(selfPath, ["--child", c.strategy, c.transport, String(c.frameBytes), String(c.frames)], stdoutFD: p[1])
+        pid = try spawn(
+            selfPath,
+            ["--child", c.strategy, c.transport, String(c.frameBytes), String(c.frames), String(c.connections), c.idle ? "idle" : "busy"],
+            stdoutFD: p[1])
     } catch {
         log("spawn failed: \(error)")
         return nil

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""bench peer: CPython's asyncio.StreamReader.readexactly over the stream on descriptor 3.
+"""bench peer: CPython's asyncio.StreamReader.readexactly over the streams on descriptors 3 ...
+
+One connection (descriptor 3), or CONNECTIONS connections (descriptors 3 .. 3+CONNECTIONS-1),
+each read by its own coroutine on one event loop, FRAMES frames in all.
 
 Reads FRAMES length-prefixed frames (4-byte big-endian length, then the body), checks each
 body's length and marks (first byte 0x11, last 0x22, middle 0x33), and prints one JSON line in
 bench's CaseResult schema. Peak memory is this process's own: VmHWM after the run minus VmRSS
 at the baseline taken (after /proc/self/clear_refs) once the connection exists.
 
-usage: asyncio_peer.py STRATEGY TRANSPORT FRAME_BYTES FRAMES
+usage: asyncio_peer.py STRATEGY TRANSPORT FRAME_BYTES FRAMES [CONNECTIONS]
 """
 import asyncio
 import json
@@ -29,19 +32,9 @@ def cpu():
     return r.ru_utime, r.ru_stime
 
 
-async def main(strategy, transport, n, frames):
-    sock = socket.socket(fileno=3)
-    if transport == "unix":
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
-    else:
-        reader, writer = await asyncio.open_connection(sock=sock)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-    u0, s0 = cpu()
-    t0 = time.monotonic()
+async def read_frames(reader, n, count):
     got = 0
-    while got < frames:
+    while got < count:
         hdr = await reader.readexactly(4)
         size = int.from_bytes(hdr, "big")
         body = await reader.readexactly(size)
@@ -49,18 +42,38 @@ async def main(strategy, transport, n, frames):
             raise SystemExit("frame content or length wrong")
         del body
         got += 1
+    return got
+
+
+async def main(strategy, transport, n, frames, connections):
+    streams = []
+    for k in range(connections):
+        sock = socket.socket(fileno=3 + k)
+        if transport == "unix":
+            streams.append(await asyncio.open_unix_connection(sock=sock))
+        else:
+            streams.append(await asyncio.open_connection(sock=sock))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    u0, s0 = cpu()
+    t0 = time.monotonic()
+    per = frames // connections
+    got = sum(await asyncio.gather(*(read_frames(r, n, per) for r, _ in streams)))
     secs = time.monotonic() - t0
     u1, s1 = cpu()
     peak = status("VmHWM")
-    writer.close()
+    for _, writer in streams:
+        writer.close()
     print(json.dumps({
         "strategy": strategy, "transport": transport, "frameBytes": n, "frames": frames,
         "seconds": secs, "gbPerSecond": n * frames / secs / 1e9, "framesPerSecond": frames / secs,
         "peakRSSBytes": peak, "baselineRSSBytes": base, "peakOverFrame": (peak - base) / n,
         "cpuUserSeconds": u1 - u0, "cpuSystemSeconds": s1 - s0,
-        "note": "CPython %d.%d.%d asyncio readexactly" % sys.version_info[:3],
+        "note": "CPython %d.%d.%d asyncio readexactly" % sys.version_info[:3], "connections": connections,
     }))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    conns = int(sys.argv[5]) if len(sys.argv) > 5 else 1
+    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), conns))

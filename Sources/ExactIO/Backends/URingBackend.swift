@@ -67,7 +67,7 @@ struct URingOps: OptionSet {
 /// another thread returns its block, which may be unregistered then).
 final class URingRegistrar: BlockRegistrar, Sendable {
     let ring: RingHandle
-    private let freeSlots: Mutex<[Int32]>
+    private let freeSlots: Locked<[Int32]>
 
     /// Sparse table size: one slot per registered block (staging, frames, caller buffers).
     static let slots = 1024
@@ -77,7 +77,7 @@ final class URingRegistrar: BlockRegistrar, Sendable {
         let ret = csupport_register_sparse(ring.pointer, UInt32(slots))
         if ret < 0 { throw errnoFromNegative(ret) }
         self.ring = ring
-        self.freeSlots = Mutex((0..<Int32(slots)).reversed())
+        self.freeSlots = Locked((0..<Int32(slots)).reversed())
     }
 
     func register(base: UnsafeMutableRawPointer, count: Int) -> Result<RegisteredSlot, Errno> {

@@ -184,9 +184,9 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             let waiting = starved
             starved.removeAll()
             pool.starved.store(false, ordering: .releasing)
-            for c in waiting where !c.detached && !c.armed {
+            for c in waiting {
                 c.starved = false
-                startReceive(c, loop: loop)
+                if !c.detached && !c.armed && !c.disarming { startReceive(c, loop: loop) }
             }
         }
     }
@@ -279,8 +279,8 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
                 // unless the reader has enough.
                 c.armed = false
                 if c.disarming || full || c.directPending || stopping {
-                    receiveEnded(c, loop: loop)
                     c.receivingStopped()
+                    receiveEnded(c, loop: loop)
                 } else {
                     startReceive(c, loop: loop)
                 }
@@ -299,7 +299,6 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             return
         }
         let wasDisarming = c.disarming
-        receiveEnded(c, loop: loop)
         switch res {
         case 0:
             c.finishReceiving(eof: true, error: nil)
@@ -321,6 +320,8 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
                 c.finishReceiving(eof: false, error: errnoFromNegative(res))
             }
         }
+        // Last: it may arm again (a reader that asked meanwhile), which marks it receiving.
+        receiveEnded(c, loop: loop)
     }
 
     private func directDone(_ c: LoopConnection, _ cqe: csupport_cqe, loop: IOLoop) {

@@ -181,9 +181,9 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
             let waiting = starved
             starved.removeAll()
             pool.starved.store(false, ordering: .releasing)
-            for c in waiting where !c.detached {
+            for c in waiting {
                 c.starved = false
-                startReceive(c, loop: loop)
+                if !c.detached && !c.armed { startReceive(c, loop: loop) }
             }
         }
     }

@@ -46,15 +46,15 @@ final class AcceptQueue: @unchecked Sendable {
     // @unchecked Sendable: `state` is behind its mutex; `onStop` is set once before sharing.
     struct State {
         var pending: [FileDescriptor] = []
-        var waiter: UnsafeContinuation<Void, Never>? = nil
+        var waiter: CheckedContinuation<Void, Never>? = nil
         var finished = false
         var failure: Errno? = nil
     }
-    let state = Mutex(State())
+    let state = Locked(State())
     var onStop: (@Sendable () -> Void)? = nil
 
     func yield(_ fd: FileDescriptor) {
-        let (waiter, refused) = state.withLock { s -> (UnsafeContinuation<Void, Never>?, Bool) in
+        let (waiter, refused) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool) in
             if s.finished { return (nil, true) }
             s.pending.append(fd)
             let w = s.waiter
@@ -66,7 +66,7 @@ final class AcceptQueue: @unchecked Sendable {
     }
 
     func finish(throwing error: Errno? = nil) {
-        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
             if !s.finished {
                 s.finished = true
                 s.failure = error
@@ -94,7 +94,7 @@ final class AcceptQueue: @unchecked Sendable {
                 return nil
             }
             await withTaskCancellationHandler {
-                await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+                await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
                     let now = state.withLock { s -> Bool in
                         if !s.pending.isEmpty || s.finished || s.failure != nil || Task.isCancelled { return true }
                         s.waiter = c
@@ -103,7 +103,7 @@ final class AcceptQueue: @unchecked Sendable {
                     if now { c.resume() }
                 }
             } onCancel: {
-                let w = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+                let w = state.withLock { s -> CheckedContinuation<Void, Never>? in
                     let w = s.waiter
                     s.waiter = nil
                     return w

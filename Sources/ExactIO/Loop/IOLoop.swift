@@ -105,9 +105,9 @@ public final class IOLoop: @unchecked Sendable {
     let eventFD: Int32
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
     private var driver: LoopDriver! = nil
-    private let inbox = Mutex(Inbox())
+    private let inbox = Locked(Inbox())
     private let sleeping = Atomic<Bool>(false)
-    private let stats = Mutex(Statistics())
+    private let stats = Locked(Statistics())
     /// The loop thread's own counters, published to `stats` once per turn.
     private var localStats = Statistics()
     private let wakeups = Atomic<Int>(0)
@@ -115,7 +115,7 @@ public final class IOLoop: @unchecked Sendable {
     private var thread: pthread_t? = nil
     /// Set once shutdown has begun: new work is refused, jobs go to the global executor.
     private let stopped = Atomic<Bool>(false)
-    private let joined = Mutex(false)
+    private let joined = Locked(false)
 
     struct Inbox {
         var commands: [LoopCommand] = []
@@ -215,7 +215,7 @@ public final class IOLoop: @unchecked Sendable {
     private final class StartContext: @unchecked Sendable {
         // @unchecked Sendable: handed to the new thread once; `started` is a mutex.
         let loop: IOLoop
-        let started = Mutex<Result<Void, any Error>?>(nil)
+        let started = Locked<Result<Void, any Error>?>(nil)
         init(loop: IOLoop) { self.loop = loop }
     }
 
@@ -249,7 +249,7 @@ public final class IOLoop: @unchecked Sendable {
             await waitJoined()
             return
         }
-        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             send(.shutdown(c))
         }
         await waitJoined()
@@ -266,6 +266,21 @@ public final class IOLoop: @unchecked Sendable {
     }
 
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
+
+    /// A summary of every connection's shared state, for debugging hangs (reads loop-thread
+    /// fields without synchronization: approximate).
+    @_spi(Testing)
+    public func debugState() -> String {
+        guard let base = driver as? LoopDriverBase else { return "" }
+        var lines: [String] = []
+        for case .connection(let c)? in base.entries {
+            let s = c.state.withLock { s in
+                "queued \(s.receivedBytes) receiving \(s.receiving) eof \(s.eof) waiter \(s.waiter != nil) direct \(s.direct.map { "\($0.got)/\($0.minimum) done \($0.done)" } ?? "-")"
+            }
+            lines.append("conn \(c.slot): armed \(c.armed) disarming \(c.disarming) starved \(c.starved) directInFlight \(c.directInFlight) pending \(c.directPending) rearm \(c.rearmWhenDisarmed); \(s)")
+        }
+        return lines.joined(separator: "\n") + "\npool outstanding \(pool.outstanding.load(ordering: .relaxed)) of \(pool.count), starved \(pool.starved.load(ordering: .relaxed))"
+    }
 
     // MARK: - Commands and wakeups
 
@@ -317,7 +332,7 @@ public final class IOLoop: @unchecked Sendable {
 
     private func run() {
         loopThreadID.store(UInt(bitPattern: Int(bitPattern: pthread_self())), ordering: .relaxed)
-        var shutdownWaiter: UnsafeContinuation<Void, Never>? = nil
+        var shutdownWaiter: CheckedContinuation<Void, Never>? = nil
         while true {
             let (commands, jobs) = inbox.withLock { box -> ([LoopCommand], [UnownedJob]) in
                 let c = box.commands
@@ -394,7 +409,7 @@ enum LoopCommand {
     /// Start accepting on a listener, or stop.
     case listen(Listener)
     case unlisten(Listener)
-    case shutdown(UnsafeContinuation<Void, Never>)
+    case shutdown(CheckedContinuation<Void, Never>)
 }
 
 /// What a loop backend does, on the loop's thread only.

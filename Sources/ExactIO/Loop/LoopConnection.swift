@@ -32,7 +32,7 @@ final class LoopConnection: @unchecked Sendable {
         var eof = false
         var error: Errno? = nil
         /// The reader waiting for a change.
-        var waiter: UnsafeContinuation<Void, Never>? = nil
+        var waiter: CheckedContinuation<Void, Never>? = nil
         var direct: DirectRequest? = nil
         /// The reader's deadline (CLOCK_MONOTONIC ns, 0 = none) and whether it passed.
         var deadline: Int64 = 0
@@ -42,7 +42,7 @@ final class LoopConnection: @unchecked Sendable {
         /// A receive is armed (or asked for): the reader need not ask again.
         var receiving = false
     }
-    let state = Mutex(State())
+    let state = Locked(State())
 
     // Loop thread only.
     var slot = -1
@@ -55,6 +55,8 @@ final class LoopConnection: @unchecked Sendable {
     var directCancelSent = false
     /// A direct read waits for the armed receive to end.
     var directPending = false
+    /// The reader asked to receive while the armed receive was being cancelled.
+    var rearmWhenDisarmed = false
     /// The byte limit of the armed receive (0: none).
     var receiveLimit: UInt32 = 0
     var detached = false
@@ -74,7 +76,7 @@ final class LoopConnection: @unchecked Sendable {
     /// Appends received bytes and wakes the reader. Returns true when the connection should
     /// stop receiving (backpressure).
     func deliver(_ segment: Segment) -> Bool {
-        let (waiter, full) = state.withLock { s -> (UnsafeContinuation<Void, Never>?, Bool) in
+        let (waiter, full) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool) in
             s.received.append(segment)
             s.receivedBytes += segment.count
             let w = s.waiter
@@ -87,7 +89,7 @@ final class LoopConnection: @unchecked Sendable {
 
     /// Records the end of receiving: end of stream (`error` nil), or an error.
     func finishReceiving(eof: Bool, error: Errno?) {
-        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
             if eof { s.eof = true }
             if let error { s.error = error }
             s.receiving = false
@@ -106,7 +108,7 @@ final class LoopConnection: @unchecked Sendable {
 
     /// Records progress of the direct read; `finished` completes it.
     func directProgress(_ bytes: Int, finished: Bool, error: Errno?, retry: Bool = false) {
-        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
             guard s.direct != nil else { return nil }
             s.direct!.got += bytes
             if finished {
@@ -136,7 +138,7 @@ final class LoopConnection: @unchecked Sendable {
 
     /// Wakes the reader for a passed deadline or a shutdown.
     func interrupt(timedOut: Bool = false, shutDown: Bool = false) {
-        let waiter = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
             if timedOut { s.timedOut = true }
             if shutDown { s.shutDown = true }
             let w = s.waiter
@@ -160,7 +162,7 @@ final class LoopConnection: @unchecked Sendable {
             await withTaskCancellationHandler {
                 await suspend(cancellable: true)
             } onCancel: {
-                let w = state.withLock { s -> UnsafeContinuation<Void, Never>? in
+                let w = state.withLock { s -> CheckedContinuation<Void, Never>? in
                     let w = s.waiter
                     s.waiter = nil
                     return w
@@ -173,7 +175,7 @@ final class LoopConnection: @unchecked Sendable {
     }
 
     private func suspend(cancellable: Bool) async {
-        await withUnsafeContinuation { (c: UnsafeContinuation<Void, Never>) in
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { s -> Bool in
                 let news = !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
                     || (s.direct?.done ?? false)

@@ -138,7 +138,9 @@ class LoopDriverBase {
             attach(c)
             if stopping {
                 c.interrupt(shutDown: true)
-            } else if !c.armed && !c.disarming {
+            } else if c.disarming {
+                c.rearmWhenDisarmed = true  // the reader took its bytes meanwhile: go on after
+            } else if !c.armed {
                 startReceive(c, loop: loop)
             }
         case .direct(let c):
@@ -184,9 +186,13 @@ class LoopDriverBase {
     func receiveEnded(_ c: LoopConnection, loop: IOLoop) {
         c.armed = false
         c.disarming = false
+        let rearm = c.rearmWhenDisarmed
+        c.rearmWhenDisarmed = false
         if c.directPending && !c.detached {
             c.directPending = false
             startDirect(c, loop: loop)
+        } else if rearm && !c.detached && !stopping {
+            startReceive(c, loop: loop)
         }
         releaseIfIdle(c)
     }

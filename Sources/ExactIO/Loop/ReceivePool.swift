@@ -16,7 +16,7 @@ final class ReceivePool: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let size: Int
     let count: Int
-    private let returned = Mutex<[UInt16]>([])
+    private let returned = Locked<[UInt16]>([])
     /// Set while some connection waits for buffers (ENOBUFS): a returned buffer then wakes the
     /// loop, which would otherwise sleep with nothing to receive into.
     let starved = Atomic<Bool>(false)

@@ -52,7 +52,7 @@ final class MemoryPool: Sendable {
     let retainBytes: Int
     /// `Options.registeredMemoryLimit`: this pool's cap, under the process-wide budget.
     let registrationLimit: Int?
-    private let state: Mutex<State>
+    private let state: Locked<State>
 
     init(registrar: (any BlockRegistrar)?, registrationLimit: Int?, retainBytes: Int = 64 << 20) {
         self.retainBytes = retainBytes
@@ -60,7 +60,7 @@ final class MemoryPool: Sendable {
         var s = State()
         s.registrar = registrar
         if registrar == nil { s.lastRefusal = .noTable }
-        self.state = Mutex(s)
+        self.state = Locked(s)
     }
 
     var hasRegistrar: Bool { state.withLock { $0.registrar != nil } }

@@ -17,7 +17,7 @@ final class RegistrationBudget: Sendable {
         var registeredBytes = 0
         var registrants = 0  // pools with registered memory
     }
-    private let state = Mutex(State())
+    private let state = Locked(State())
     /// io_uring rings open in this process (ExactIO's).
     let openRings = Atomic<Int>(0)
 

@@ -1,8 +1,9 @@
-// bench peer: reads FRAMES frames from the connected socket on descriptor 3 with
-// ByteToMessageHandler(LengthFieldBasedFrameDecoder(lengthFieldBitLength: .fourBytes)) on one
-// event loop, checks each body's length and marks, and prints bench's CaseResult JSON line.
+// bench peer: reads FRAMES frames from the connected sockets on descriptors 3 … 3+CONNECTIONS-1
+// (default one) with ByteToMessageHandler(LengthFieldBasedFrameDecoder(lengthFieldBitLength:
+// .fourBytes)) on one event loop, checks each body's length and marks, and prints bench's
+// CaseResult JSON line.
 //
-// usage: NIOPeer STRATEGY TRANSPORT FRAME_BYTES FRAMES
+// usage: NIOPeer STRATEGY TRANSPORT FRAME_BYTES FRAMES [CONNECTIONS]
 import Foundation
 import NIOCore
 import NIOExtras
@@ -30,21 +31,29 @@ func now() -> Double {
 }
 
 let args = CommandLine.arguments
-guard args.count == 5, let n = Int(args[3]), let frames = Int(args[4]) else {
-    FileHandle.standardError.write("usage: NIOPeer STRATEGY TRANSPORT FRAME_BYTES FRAMES\n".data(using: .utf8)!)
+guard args.count >= 5, let n = Int(args[3]), let frames = Int(args[4]) else {
+    FileHandle.standardError.write("usage: NIOPeer STRATEGY TRANSPORT FRAME_BYTES FRAMES [CONNECTIONS]\n".data(using: .utf8)!)
     exit(2)
+}
+let connections = args.count >= 6 ? Int(args[5]) ?? 1 : 1
+
+/// Frames counted across every connection (all on the one event loop).
+final class Total: @unchecked Sendable {
+    var got = 0
+    var closed = 0
 }
 
 final class Counter: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     let expected: Int
     let n: Int
-    var got = 0
+    let total: Total
     let done: EventLoopPromise<Int>
 
-    init(n: Int, expected: Int, done: EventLoopPromise<Int>) {
+    init(n: Int, expected: Int, total: Total, done: EventLoopPromise<Int>) {
         self.n = n
         self.expected = expected
+        self.total = total
         self.done = done
     }
 
@@ -58,24 +67,26 @@ final class Counter: ChannelInboundHandler, @unchecked Sendable {
             return true
         }
         if !ok { done.fail(ChannelError.inappropriateOperationForState); return }
-        got += 1
-        if got == expected { done.succeed(got) }
+        total.got += 1
+        if total.got == expected { done.succeed(total.got) }
     }
 
-    func channelInactive(context: ChannelHandlerContext) { done.succeed(got) }
+    func channelInactive(context: ChannelHandlerContext) {
+        total.closed += 1
+        if total.closed == connections { done.succeed(total.got) }
+    }
     func errorCaught(context: ChannelHandlerContext, error: Error) { done.fail(error) }
 }
 
 let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
 let promise = group.next().makePromise(of: Int.self)
-let counter = Counter(n: n, expected: frames, done: promise)
-let fdCopy = dup(3)
+let total = Total()
 let open = ClientBootstrap(group: group)
     .channelInitializer { channel in
         channel.eventLoop.makeCompletedFuture {
             try channel.pipeline.syncOperations.addHandler(
                 ByteToMessageHandler(LengthFieldBasedFrameDecoder(lengthFieldBitLength: .fourBytes)))
-            try channel.pipeline.syncOperations.addHandler(counter)
+            try channel.pipeline.syncOperations.addHandler(Counter(n: n, expected: frames, total: total, done: promise))
         }
     }
 let fileHandle = FileHandle(forWritingAtPath: "/proc/self/clear_refs")
@@ -84,12 +95,13 @@ try? fileHandle?.close()
 let base = status("VmRSS")
 let (u0, s0) = cpu()
 let t0 = now()
-let channel = try open.withConnectedSocket(fdCopy).wait()
+var channels: [Channel] = []
+for k in 0..<connections { channels.append(try open.withConnectedSocket(dup(3 + Int32(k))).wait()) }
 let got = try promise.futureResult.wait()
 let secs = now() - t0
 let (u1, s1) = cpu()
 let peak = status("VmHWM")
-try? channel.close().wait()
+for channel in channels { try? channel.close().wait() }
 try? group.syncShutdownGracefully()
 guard got == frames else {
     FileHandle.standardError.write("NIOPeer: read \(got) of \(frames) frames\n".data(using: .utf8)!)
@@ -100,6 +112,6 @@ let result: [String: Any] = [
     "seconds": secs, "gbPerSecond": Double(n * frames) / secs / 1e9, "framesPerSecond": Double(frames) / secs,
     "peakRSSBytes": peak, "baselineRSSBytes": base, "peakOverFrame": Double(peak - base) / Double(n),
     "cpuUserSeconds": u1 - u0, "cpuSystemSeconds": s1 - s0,
-    "note": "SwiftNIO LengthFieldBasedFrameDecoder, 1 event loop",
+    "note": "SwiftNIO LengthFieldBasedFrameDecoder, 1 event loop, \(connections) connection(s)", "connections": connections,
 ]
 print(String(decoding: try JSONSerialization.data(withJSONObject: result), as: UTF8.self))
