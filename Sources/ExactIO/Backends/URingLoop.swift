@@ -386,5 +386,6 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             if case .listener(let l) = entry { l.queue.finish() }
         }
         kernelHeld = kernelHeld.map { _ in nil }
+        clearTable()
     }
 }

@@ -281,5 +281,6 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
 
     func finishShutdown(loop: IOLoop) {
         current = nil
+        clearTable()
     }
 }

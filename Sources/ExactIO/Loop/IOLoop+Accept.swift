@@ -27,28 +27,38 @@ public struct AcceptedConnections: AsyncSequence, Sendable {
         let l = Listener(fd: listener, queue: queue)
         queue.onStop = { [loop] in loop.send(.unlisten(l)) }
         loop.send(.listen(l))
-        return Iterator(queue: queue)
+        return Iterator(handle: AcceptHandle(queue: queue))
     }
 
     public struct Iterator: AsyncIteratorProtocol {
-        let queue: AcceptQueue
+        let handle: AcceptHandle
 
         /// The next accepted descriptor, or nil when the sequence ended.
         public mutating func next() async throws -> FileDescriptor? {
-            try await queue.next()
+            try await handle.queue.next()
         }
     }
+}
+
+/// The iterator's hold on its queue: when the iteration is dropped, accepting stops.
+public final class AcceptHandle: Sendable {
+    let queue: AcceptQueue
+    init(queue: AcceptQueue) { self.queue = queue }
+    deinit { queue.stop() }
 }
 
 /// Accepted descriptors waiting for the iterator. When the iterator goes, accepting stops and
 /// the descriptors not taken are closed.
 final class AcceptQueue: @unchecked Sendable {
-    // @unchecked Sendable: `state` is behind its mutex; `onStop` is set once before sharing.
+    // @unchecked Sendable: `state` is behind its lock; `onStop` is set before sharing, and
+    // taken (once) under the lock.
     struct State {
         var pending: [FileDescriptor] = []
         var waiter: CheckedContinuation<Void, Never>? = nil
         var finished = false
         var failure: Errno? = nil
+        /// `onStop` was called (or need not be).
+        var stopped = false
     }
     let state = Locked(State())
     var onStop: (@Sendable () -> Void)? = nil
@@ -71,6 +81,8 @@ final class AcceptQueue: @unchecked Sendable {
                 s.finished = true
                 s.failure = error
             }
+            s.stopped = true  // the loop let go of the listener: nothing to tell it
+            onStop = nil
             let w = s.waiter
             s.waiter = nil
             return w
@@ -115,18 +127,16 @@ final class AcceptQueue: @unchecked Sendable {
 
     /// Stops accepting (once) and closes what was not taken.
     func stop() {
-        let (left, first) = state.withLock { s -> ([FileDescriptor], Bool) in
-            let first = !s.finished
+        let (left, notify) = state.withLock { s -> ([FileDescriptor], (@Sendable () -> Void)?) in
             s.finished = true
             let left = s.pending
             s.pending.removeAll()
-            return (left, first)
+            let notify = s.stopped ? nil : onStop
+            s.stopped = true
+            onStop = nil  // it holds the listener, which holds this queue
+            return (left, notify)
         }
         for fd in left { try? fd.close() }
-        if first { onStop?() }
-    }
-
-    deinit {
-        stop()
+        notify?()
     }
 }

@@ -203,6 +203,15 @@ class LoopDriverBase {
         for case .connection(let c)? in entries { c.evacuate() }
     }
 
+    /// Forgets every connection and listener (their objects hold the loop: a cycle otherwise).
+    func clearTable() {
+        entries.removeAll()
+        generations.removeAll()
+        freeSlots.removeAll()
+        watched.removeAll()
+        starved.removeAll()
+    }
+
     /// Every connection's reader is told the loop is going; listeners end.
     func interruptAll() {
         for case let entry? in entries {
