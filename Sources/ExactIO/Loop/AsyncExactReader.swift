@@ -176,6 +176,9 @@ public final class AsyncExactReader {
     /// An error the loop met is kept in `core.pendingError`, after the bytes that came before it.
     @discardableResult
     private func absorb() -> (timedOut: Bool, shutDown: Bool) {
+        // While an error waits to be thrown, nothing more is received (the end of stream that
+        // follows a reset must not overtake the reset).
+        let errorWaiting = core.pendingError != nil
         let (segments, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
             let segments = s.received
             s.received.removeAll(keepingCapacity: true)
@@ -184,7 +187,7 @@ public final class AsyncExactReader {
             s.error = nil
             let timedOut = s.timedOut
             s.timedOut = false
-            let arm = !s.receiving && !s.eof && error == nil && !s.shutDown
+            let arm = !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
             if arm { s.receiving = true }
             return (segments, s.eof, error, timedOut, s.shutDown, arm)
         }
