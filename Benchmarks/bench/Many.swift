@@ -8,15 +8,15 @@ import SystemPackage
 // a writer process connects CONNECTIONS times and sends each connection FRAMES/CONNECTIONS
 // frames (non-blocking writes, whichever connection can take bytes), the child accepts them all
 // and then reads every frame with one strategy:
-//   loop-uring / loop-epoll     one IOLoop, an AsyncExactReader per connection, handlers on the
-//                               loop's thread (withTaskExecutorPreference)
-//   loop-uring-hop / -epoll-hop the same, handlers on the global executor (a thread hop per
-//                               completion)
+//   loop-uring / loop-epoll     one IOLoop, an AsyncExactReader per connection, handlers as
+//                               tasks on the global executor (a thread hop per completion)
+//   loop-uring-exec / -epoll-exec  the same, handlers on the loop's thread
+//                               (withTaskExecutorPreference: no hop, one thread for all)
 //   threads                     one blocking ExactReader and one thread per connection
 //   swift-nio, py-asyncio       (--peers) the connections handed to a peer process
 // The clock starts when the first connection is readable.
 
-let manyStrategies = ["loop-uring", "loop-epoll", "loop-uring-hop", "loop-epoll-hop", "threads"]
+let manyStrategies = ["loop-uring", "loop-epoll", "loop-uring-exec", "loop-epoll-exec", "threads"]
 let manyPeerStrategies = ["swift-nio", "py-asyncio"]
 let manyConnectionCounts = [1, 16, 256, 1024]
 let manySizes = [64, 4 << 10, 1 << 20]
@@ -41,7 +41,7 @@ func makeManyCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
     }
     let strategies = manyStrategies + (peers ? manyPeerStrategies : [])
     if quick {
-        for s in strategies where !s.hasSuffix("-hop") { add(s, "tcp", 4 << 10, 256) }
+        for s in strategies { add(s, "tcp", 4 << 10, 256) }
         return cases
     }
     for t in ["unix", "tcp"] {
@@ -215,7 +215,7 @@ func runManyCase(_ c: BenchCase) throws -> CaseResult {
     let t0 = now()
     let outcome: ManyOutcome
     switch c.strategy {
-    case "loop-uring", "loop-epoll", "loop-uring-hop", "loop-epoll-hop":
+    case "loop-uring", "loop-epoll", "loop-uring-exec", "loop-epoll-exec":
         outcome = try runLoopStrategy(c, conns)
     case "threads":
         outcome = try runThreadsStrategy(c, conns)
@@ -257,7 +257,7 @@ func blockingAwait<T: Sendable>(_ body: @escaping @Sendable () async throws -> T
 
 func runLoopStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
     let backend: ExactReader.Backend = c.strategy.hasPrefix("loop-uring") ? .ioUring : .posix
-    let onLoop = !c.strategy.hasSuffix("-hop")
+    let onLoop = c.strategy.hasSuffix("-exec")
     let loop = try IOLoop(options: .init(backend: backend))
     if ProcessInfo.processInfo.environment["EXACTIO_BENCH_DUMP"] != nil {
         Thread.detachNewThread {

@@ -99,8 +99,10 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     override func startReceive(_ c: LoopConnection, loop: IOLoop) {
         var limit: UInt32 = 0
         if receiveLimits {
-            let queued = c.state.withLock { $0.receivedBytes }
-            limit = UInt32(clamping: max(c.maxBuffered - queued, pool.size))
+            // At most the backpressure bound, and what the reader wants ahead: after a large
+            // frame only its next prefix, not the next body (which goes to its own memory).
+            let (queued, wanted) = c.state.withLock { ($0.receivedBytes, $0.wanted) }
+            limit = UInt32(clamping: max(min(c.maxBuffered - queued, wanted), 4096))
         }
         c.receiveLimit = limit
         let ret = c.isSocket
@@ -273,7 +275,11 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
                 if !more { receiveEnded(c, loop: loop) }
                 return
             }
-            let full = c.deliver(seg)
+            var full = c.deliver(seg)
+            if c.receiveLimit == 0 {
+                // Without the kernel's byte limit, stop once the reader has what it wants ahead.
+                full = full || c.state.withLock { $0.receivedBytes >= $0.wanted }
+            }
             if !more {
                 // A single-shot receive (pipes), or a multishot one the kernel ended: go on
                 // unless the reader has enough.

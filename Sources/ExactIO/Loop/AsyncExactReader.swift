@@ -157,9 +157,9 @@ public final class AsyncExactReader {
     /// segments for `.buffered`, a read in the loop for `.direct`.
     private func drive<T>(_ step: (inout ReaderCore<SegmentBuffer>) throws -> CoreStep<T>) async throws -> T {
         if let e = core.brokenError { throw e }
-        absorb()
-        let timeout = options.timeoutNanoseconds
-        deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
+        // The deadline is taken when the call first has to wait (no clock read for a frame that
+        // is already buffered).
+        deadline = 0
         while true {
             switch try step(&core) {
             case .done(let value):
@@ -179,7 +179,9 @@ public final class AsyncExactReader {
         // While an error waits to be thrown, nothing more is received (the end of stream that
         // follows a reset must not overtake the reset).
         let errorWaiting = core.pendingError != nil
+        let wanted = core.readAhead
         let (segments, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
+            s.wanted = wanted
             let segments = s.received
             s.received.removeAll(keepingCapacity: true)
             s.receivedBytes = 0
@@ -211,7 +213,14 @@ public final class AsyncExactReader {
         return e
     }
 
+    /// Starts the call's deadline clock, if it has a timeout.
+    private func startDeadline() {
+        let timeout = options.timeoutNanoseconds
+        if timeout > 0 && deadline == 0 { deadline = monotonicNanoseconds() + timeout }
+    }
+
     private func receive(atLeast count: Int) async throws {
+        startDeadline()
         var watching = false
         while true {
             let (timedOut, shutDown) = absorb()
@@ -237,6 +246,7 @@ public final class AsyncExactReader {
     }
 
     private func direct(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
+        startDeadline()
         // Bytes received before the read come first: the core copies them in when it steps.
         let (_, shutDown) = absorb()
         if core.buffer.buffered > 0 { return }

@@ -129,8 +129,9 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         if n > 0 {
             let segment = Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)
             currentOffset += n
-            if c.deliver(segment) {
-                // Backpressure: stop reading until the reader takes its bytes.
+            if c.deliver(segment) || c.state.withLock({ $0.receivedBytes >= $0.wanted }) {
+                // Backpressure, or the reader has what it wants ahead: stop reading until the
+                // reader takes its bytes.
                 stopReceive(c)
             }
         } else if n == 0 {

@@ -41,6 +41,9 @@ final class LoopConnection: @unchecked Sendable {
         var shutDown = false
         /// A receive is armed (or asked for): the reader need not ask again.
         var receiving = false
+        /// How much the reader wants received ahead (its read-ahead: a page after a large frame,
+        /// whose next body goes straight to its own memory; the staging capacity otherwise).
+        var wanted = Int.max
     }
     let state = Locked(State())
 
