@@ -4,7 +4,7 @@ import Glibc
 import Synchronization
 import SystemPackage
 import Testing
-@testable import ExactIO
+@_spi(Testing) @testable import ExactIO
 
 /// Frame bodies of connection `i`: sizes from 0 to ~70 KB (some above the 16 KiB direct
 /// threshold of a 64 KiB staging capacity), contents per connection and frame.
@@ -45,6 +45,16 @@ func feedMany(_ writes: [(FileDescriptor, [UInt8])], threads: Int = 4, seed: UIn
     }
 }
 
+/// A test's guard against a hang in the loop: past `seconds`, it records the loop's state as a
+/// failure and shuts the loop down, which fails every pending read, so the test ends.
+func watchdog(_ loop: IOLoop, seconds: Double = 90, sourceLocation: SourceLocation = #_sourceLocation) -> Task<Void, Never> {
+    Task {
+        do { try await Task.sleep(for: .seconds(seconds)) } catch { return }
+        Issue.record("the loop's test did not end within \(seconds) s; loop state:\n\(loop.debugState())", sourceLocation: sourceLocation)
+        await loop.shutdown()
+    }
+}
+
 func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor, FileDescriptor)] {
     try (0..<n).map { _ in transport == .tcp ? try tcpPair() : try socketPair(AF_UNIX) }
 }
@@ -55,6 +65,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func framesOverOneConnection(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         #expect(loop.backend == backend)
         let sizes = [0, 1, 100, 4096, 20_000, 70_000, 300_000, 3 << 20, 5]
         let bodies = sizes.enumerated().map { pattern($1, seed: UInt64($0 + 1)) }
@@ -63,7 +75,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let reader = try AsyncExactReader(ch.read, loop: loop, options: .init(stagingCapacity: 64 << 10))
         var got: [ByteView] = []
         for try await f in reader.frames() { got.append(f) }
-        writer.join()
+        await writer.finished()
         #expect(got.count == bodies.count)
         for (v, b) in zip(got, bodies) { #expect(v == ByteView(b)) }
         #expect(reader.isAtEOF)
@@ -74,6 +86,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: combos)
     func manyConnectionsEveryByteArrives(backend: ExactReader.Backend, transport: Transport) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let n = 256
         let pairs = try connectedPairs(transport, n)
         let bodies = (0..<n).map { loopBodies($0) }
@@ -94,8 +108,9 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             }
             return try await group.reduce(0, +)
         }
-        for w in writers { w.join() }
+        // Read ends first: a writer whose reader gave up early then fails instead of blocking.
         for p in pairs { try? p.0.close() }
+        for w in writers { await w.finished() }
         #expect(failures == 0)
         let stats = loop.statistics
         await loop.shutdown()
@@ -105,6 +120,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func cancellationMidHeaderAndMidBodyLosesNothing(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let (a, b) = try socketPair(AF_UNIX)
         defer { try? a.close(); try? b.close() }
         // The reader moves into a task and back once that task is over: the compiler cannot see
@@ -129,7 +146,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         // The rest arrives: the same frame, whole, and nothing after it.
         let rest = Writer { try send(b, Array(wire[(4 + 1000 + 4 + 50_000)...])) }
         #expect(try await reader.readFrame() == ByteView(large))
-        rest.join()
+        await rest.finished()
         try b.close()
         #expect(try await reader.readFrame() == nil)
         await loop.shutdown()
@@ -138,6 +155,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func aResetFailsOnlyItsReader(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let pairs = try connectedPairs(.tcp, 32)
         let victim = 7
         let bodies = (0..<32).map { loopBodies($0, count: 6) }
@@ -170,8 +189,9 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             for try await (i, r) in group { out[i] = r }
             return out
         }
-        for w in writers { w.join() }
+        // Read ends first: a writer whose reader gave up early then fails instead of blocking.
         for p in pairs { try? p.0.close() }
+        for w in writers { await w.finished() }
         #expect(results[victim] == "\(Errno.connectionReset)")
         #expect(results.filter { $0.key != victim && $0.value != "ok" }.isEmpty, "\(results)")
         await loop.shutdown()
@@ -183,6 +203,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func aDryBufferPoolLosesNothing(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend, receiveBufferSize: 4096, receiveBufferCount: 16))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let n = 48
         let pairs = try connectedPairs(.unix, n)
         let bodies = (0..<n).map { i in (0..<40).map { pattern(100 + ($0 * 37 + i) % 900, seed: UInt64(i * 100 + $0)) } }
@@ -206,8 +228,9 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             }
             return try await group.reduce(0, +)
         }
-        for w in writers { w.join() }
+        // Read ends first: a writer whose reader gave up early then fails instead of blocking.
         for p in pairs { try? p.0.close() }
+        for w in writers { await w.finished() }
         #expect(failures == 0)
         let stats = loop.statistics
         print("dry pool (\(backend)): \(stats)")
@@ -221,6 +244,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     func backpressureBoundsAStalledConsumer(backend: ExactReader.Backend) async throws {
         let bound = 64 << 10
         let loop = try IOLoop(options: .init(backend: backend, maxBufferedBytesPerConnection: bound))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let (sa, sb) = try socketPair(AF_UNIX)
         let (fa, fb) = try socketPair(AF_UNIX)
         defer { try? sa.close(); try? fa.close() }
@@ -244,7 +269,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             k += 1
         }
         #expect(k == flowingBodies.count)
-        flowingWriter.join()
+        await flowingWriter.finished()
         let held = stalled.connection.state.withLock { $0.receivedBytes }
         print("backpressure (\(backend)): the stalled connection holds \(held) received bytes (bound \(bound))")
         // The bound, plus what the kernel had already received for it when receiving stopped
@@ -256,7 +281,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             if f != ByteView(pattern(1000)) { Issue.record("stalled frame \(m) differs"); break }
             m += 1
         }
-        stalledWriter.join()
+        await stalledWriter.finished()
         #expect(m == 4000)
         await loop.shutdown()
     }
@@ -264,6 +289,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func acceptChurnLeavesNoDescriptorsBehind(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let listener = try tcpListener()
         defer { try? listener.fd.close() }
         let fds0 = openDescriptorCount()
@@ -294,7 +321,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             }
             try await group.waitForAll()
         }
-        clients.join()
+        await clients.finished()
         try await Task.sleep(for: .milliseconds(100))
         let fds = openDescriptorCount() - fds0
         print("accept churn (\(backend)): \(accepted) accepted, descriptors +\(fds)")
@@ -306,6 +333,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func shutdownEndsPendingReads(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let pairs = try connectedPairs(.unix, 8)
         defer { for p in pairs { try? p.0.close(); try? p.1.close() } }
         // Half wait for a header, half inside a large body (a direct read in flight).
@@ -342,6 +371,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func executorPreferenceRunsHandlersOnTheLoop(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let (a, b) = try socketPair(AF_UNIX)
         defer { try? a.close() }
         let writer = Writer {
@@ -359,7 +390,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             }
             return all && i == 100
         }
-        writer.join()
+        await writer.finished()
         #expect(onLoop, "every frame was consumed on the loop's thread")
         await loop.shutdown()
     }
@@ -367,6 +398,8 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
     @Test(arguments: testBackends)
     func readTimeoutOnTheLoop(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let (a, b) = try socketPair(AF_UNIX)
         defer { try? a.close(); try? b.close() }
         let reader = try AsyncExactReader(a, loop: loop, options: .init(stagingCapacity: 64 << 10, readTimeout: .milliseconds(50)))
@@ -381,13 +414,96 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             do { frame = try await reader.readFrame() } catch let e as Errno where e == .timedOut {}
         }
         #expect(frame == ByteView(pattern(100_000)))
-        rest.join()
+        await rest.finished()
+        await loop.shutdown()
+    }
+
+    /// Short timeouts on an idle connection, many times over: each must fire. (The loop once
+    /// slept with no timeout when it took the deadline before the reader suspended: a hang.)
+    @Test(arguments: testBackends)
+    func everyShortTimeoutFires(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop, seconds: 30)
+        defer { dog.cancel() }
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        let reader = try AsyncExactReader(a, loop: loop, options: .init(readTimeout: .milliseconds(1)))
+        var timeouts = 0
+        for _ in 0..<300 {
+            do {
+                _ = try await reader.readExactly(1)
+            } catch let e as Errno where e == .timedOut {
+                timeouts += 1
+            }
+        }
+        #expect(timeouts == 300)
+        try send(b, [7])
+        #expect(Array(try await reader.readExactly(1)) == [7])
+        await loop.shutdown()
+    }
+
+    /// A call's deadline ends with the call: one that passes later (while the loop turns for
+    /// other connections) must not time out the next call.
+    @Test(arguments: testBackends)
+    func aPastCallsDeadlineDoesNotTimeOutTheNext(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop, seconds: 60)
+        defer { dog.cancel() }
+        let (a, b) = try socketPair(AF_UNIX)
+        let (busyRead, busyWrite) = try socketPair(AF_UNIX)
+        defer { for fd in [a, b, busyRead, busyWrite] { try? fd.close() } }
+        let reader = try AsyncExactReader(a, loop: loop, options: .init(readTimeout: .milliseconds(200)))
+        // Another connection keeps the loop turning past the first call's deadline.
+        let busy = try AsyncExactReader(busyRead, loop: loop)
+        for round in 0..<5 {
+            let late = Writer {
+                usleep(20_000)
+                try send(b, [UInt8(round)])
+            }
+            #expect(Array(try await reader.readExactly(1)) == [UInt8(round)])
+            await late.finished()
+            for k in 0..<30 {  // 300 ms of traffic elsewhere: the 200 ms deadline passes
+                try send(busyWrite, [UInt8(k)])
+                _ = try await busy.readExactly(1)
+                try await Task.sleep(for: .milliseconds(10))
+            }
+            let next = Writer {
+                usleep(20_000)
+                try send(b, [UInt8(round + 100)])
+            }
+            #expect(Array(try await reader.readExactly(1)) == [UInt8(round + 100)])
+            await next.finished()
+        }
+        await loop.shutdown()
+    }
+
+    /// A reset that the loop's receive meets while the reader asks for a direct read (a large
+    /// body) is the reader's error, never a clean end of stream (epoll: the receive took the
+    /// ECONNRESET, the direct read then saw only the end).
+    @Test(arguments: testBackends)
+    func aResetBeforeADirectReadIsAnErrno(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop, seconds: 60)
+        defer { dog.cancel() }
+        for round in 0..<40 {
+            let (a, b) = try tcpPair()
+            defer { try? a.close() }
+            let reader = try AsyncExactReader(a, loop: loop, options: .init(stagingCapacity: 64 << 10))
+            try send(b, header32(1 << 20) + pattern(1000 + round * 97))
+            var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
+            setsockopt(b.rawValue, SOL_SOCKET, SO_LINGER, &linger, socklen_t(MemoryLayout<Glibc.linger>.size))
+            if round % 2 == 1 { try await Task.sleep(for: .milliseconds(1)) }
+            try b.close()
+            await #expect(throws: Errno.connectionReset, "round \(round)") { _ = try await reader.readFrame() }
+        }
         await loop.shutdown()
     }
 
     @Test(arguments: testBackends)
     func everyCallOnTheLoop(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let data = pattern(2 << 20, seed: 42)
         let (ch, writer) = try stream(.unix, data, chunks: [4093, 1])
         defer { ch.close() }
@@ -417,12 +533,14 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             expectNext(chunk)
         }
         #expect(try await reader.read(upTo: 10).isEmpty)
-        writer.join()
+        await writer.finished()
         await loop.shutdown()
     }
 
     @Test func datagramsAndFilesAreRefused() async throws {
         let loop = try IOLoop()
+        let dog = watchdog(loop)
+        defer { dog.cancel() }
         let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
         defer { close(udp) }
         #expect(throws: Errno.protocolWrongTypeForSocket) { try AsyncExactReader(FileDescriptor(rawValue: udp), loop: loop) }
@@ -489,7 +607,7 @@ func loopRoundTrip(_ loop: IOLoop) async throws {
         guard try await reader.readFrame() == ByteView(body) else { exit(12) }
     }
     guard try await reader.readFrame() == nil else { exit(13) }
-    writer.join()
+    await writer.finished()
 }
 
 @Suite struct LoopEnvironmentTests {

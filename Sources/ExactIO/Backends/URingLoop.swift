@@ -125,7 +125,10 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     }
 
     override func startDirect(_ c: LoopConnection, loop: IOLoop) {
-        let request = c.state.withLock { s -> DirectRequest? in s.received.isEmpty ? s.direct : nil }
+        // Anything the receive met first (bytes, an error such as a reset, the end) comes before
+        // the read: the reader is sent back to take it. A reset met by the receive and then a
+        // direct read that sees only the end would turn the reset into a clean end.
+        let request = c.state.withLock { s -> DirectRequest? in s.hasNews ? nil : s.direct }
         guard let d = request else {
             c.directProgress(0, finished: true, error: nil, retry: true)
             return

@@ -160,6 +160,15 @@ public final class AsyncExactReader {
         // The deadline is taken when the call first has to wait (no clock read for a frame that
         // is already buffered).
         deadline = 0
+        defer {
+            // The call is over: its deadline, and a timeout the loop flagged for it, go with it.
+            if deadline > 0 {
+                connection.state.withLock { s in
+                    s.deadline = 0
+                    s.timedOut = false
+                }
+            }
+        }
         while true {
             switch try step(&core) {
             case .done(let value):

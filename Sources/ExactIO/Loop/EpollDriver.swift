@@ -80,8 +80,8 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     }
 
     private func startDirectNow(_ c: LoopConnection) {
-        let hasData = c.state.withLock { !$0.received.isEmpty }
-        if hasData {
+        // As for io_uring: what the receive met first (bytes, a reset, the end) comes first.
+        if c.state.withLock({ $0.hasNews }) {
             c.directProgress(0, finished: true, error: nil, retry: true)
             return
         }

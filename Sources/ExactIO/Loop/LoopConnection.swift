@@ -44,6 +44,9 @@ final class LoopConnection: @unchecked Sendable {
         /// How much the reader wants received ahead (its read-ahead: a page after a large frame,
         /// whose next body goes straight to its own memory; the staging capacity otherwise).
         var wanted = Int.max
+
+        /// The receive left something for the reader: bytes, an error, or the end.
+        var hasNews: Bool { !received.isEmpty || error != nil || eof }
     }
     let state = Locked(State())
 
@@ -139,16 +142,34 @@ final class LoopConnection: @unchecked Sendable {
         }
     }
 
-    /// Wakes the reader for a passed deadline or a shutdown.
-    func interrupt(timedOut: Bool = false, shutDown: Bool = false) {
+    /// Wakes the reader for a shutdown.
+    func interrupt(shutDown: Bool) {
         let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            if timedOut { s.timedOut = true }
             if shutDown { s.shutDown = true }
             let w = s.waiter
             s.waiter = nil
             return w
         }
         waiter?.resume()
+    }
+
+    enum Expiry { case none, pending, expired }
+
+    /// The loop's deadline check: past the reader's deadline, `timedOut` is set and the waiter
+    /// (if it waits yet) is woken, in one locked step, so a call that just ended (and cleared
+    /// its deadline) never sees a timeout meant for it.
+    func expire(now: Int64) -> Expiry {
+        let (expiry, waiter) = state.withLock { s -> (Expiry, CheckedContinuation<Void, Never>?) in
+            if s.deadline == 0 { return (.none, nil) }
+            if s.deadline > now { return (.pending, nil) }
+            s.deadline = 0
+            s.timedOut = true
+            let w = s.waiter
+            s.waiter = nil
+            return (.expired, w)
+        }
+        waiter?.resume()
+        return expiry
     }
 
     /// The user_data of this connection's requests of `kind`.

@@ -95,11 +95,13 @@ class LoopDriverBase {
         }
     }
 
-    /// Nanoseconds until the nearest deadline (0: none).
+    /// Nanoseconds until the nearest deadline (0: none). A deadline counts whether or not its
+    /// reader waits yet: the reader publishes it before it suspends, and the loop must not sleep
+    /// past it in between (that was a hang: the loop slept with no timeout, the reader waited).
     func nearestDeadline() -> Int64 {
         var nearest: Int64 = 0
         for c in watched {
-            let d = c.state.withLock { $0.waiter == nil && $0.direct == nil ? 0 : $0.deadline }
+            let d = c.state.withLock { $0.deadline }
             if d > 0 && (nearest == 0 || d < nearest) { nearest = d }
         }
         guard nearest > 0 else { return 0 }
@@ -107,24 +109,25 @@ class LoopDriverBase {
     }
 
     /// Wakes readers whose deadline passed (and cancels their direct read); forgets
-    /// connections that no longer wait.
+    /// connections whose call ended (the reader clears its deadline then).
     func expireDeadlines() {
         guard !watched.isEmpty else { return }
         let now = monotonicNanoseconds()
         var keep: [LoopConnection] = []
         for c in watched {
-            let (deadline, waiting) = c.state.withLock { s in (s.deadline, s.waiter != nil || s.direct != nil) }
-            if deadline == 0 || c.detached {
+            if c.detached {
                 c.watched = false
                 continue
             }
-            if deadline <= now {
+            switch c.expire(now: now) {
+            case .none:
+                c.watched = false
+            case .pending:
+                keep.append(c)
+            case .expired:
                 c.watched = false
                 if c.directInFlight { cancelDirect(c) }
-                c.interrupt(timedOut: true)
-                continue
             }
-            if waiting || deadline > now { keep.append(c) }
         }
         watched = keep
     }

@@ -140,20 +140,73 @@ func openChannel(_ transport: Transport, fileBytes: [UInt8] = []) throws -> Chan
     }
 }
 
-/// Runs `write` on a background thread; `join()` waits for it.
+/// Runs `write` on a background thread; `join()` (blocking) or `await finished()` waits for it.
+///
+/// Both wait at most `writerPatience`: a writer still blocked after that means the reader stopped
+/// reading (a failure elsewhere, or a hang). That is recorded as a test failure and the wait
+/// returns (the thread is left behind), so a failing test fails instead of hanging the suite.
 final class Writer: @unchecked Sendable {
+    // @unchecked Sendable: `state` is guarded by `lock`; `error` is written before `finish`.
+    private let lock = NSLock()
+    private var finishedFlag = false
+    private var waiters: [Int: CheckedContinuation<Bool, Never>] = [:]
+    private var nextWaiter = 0
     private let done = DispatchSemaphore(value: 0)
     private(set) var error: Error?
 
     init(_ body: @escaping @Sendable () throws -> Void) {
         Thread.detachNewThread { [self] in
             do { try body() } catch { self.error = error }
-            done.signal()
+            finish()
         }
     }
 
-    func join() { done.wait() }
+    private func finish() {
+        lock.lock()
+        finishedFlag = true
+        let ws = waiters.values
+        waiters = [:]
+        lock.unlock()
+        done.signal()
+        for w in ws { w.resume(returning: true) }
+    }
+
+    func join(sourceLocation: SourceLocation = #_sourceLocation) {
+        if done.wait(timeout: .now() + writerPatience) == .timedOut {
+            Issue.record("writer thread still blocked after \(writerPatience) s: the reader stopped reading", sourceLocation: sourceLocation)
+            return
+        }
+        done.signal()  // join() may be called again
+    }
+
+    /// The async wait: no cooperative thread is blocked meanwhile.
+    func finished(sourceLocation: SourceLocation = #_sourceLocation) async {
+        let ended = await withCheckedContinuation { (c: CheckedContinuation<Bool, Never>) in
+            lock.lock()
+            if finishedFlag {
+                lock.unlock()
+                c.resume(returning: true)
+                return
+            }
+            nextWaiter += 1
+            let id = nextWaiter
+            waiters[id] = c
+            lock.unlock()
+            DispatchQueue.global().asyncAfter(deadline: .now() + writerPatience) { [self] in
+                lock.lock()
+                let w = waiters.removeValue(forKey: id)
+                lock.unlock()
+                w?.resume(returning: false)
+            }
+        }
+        if !ended {
+            Issue.record("writer thread still blocked after \(writerPatience) s: the reader stopped reading", sourceLocation: sourceLocation)
+        }
+    }
 }
+
+/// How long a test waits for a writer thread before calling it stuck (seconds).
+let writerPatience: Double = 120
 
 /// Feeds `bytes` into `channel` in chunks of the given sizes (cycled), then closes the write
 /// end. For files, the bytes were written at creation and this does nothing.
