@@ -12,6 +12,13 @@
 //     statistics.bytesSkipped);
 //   - views handed out earlier never change (kept ones are re-checked after every call).
 //
+// Half of the inputs (a control bit) drive the loop reader's core instead
+// (`LoopCoreHarness`, `AsyncExactReader`'s core and driver logic run synchronously): the
+// program then picks the completion order the loop would produce — received segments of any
+// size split across recycled receive buffers, bytes that arrive just before a direct read
+// starts, partial direct reads, an errno kept behind the bytes before it, deadlines, cancelled
+// tasks, the pool running low — and the same invariants are checked.
+//
 // Built two ways:
 //   - normally (`swift build`): a replay tool, `fuzz-exactio FILE|DIR...`, runs inputs once;
 //   - with `-sanitize=fuzzer,address -DFUZZING` (Fuzz/run.sh): the libFuzzer entry point.
@@ -99,6 +106,116 @@ func check(_ ok: Bool, _ what: @autoclosure () -> String) throws {
     if !ok { throw InvariantFailure(description: what()) }
 }
 
+/// What the invariant checks need from either reader.
+protocol FuzzedReader: AnyObject {
+    func readExactly(_ count: Int) throws -> ByteView
+    func readFrame(prefix: LengthPrefix) throws -> ByteView?
+    func read(upTo maxCount: Int) throws -> ByteView
+    func skip(_ count: Int) throws
+    func bytes(_ count: Int) throws -> [UInt8]
+    func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws
+    var isAtEOF: Bool { get }
+    var bufferedCount: Int { get }
+    var bytesSkipped: Int { get }
+    /// Stream bytes handed to the reader so far, and whether the stream has ended.
+    var fed: Int { get }
+    var ended: Bool { get }
+}
+
+/// The blocking reader over the scripted descriptor.
+final class BlockingUnderTest: FuzzedReader {
+    let reader: ExactReader
+    let source: Source
+    init(_ reader: ExactReader, _ source: Source) {
+        self.reader = reader
+        self.source = source
+    }
+    func readExactly(_ count: Int) throws -> ByteView { try reader.readExactly(count) }
+    func readFrame(prefix: LengthPrefix) throws -> ByteView? { try reader.readFrame(prefix: prefix) }
+    func read(upTo maxCount: Int) throws -> ByteView { try reader.read(upTo: maxCount) }
+    func skip(_ count: Int) throws { try reader.skip(count) }
+    func bytes(_ count: Int) throws -> [UInt8] { try reader.withExactly(count) { Array($0) } }
+    func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws { try reader.readExactly(into: buffer) }
+    var isAtEOF: Bool { reader.isAtEOF }
+    var bufferedCount: Int { reader.bufferedCount }
+    var bytesSkipped: Int { reader.statistics.bytesSkipped }
+    var fed: Int { source.available }
+    var ended: Bool { source.ended }
+}
+
+/// The loop reader's core, with the program playing the loop.
+final class LoopCoreUnderTest: FuzzedReader {
+    let harness: LoopCoreHarness
+    init(_ harness: LoopCoreHarness) { self.harness = harness }
+    func readExactly(_ count: Int) throws -> ByteView { try harness.readExactly(count) }
+    func readFrame(prefix: LengthPrefix) throws -> ByteView? { try harness.readFrame(prefix: prefix) }
+    func read(upTo maxCount: Int) throws -> ByteView { try harness.read(upTo: maxCount) }
+    func skip(_ count: Int) throws { try harness.skip(count) }
+    func bytes(_ count: Int) throws -> [UInt8] { Array(try harness.readExactly(count)) }
+    func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws { try harness.readExactly(into: buffer) }
+    var isAtEOF: Bool { harness.isAtEOF }
+    var bufferedCount: Int { harness.bufferedCount }
+    var bytesSkipped: Int { harness.statistics.bytesSkipped }
+    var fed: Int { harness.fed }
+    var ended: Bool { harness.ended }
+}
+
+/// The loop's side of the program: what arrives and what goes wrong, in the order it picks.
+final class LoopScript {
+    var program: Program
+    var resets = 0
+    var stalls = 0
+    init(_ program: Program) { self.program = program }
+
+    /// Past the program, or after a few events without progress, bytes flow.
+    private var mustProgress: Bool {
+        if program.done || stalls >= 3 {
+            stalls = 0
+            return true
+        }
+        return false
+    }
+    private func sizes(_ c: UInt8) -> [Int] {
+        (0..<(1 + Int(c % 3))).map { _ in 1 + Int(program.next()) * (c % 4 == 0 ? 257 : 1) }
+    }
+    private func error() -> Errno {
+        resets += 1
+        return resets % 2 == 0 ? .timedOut : .connectionReset
+    }
+
+    func onWait(_ needed: Int) -> LoopCoreHarness.Arrival {
+        if mustProgress { return .segments([65536]) }
+        let c = program.next()
+        stalls += 1
+        switch c % 16 {
+        case 0: return .timeout
+        case 1: return .cancel
+        case 2 where resets < 3: return .error(error())
+        case 3 where program.next() < 16: return .end
+        case 4: return .poolLow
+        default:
+            stalls = 0
+            return .segments(sizes(c))
+        }
+    }
+
+    func onDirect(_ capacity: Int, _ minimum: Int) -> LoopCoreHarness.DirectEvent {
+        if mustProgress { return .progress(capacity) }
+        let c = program.next()
+        stalls += 1
+        switch c % 16 {
+        case 0: return .timeout
+        case 1: return .cancel
+        case 2 where resets < 3: return .error(error())
+        case 3 where program.next() < 16: return .end
+        case 4, 5: return .arrivedFirst(sizes(c))
+        default:
+            stalls = 0
+            return .progress(1 + Int(program.next()) * 257)
+        }
+    }
+}
+
 /// Runs one input; throws InvariantFailure when an invariant breaks.
 func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     guard data.count >= 2 else { return }
@@ -109,17 +226,27 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     let limit = control.int(0...70_000)
     // Every k-th new mapping (staging refills, frame memory) fails with ENOMEM; 0: none.
     let failEvery = Int(control.next() % 6)
+    let loopCore = control.next() & 1 == 1
     let allocations = Mutex(0)
-    let source = Source(stream: stream, program: control)
-    let reader = try ExactReader(
-        options: .init(backend: .posix, stagingCapacity: staging, maxFrameLength: limit),
-        testingRead: { source.read($0) },
-        allowAllocation: { _ in
-            allocations.withLock { n in
-                n += 1
-                return failEvery == 0 || n % failEvery != 0
-            }
-        })
+    let allow: @Sendable (Int) -> Bool = { _ in
+        allocations.withLock { n in
+            n += 1
+            return failEvery == 0 || n % failEvery != 0
+        }
+    }
+    let reader: any FuzzedReader
+    if loopCore {
+        let script = LoopScript(control)
+        reader = LoopCoreUnderTest(try LoopCoreHarness(
+            stream: stream, stagingCapacity: staging, maxFrameLength: limit, allowAllocation: allow,
+            onWait: { script.onWait($0) }, onDirect: { script.onDirect($0, $1) }))
+    } else {
+        let source = Source(stream: stream, program: control)
+        reader = BlockingUnderTest(try ExactReader(
+            options: .init(backend: .posix, stagingCapacity: staging, maxFrameLength: limit),
+            testingRead: { source.read($0) }, allowAllocation: allow), source)
+    }
+    let source = reader  // where the checks ask what was fed
     var ops = Program(bytes: Array(data[1..<split].reversed()))
     var pos = 0  // bytes of `stream` consumed so far
     var kept: [(ByteView, Int)] = []  // views kept alive, with where they came from
@@ -131,7 +258,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     /// What the stream says a prefix of `kind` is at `pos`: (length, width), if complete.
     func decodePrefix(_ prefix: LengthPrefix, at p: Int) -> (UInt64, Int)? {
         // Only bytes the source has fed can be part of a prefix the reader saw.
-        let rest = stream[p..<max(p, source.available)]
+        let rest = stream[p..<max(p, source.fed)]
         switch prefix {
         case .varint:
             var v: UInt64 = 0
@@ -168,9 +295,9 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
         steps += 1
         let op = ops.next()
         let n = Int(ops.next()) * (op & 0x40 != 0 ? 513 : 1)
-        let skippedBefore = reader.statistics.bytesSkipped
+        let skippedBefore = reader.bytesSkipped
         var framePrefix: LengthPrefix? = nil
-        trace?("step \(steps): op \(op % 7) (\(op)), n \(n), pos \(pos), buffered \(reader.bufferedCount), fed \(source.available)")
+        trace?("step \(steps): op \(op % 7) (\(op)), n \(n), pos \(pos), buffered \(reader.bufferedCount), fed \(source.fed)")
         do {
             switch op % 7 {
             case 0:
@@ -191,7 +318,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                         if op & 0x80 != 0 { kept.append((f, pos + w)) }
                         pos += w + f.count
                     } else {
-                        try check(pos == source.available && source.ended, "nil frame before the end")
+                        try check(pos == source.fed && source.ended, "nil frame before the end")
                     }
                 } catch ExactReadError.frameTooLarge(let len, _) {
                     guard let (elen, w) = decodePrefix(prefix, at: pos) else { throw InvariantFailure(description: "tooLarge without prefix") }
@@ -208,7 +335,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                 try reader.skip(n)
                 pos += n
             case 4:
-                let bytes = try reader.withExactly(n) { Array($0) }
+                let bytes = try reader.bytes(n)
                 try expectAt(bytes, pos)
                 pos += n
             case 5:
@@ -221,7 +348,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
             }
         } catch ExactReadError.incomplete(let partial, let expected) {
             if op % 7 == 3 {
-                pos += reader.statistics.bytesSkipped - skippedBefore
+                pos += reader.bytesSkipped - skippedBefore
             } else if op % 7 == 1, let (_, w) = framePrefix.flatMap({ decodePrefix($0, at: pos) }) {
                 // The stream ended inside the body: the prefix was consumed, partial is the body.
                 try check(partial.count < expected, "incomplete with a full partial")
@@ -232,15 +359,18 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                 try expectAt(partial, pos)
                 pos += partial.count
             }
-            try check(source.ended && pos == source.available, "incomplete before the end (pos \(pos), fed \(source.available))")
+            try check(source.ended && pos == source.fed, "incomplete before the end (pos \(pos), fed \(source.fed))")
         } catch let e as Errno {
             try check([.connectionReset, .timedOut, .noMemory].contains(e), "unexpected errno \(e)")
-            if op % 7 == 3 { pos += reader.statistics.bytesSkipped - skippedBefore }
+            if op % 7 == 3 { pos += reader.bytesSkipped - skippedBefore }
+        } catch is CancellationError {
+            try check(loopCore, "CancellationError from the blocking reader")
+            if op % 7 == 3 { pos += reader.bytesSkipped - skippedBefore }
         }
         if let failure = (try? { () throws -> Void in for (v, at) in kept { try expectAt(v, at) } }()) == nil ? "a kept view changed" : nil {
             throw InvariantFailure(description: failure)
         }
-        try check(pos + reader.bufferedCount == source.available, "bytes lost: consumed \(pos) + buffered \(reader.bufferedCount) != fed \(source.available)")
+        try check(pos + reader.bufferedCount == source.fed, "bytes lost: consumed \(pos) + buffered \(reader.bufferedCount) != fed \(source.fed)")
     }
 }
 

@@ -319,7 +319,9 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
                 starved.append(c)
             }
             if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
-            c.receivingStopped()
+            // `receiving` stays set: the loop owes this connection a receive, and arms it when
+            // buffers come back (giveBack), so the reader does not ask for one in vain.
+            if c.detached { c.receivingStopped() }
         case -ECANCELED:
             c.receivingStopped()
         default:

@@ -164,6 +164,9 @@ struct ReaderCore<Buffer: CoreBuffer> {
         if brokenError != nil { throw error }  // that memory is quarantined: nothing to keep
         switch d.memory {
         case .frame(let region):
+            // Nothing arrived and no prefix to put back (`readExactly` of a large count): there is
+            // nothing to keep (an empty adopted segment would sit in front of later bytes).
+            if d.got == 0 && d.prefixWidth == 0 { throw error }
             buffer.adopt(region, bytes: Self.frontRoom, Self.frontRoom + d.got)
             var prefix = d.prefix
             let back = withUnsafeBytes(of: &prefix) { buffer.prepend(UnsafeRawBufferPointer(rebasing: $0[0..<d.prefixWidth])) }

@@ -106,10 +106,19 @@ final class LoopConnection: @unchecked Sendable {
         waiter?.resume()
     }
 
-    /// The receive stopped without news (cancelled for backpressure or a direct read, or the
-    /// buffers ran out): the reader will ask again.
+    /// The receive stopped without news (cancelled for backpressure or before a direct read,
+    /// or ended at its byte limit): the reader must ask again if it wants more. A reader that
+    /// already waits is woken to do so: it may have looked at `receiving` just before it was
+    /// cleared, and would otherwise wait for a receive nobody armed (a hang, seen under load).
+    /// (Ran out of buffers is not this: the loop re-arms starved connections itself.)
     func receivingStopped() {
-        state.withLock { $0.receiving = false }
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.receiving = false
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
     }
 
     /// Records progress of the direct read; `finished` completes it.
@@ -201,8 +210,9 @@ final class LoopConnection: @unchecked Sendable {
     private func suspend(cancellable: Bool) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { s -> Bool in
+                // Also news: the receive stopped since the reader last looked (it must re-arm).
                 let news = !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
-                    || (s.direct?.done ?? false)
+                    || (s.direct?.done ?? false) || (!s.receiving && s.direct == nil)
                 if news || (cancellable && Task.isCancelled) { return true }
                 s.waiter = c
                 return false

@@ -258,6 +258,28 @@ func openDescriptorCount() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
 }
 
+/// Descriptors of this process that are TCP sockets with local port `port` (a listener's
+/// accepted connections, and the listener): counts only what one test made, whatever other
+/// tests running in parallel open and close meanwhile.
+func openSocketsOnLocalPort(_ port: UInt16) -> Int {
+    var inodes = Set<String>()
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
+        for line in text.split(separator: "\n").dropFirst() {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count > 9, let colon = f[1].lastIndex(of: ":"),
+                  UInt16(f[1][f[1].index(after: colon)...], radix: 16) == port else { continue }
+            inodes.insert(String(f[9]))
+        }
+    }
+    let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+    return fds.filter { fd in
+        guard let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd),
+              link.hasPrefix("socket:[") else { return false }
+        return inodes.contains(String(link.dropFirst(8).dropLast()))
+    }.count
+}
+
 /// Open descriptors of this process and what they are.
 func openDescriptorList() -> String {
     let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
