@@ -5,7 +5,8 @@ import Synchronization
 import SystemPackage
 
 // bench --soak MINUTES: mixed frame sizes (0 B to 16 MiB) over unix and tcp on both backends
-// at once, views held for random numbers of frames, every frame verified; alongside, hostile
+// at once, and 64 connections on an IOLoop per backend (LoopSoak.swift, reads cancelled and
+// retried at random); views held for random numbers of frames, every frame verified; alongside, hostile
 // peers (headers that stall, maximal lengths, resets mid-body, up to 64 stalled connections
 // held open); RSS sampled every second. Fails when a frame is wrong, a hostile peer is not
 // refused with the right error, or RSS keeps growing after warm-up.
@@ -110,6 +111,15 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
             t.start()
         }
     }
+    // Many connections on a loop, per backend.
+    let loopResults = [LoopSoakResult(backend: .ioUring), LoopSoakResult(backend: .posix)]
+    for r in loopResults {
+        done.enter()
+        Task.detached {
+            await runLoopSoak(r)
+            done.leave()
+        }
+    }
     let hostile = HostilePeers()
     done.enter()
     let ht = Thread {
@@ -132,7 +142,7 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
             log(String(format: "soak %4.0fs: RSS %@, %.2f GB read, %d frames", t, fmtBytes(samples.last!.1),
                        Double(total) / 1e9, streams.reduce(0) { $0 + $1.frames.load(ordering: .relaxed) }))
         }
-        if streams.contains(where: { $0.failure != nil }) || hostile.failure != nil { break }
+        if streams.contains(where: { $0.failure != nil }) || hostile.failure != nil || loopResults.contains(where: { $0.failure != nil }) { break }
     }
     soakStop.store(true, ordering: .relaxed)
     for w in writers { kill(w, SIGTERM) }
@@ -160,6 +170,14 @@ func runSoak(minutes: Double, log: (String) -> Void) -> Bool {
                    s.frames.load(ordering: .relaxed), Double(s.bytes.load(ordering: .relaxed)) / 1e9,
                    s.heldMax.load(ordering: .relaxed), s.failure.map { " — FAILED: \($0)" } ?? ""))
         if s.failure != nil || s.frames.load(ordering: .relaxed) == 0 { ok = false }
+    }
+    for r in loopResults {
+        let stats = r.statistics.withLock { $0 }
+        log(String(format: "soak loop/%@: 64 connections, %d frames, %.2f GB, %d reads cancelled and retried%@%@",
+                   r.backend.description, r.frames.load(ordering: .relaxed), Double(r.bytes.load(ordering: .relaxed)) / 1e9,
+                   r.cancelled.load(ordering: .relaxed), stats.map { ", \($0)" } ?? "",
+                   r.failure.map { " — FAILED: \($0)" } ?? ""))
+        if r.failure != nil || r.frames.load(ordering: .relaxed) == 0 { ok = false }
     }
     let h = hostile.counts.withLock { $0 }
     log("soak hostile peers: \(h.stalls) stalled headers, \(h.oversized) oversized lengths, \(h.resets) resets mid-body, "

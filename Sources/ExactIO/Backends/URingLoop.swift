@@ -118,6 +118,20 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         c.state.withLock { $0.receiving = true }
     }
 
+    /// A single read into a region of its own, for a connection the dry pool could not serve.
+    private func startReceiveIntoOwnMemory(_ c: LoopConnection, loop: IOLoop) -> Bool {
+        guard let region = try? Region.standalone(capacity: pool.size) else { return false }
+        let ret = csupport_queue_read(ring, c.fd.rawValue, region.base, UInt32(pool.size), -1, c.tag(.receive))
+        guard ret == 0 else { return false }
+        c.fallback = region
+        loop.count { $0.reads += 1 }
+        inflight += 1
+        c.armed = true
+        c.receiveLimit = 0
+        c.state.withLock { $0.receiving = true }
+        return true
+    }
+
     override func stopReceive(_ c: LoopConnection) {
         guard c.armed, !c.disarming else { return }
         c.disarming = true
@@ -185,13 +199,20 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         guard !bids.isEmpty else { return }
         for bid in bids { provide(bid) }
         csupport_bufring_publish(bufferRing)
+        pool.starved.store(false, ordering: .releasing)
         if !starved.isEmpty {
             let waiting = starved
             starved.removeAll()
-            pool.starved.store(false, ordering: .releasing)
             for c in waiting {
                 c.starved = false
-                if !c.detached && !c.armed && !c.disarming { startReceive(c, loop: loop) }
+                if c.detached || c.armed || c.disarming { continue }
+                if c.directInFlight || c.directPending {
+                    // A direct read took over meanwhile: a receive now would race it for the
+                    // stream's next bytes. The reader asks again when it wants received bytes.
+                    c.receivingStopped()
+                    continue
+                }
+                startReceive(c, loop: loop)
             }
         }
     }
@@ -273,7 +294,13 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
 
     private func received(_ c: LoopConnection, _ cqe: csupport_cqe, more: Bool, loop: IOLoop) {
         let res = cqe.res
-        if res > 0, let seg = segment(cqe) {
+        // A read into memory of its own (the pool was dry) has no provided buffer.
+        var own: Segment? = nil
+        if let region = c.fallback, cqe.flags & UInt16(CSUPPORT_CQE_BUFFER) == 0 {
+            c.fallback = nil
+            if res > 0 { own = Segment(owner: region, base: region.base, start: 0, end: Int(res)) }
+        }
+        if res > 0, let seg = own ?? segment(cqe) {
             if c.detached {
                 if !more { receiveEnded(c, loop: loop) }
                 return
@@ -312,8 +339,16 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         case 0:
             c.finishReceiving(eof: true, error: nil)
         case -ENOBUFS:
-            // The buffers ran out: receive again when some come back (no busy loop).
+            // The buffers ran out. One read into memory of its own keeps the connection going:
+            // waiting for buffers could wait forever when views the application keeps hold
+            // them all (readers waiting for frames, holding views of every buffer).
             loop.count { $0.starvations += 1 }
+            if !c.detached && !stopping && !wasDisarming && !c.directPending && !c.rearmWhenDisarmed
+                && startReceiveIntoOwnMemory(c, loop: loop) {
+                if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
+                return
+            }
+            // Not even that: receive again when buffers come back (no busy loop).
             if !c.detached && !c.starved {
                 c.starved = true
                 starved.append(c)

@@ -109,15 +109,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     private func receive(_ c: LoopConnection, loop: IOLoop) {
         if current == nil || pool.size - currentOffset < 512 {
             guard let bid = free.popLast() else {
-                // No buffer: stop reading this connection until buffers come back.
-                loop.count { $0.starvations += 1 }
-                c.armed = false
-                setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
-                if !c.starved {
-                    c.starved = true
-                    starved.append(c)
-                }
-                if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
+                receiveIntoOwnMemory(c, loop: loop)
                 return
             }
             current = ReceiveBuffer(pool: pool, bid: bid)
@@ -129,22 +121,59 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         if n > 0 {
             let segment = Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)
             currentOffset += n
-            if c.deliver(segment) || c.state.withLock({ $0.receivedBytes >= $0.wanted }) {
-                // Backpressure, or the reader has what it wants ahead: stop reading until the
-                // reader takes its bytes.
-                stopReceive(c)
+            delivered(c, segment)
+        } else {
+            readFailed(c, n)
+        }
+    }
+
+    /// The pool is dry (views the application keeps hold every buffer, or a burst): this read
+    /// goes to memory of its own, so that no connection ever waits for buffers that only its
+    /// own progress would give back (a deadlock: readers waiting for frames, holding views of
+    /// every buffer). Queued bytes of idle readers are moved out of the pool meanwhile.
+    private func receiveIntoOwnMemory(_ c: LoopConnection, loop: IOLoop) {
+        loop.count { $0.starvations += 1 }
+        if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
+        guard let region = try? Region.standalone(capacity: pool.size) else {
+            // Not even that: stop reading this connection until buffers come back.
+            c.armed = false
+            setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
+            if !c.starved {
+                c.starved = true
+                starved.append(c)
             }
-        } else if n == 0 {
+            return
+        }
+        loop.count { $0.reads += 1 }
+        let n = Glibc.read(c.fd.rawValue, region.base, pool.size)
+        if n > 0 {
+            delivered(c, Segment(owner: region, base: region.base, start: 0, end: n))
+        } else {
+            readFailed(c, n)
+        }
+    }
+
+    private func delivered(_ c: LoopConnection, _ segment: Segment) {
+        if c.deliver(segment) || c.state.withLock({ $0.receivedBytes >= $0.wanted }) {
+            // Backpressure, or the reader has what it wants ahead: stop reading until the
+            // reader takes its bytes.
+            stopReceive(c)
+        }
+    }
+
+    /// A receive read(2) returned `n` ≤ 0: the end, an error, or nothing yet.
+    private func readFailed(_ c: LoopConnection, _ n: Int) {
+        if n == 0 {
             c.armed = false
             setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
             c.finishReceiving(eof: true, error: nil)
-        } else {
-            let e = Errno(rawValue: errno)
-            if e == .resourceTemporarilyUnavailable || e == .interrupted { return }
-            c.armed = false
-            setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
-            c.finishReceiving(eof: false, error: e)
+            return
         }
+        let e = Errno(rawValue: errno)
+        if e == .resourceTemporarilyUnavailable || e == .interrupted { return }
+        c.armed = false
+        setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: false, registered: &c.registeredWithEpoll)
+        c.finishReceiving(eof: false, error: e)
     }
 
     /// One read(2) straight into a direct read's memory.
@@ -178,13 +207,20 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     func giveBack(_ bids: [UInt16], loop: IOLoop) {
         guard !bids.isEmpty else { return }
         free.append(contentsOf: bids)
+        pool.starved.store(false, ordering: .releasing)
         if !starved.isEmpty {
             let waiting = starved
             starved.removeAll()
-            pool.starved.store(false, ordering: .releasing)
             for c in waiting {
                 c.starved = false
-                if !c.detached && !c.armed { startReceive(c, loop: loop) }
+                if c.detached || c.armed { continue }
+                if c.directInFlight || c.directPending {
+                    // A direct read took over meanwhile (and the descriptor's interest with it):
+                    // the reader asks again when it wants received bytes.
+                    c.receivingStopped()
+                    continue
+                }
+                startReceive(c, loop: loop)
             }
         }
     }

@@ -61,6 +61,8 @@ final class LoopConnection: @unchecked Sendable {
     var directCancelSent = false
     /// A direct read waits for the armed receive to end.
     var directPending = false
+    /// The memory of a receive that went to memory of its own (the pool was dry), in flight.
+    var fallback: Region? = nil
     /// The reader asked to receive while the armed receive was being cancelled.
     var rearmWhenDisarmed = false
     /// The byte limit of the armed receive (0: none).
