@@ -418,6 +418,42 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         await loop.shutdown()  // again: nothing happens
     }
 
+    /// Many connections with large frames (direct reads), handlers on the loop's thread: bytes
+    /// that arrive while a direct read is being set up must not spin the reader (it runs on the
+    /// loop, which would then never serve the read: a livelock, found by the bench).
+    @Test(arguments: testBackends)
+    func largeFramesWithTheLoopAsExecutor(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop, seconds: 60)
+        defer { dog.cancel() }
+        let n = 32
+        let pairs = try connectedPairs(.unix, n)
+        let bodies = (0..<n).map { i in (0..<4).map { k in pattern(300_000 + (i * 7 + k) * 1000, seed: UInt64(i * 10 + k)) } }
+        let writers = feedMany(pairs.enumerated().map { ($1.1, bodies[$0].flatMap(frame)) })
+        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
+            for (i, pair) in pairs.enumerated() {
+                let fd = pair.0
+                let expected = bodies[i]
+                group.addTask {
+                    try await withTaskExecutorPreference(loop) {
+                        let reader = try AsyncExactReader(fd, loop: loop)
+                        var k = 0
+                        while let f = try await reader.readFrame() {
+                            guard k < expected.count, f == ByteView(expected[k]) else { return 1 }
+                            k += 1
+                        }
+                        return k == expected.count ? 0 : 1
+                    }
+                }
+            }
+            return try await group.reduce(0, +)
+        }
+        for p in pairs { try? p.0.close() }
+        for w in writers { await w.finished() }
+        #expect(failures == 0)
+        await loop.shutdown()
+    }
+
     @Test(arguments: testBackends)
     func executorPreferenceRunsHandlersOnTheLoop(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))

@@ -274,7 +274,7 @@ public final class AsyncExactReader {
         while true {
             // Once the cancellation is asked for, wait (uncancellably) for the kernel to let go
             // of the memory.
-            await connection.wait(cancellable: !cancelSent)
+            await connection.wait(cancellable: !cancelSent, direct: true)
             let (done, interrupted) = connection.state.withLock { s in
                 (s.direct?.done ?? true, s.shutDown || s.timedOut)
             }

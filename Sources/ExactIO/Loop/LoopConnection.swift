@@ -192,10 +192,14 @@ final class LoopConnection: @unchecked Sendable {
 
     /// Waits until the loop reports something (data, end, error, a finished direct read, a
     /// deadline, a shutdown). With `cancellable`, a cancelled task also ends the wait.
-    func wait(cancellable: Bool) async {
+    /// With `direct`, only what ends or interrupts the direct read counts (received bytes,
+    /// the end or an error are the loop's to resolve first: it sends the read back with `retry`
+    /// then). Counting them would spin the reader, and with the loop as its executor, the loop
+    /// too, which then never resolves them.
+    func wait(cancellable: Bool, direct: Bool = false) async {
         if cancellable {
             await withTaskCancellationHandler {
-                await suspend(cancellable: true)
+                await suspend(cancellable: true, direct: direct)
             } onCancel: {
                 let w = state.withLock { s -> CheckedContinuation<Void, Never>? in
                     let w = s.waiter
@@ -205,16 +209,18 @@ final class LoopConnection: @unchecked Sendable {
                 w?.resume()
             }
         } else {
-            await suspend(cancellable: false)
+            await suspend(cancellable: false, direct: direct)
         }
     }
 
-    private func suspend(cancellable: Bool) async {
+    private func suspend(cancellable: Bool, direct: Bool) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { s -> Bool in
                 // Also news: the receive stopped since the reader last looked (it must re-arm).
-                let news = !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
-                    || (s.direct?.done ?? false) || (!s.receiving && s.direct == nil)
+                let news = direct
+                    ? (s.direct?.done ?? true) || s.shutDown || s.timedOut
+                    : !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
+                        || (s.direct?.done ?? false) || (!s.receiving && s.direct == nil)
                 if news || (cancellable && Task.isCancelled) { return true }
                 s.waiter = c
                 return false
