@@ -297,6 +297,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
         let n = Int(ops.next()) * (op & 0x40 != 0 ? 513 : 1)
         let skippedBefore = reader.bytesSkipped
         var framePrefix: LengthPrefix? = nil
+        if let h = (reader as? LoopCoreUnderTest)?.harness { trace?("  buffered starts \(h.peek(12)), stream there \(Array(stream[pos..<min(stream.count, pos + 12)]))") }
         trace?("step \(steps): op \(op % 7) (\(op)), n \(n), pos \(pos), buffered \(reader.bufferedCount), fed \(source.fed)")
         do {
             switch op % 7 {

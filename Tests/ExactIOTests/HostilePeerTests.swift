@@ -545,3 +545,22 @@ func closedDescriptorChild(_ backend: ExactReader.Backend) throws {
         #expect(reader.isAtEOF == false)
     }
 }
+
+@Suite struct InterruptedVarintTests {
+    /// An over-long varint prefix whose end has not arrived, interrupted by a timeout: nothing
+    /// is consumed and nothing is left behind, so the bytes are still there for any call, and a
+    /// later frame starts fresh. (A flag left set made a later frame call skip good bytes; found
+    /// by the fuzz target.)
+    @Test(arguments: testBackends)
+    func anInterruptedOverlongVarintLeavesNothingBehind(backend: ExactReader.Backend) throws {
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        let reader = try ExactReader(a, options: .init(backend: backend, readTimeout: .milliseconds(30)))
+        let overlong = [UInt8](repeating: 0xff, count: 11)
+        try send(b, overlong)
+        #expect(throws: Errno.timedOut) { _ = try reader.readFrame(prefix: .varint) }
+        #expect(Array(try reader.readExactly(11)) == overlong)
+        try send(b, [3, 7, 8, 9])
+        #expect(Array(try reader.readFrame(prefix: .varint) ?? ByteView()) == [7, 8, 9])
+    }
+}

@@ -445,7 +445,6 @@ struct ReaderCore<Buffer: CoreBuffer> {
             }
             let byte = buffer.byte(at: i)
             if i == 9 && byte > 1 {
-                skippingVarint = true
                 return try skipOverlongVarint(from: i)
             }
             value |= UInt64(byte & 0x7f) << UInt64(7 * i)
@@ -465,6 +464,10 @@ struct ReaderCore<Buffer: CoreBuffer> {
                 if k >= buffer.nominalCapacity {
                     buffer.consume(k)  // longer than staging: drop what was scanned
                     k = 0
+                    // Only now is the stream inside the prefix: the next frame call resumes the
+                    // skip. (Set before anything was dropped, an interrupted skip left the flag
+                    // behind and a later frame call skipped good bytes: found by the fuzz target.)
+                    skippingVarint = true
                 }
                 return .need(k + 1)
             }

@@ -72,6 +72,8 @@ public final class LoopCoreHarness {
 
     public var statistics: ExactReader.Statistics { core.statistics }
     public var bufferedCount: Int { core.buffer.buffered }
+    /// The first `n` buffered bytes (for traces).
+    public func peek(_ n: Int) -> [UInt8] { (0..<min(n, core.buffer.buffered)).map { core.buffer.byte(at: $0) } }
     public var isAtEOF: Bool { core.buffer.buffered == 0 && core.sawEOF && core.pendingError == nil }
 
     public func readExactly(_ count: Int) throws -> ByteView { try drive { try $0.exactly(count) } }
