@@ -55,6 +55,38 @@ func watchdog(_ loop: IOLoop, seconds: Double = 90, sourceLocation: SourceLocati
     }
 }
 
+/// Feeds every connection its frames (`feedMany`), reads each connection's frames in a task of
+/// its own, closes the read ends, waits for the writers, and returns how many connections did
+/// not get exactly their frames. `afterFrame(k)` runs after the k-th frame of a connection.
+func readEveryConnection(
+    _ pairs: [(FileDescriptor, FileDescriptor)], _ bodies: [[[UInt8]]], loop: IOLoop,
+    options: ExactReader.Options = ExactReader.Options(), writerThreads: Int = 4,
+    afterFrame: @escaping @Sendable (Int) async throws -> Void = { _ in }
+) async throws -> Int {
+    let writers = feedMany(pairs.enumerated().map { ($1.1, bodies[$0].flatMap(frame)) }, threads: writerThreads)
+    let failures = try await withThrowingTaskGroup(of: Int.self) { group in
+        for (i, pair) in pairs.enumerated() {
+            let fd = pair.0
+            let expected = bodies[i]
+            group.addTask {
+                let reader = try AsyncExactReader(fd, loop: loop, options: options)
+                var k = 0
+                for try await f in reader.frames() {
+                    guard k < expected.count, f == ByteView(expected[k]) else { return 1 }
+                    k += 1
+                    try await afterFrame(k)
+                }
+                return k == expected.count ? 0 : 1
+            }
+        }
+        return try await group.reduce(0, +)
+    }
+    // Read ends first: a writer whose reader gave up early then fails instead of blocking.
+    for p in pairs { try? p.0.close() }
+    for w in writers { await w.finished() }
+    return failures
+}
+
 func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor, FileDescriptor)] {
     try (0..<n).map { _ in transport == .tcp ? try tcpPair() : try socketPair(AF_UNIX) }
 }
@@ -91,26 +123,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let n = 256
         let pairs = try connectedPairs(transport, n)
         let bodies = (0..<n).map { loopBodies($0) }
-        let writers = feedMany(pairs.enumerated().map { ($1.1, bodies[$0].flatMap(frame)) })
-        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
-            for (i, pair) in pairs.enumerated() {
-                let fd = pair.0
-                let expected = bodies[i]
-                group.addTask {
-                    let reader = try AsyncExactReader(fd, loop: loop, options: .init(stagingCapacity: 64 << 10))
-                    var k = 0
-                    for try await f in reader.frames() {
-                        guard k < expected.count, f == ByteView(expected[k]) else { return 1 }
-                        k += 1
-                    }
-                    return k == expected.count ? 0 : 1
-                }
-            }
-            return try await group.reduce(0, +)
-        }
-        // Read ends first: a writer whose reader gave up early then fails instead of blocking.
-        for p in pairs { try? p.0.close() }
-        for w in writers { await w.finished() }
+        let failures = try await readEveryConnection(pairs, bodies, loop: loop, options: .init(stagingCapacity: 64 << 10))
         #expect(failures == 0)
         let stats = loop.statistics
         await loop.shutdown()
@@ -208,29 +221,11 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let n = 48
         let pairs = try connectedPairs(.unix, n)
         let bodies = (0..<n).map { i in (0..<40).map { pattern(100 + ($0 * 37 + i) % 900, seed: UInt64(i * 100 + $0)) } }
-        let writers = feedMany(pairs.enumerated().map { ($1.1, bodies[$0].flatMap(frame)) })
-        let failures = try await withThrowingTaskGroup(of: Int.self) { group in
-            for (i, pair) in pairs.enumerated() {
-                let fd = pair.0
-                let expected = bodies[i]
-                group.addTask {
-                    let reader = try AsyncExactReader(fd, loop: loop)
-                    var k = 0
-                    while let f = try await reader.readFrame() {
-                        guard f == ByteView(expected[k]) else { return 1 }
-                        k += 1
-                        // A pause after the first frame: meanwhile the loop receives for every
-                        // connection, and 64 KiB of buffers cannot hold it all.
-                        if k == 1 { try await Task.sleep(for: .milliseconds(50)) }
-                    }
-                    return k == expected.count ? 0 : 1
-                }
-            }
-            return try await group.reduce(0, +)
+        // A pause after the first frame: meanwhile the loop receives for every connection,
+        // and 64 KiB of buffers cannot hold it all.
+        let failures = try await readEveryConnection(pairs, bodies, loop: loop) { k in
+            if k == 1 { try await Task.sleep(for: .milliseconds(50)) }
         }
-        // Read ends first: a writer whose reader gave up early then fails instead of blocking.
-        for p in pairs { try? p.0.close() }
-        for w in writers { await w.finished() }
         #expect(failures == 0)
         let stats = loop.statistics
         print("dry pool (\(backend)): \(stats)")
