@@ -199,22 +199,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         guard !bids.isEmpty else { return }
         for bid in bids { provide(bid) }
         csupport_bufring_publish(bufferRing)
-        pool.starved.store(false, ordering: .releasing)
-        if !starved.isEmpty {
-            let waiting = starved
-            starved.removeAll()
-            for c in waiting {
-                c.starved = false
-                if c.detached || c.armed || c.disarming { continue }
-                if c.directInFlight || c.directPending {
-                    // A direct read took over meanwhile: a receive now would race it for the
-                    // stream's next bytes. The reader asks again when it wants received bytes.
-                    c.receivingStopped()
-                    continue
-                }
-                startReceive(c, loop: loop)
-            }
-        }
+        resumeStarved(loop: loop)
     }
 
     // MARK: The turn
@@ -343,9 +328,9 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             // waiting for buffers could wait forever when views the application keeps hold
             // them all (readers waiting for frames, holding views of every buffer).
             loop.count { $0.starvations += 1 }
+            if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
             if !c.detached && !stopping && !wasDisarming && !c.directPending && !c.rearmWhenDisarmed
                 && startReceiveIntoOwnMemory(c, loop: loop) {
-                if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
                 return
             }
             // Not even that: receive again when buffers come back (no busy loop).
@@ -353,7 +338,6 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
                 c.starved = true
                 starved.append(c)
             }
-            if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) { evacuateQueues() }
             // `receiving` stays set: the loop owes this connection a receive, and arms it when
             // buffers come back (giveBack), so the reader does not ask for one in vain.
             if c.detached { c.receivingStopped() }

@@ -207,22 +207,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     func giveBack(_ bids: [UInt16], loop: IOLoop) {
         guard !bids.isEmpty else { return }
         free.append(contentsOf: bids)
-        pool.starved.store(false, ordering: .releasing)
-        if !starved.isEmpty {
-            let waiting = starved
-            starved.removeAll()
-            for c in waiting {
-                c.starved = false
-                if c.detached || c.armed { continue }
-                if c.directInFlight || c.directPending {
-                    // A direct read took over meanwhile (and the descriptor's interest with it):
-                    // the reader asks again when it wants received bytes.
-                    c.receivingStopped()
-                    continue
-                }
-                startReceive(c, loop: loop)
-            }
-        }
+        resumeStarved(loop: loop)
     }
 
     // MARK: Accepting

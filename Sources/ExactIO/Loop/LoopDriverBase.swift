@@ -200,6 +200,25 @@ class LoopDriverBase {
         releaseIfIdle(c)
     }
 
+    /// Buffers came back: connections that starved for them receive again, unless a direct read
+    /// took over meanwhile (a receive beside it would race it for the stream's next bytes; the
+    /// reader asks again when it wants received bytes).
+    func resumeStarved(loop: IOLoop) {
+        pool.starved.store(false, ordering: .releasing)
+        guard !starved.isEmpty else { return }
+        let waiting = starved
+        starved.removeAll()
+        for c in waiting {
+            c.starved = false
+            if c.detached || c.armed || c.disarming { continue }
+            if c.directInFlight || c.directPending {
+                c.receivingStopped()
+                continue
+            }
+            startReceive(c, loop: loop)
+        }
+    }
+
     /// The pool ran dry: received bytes queued for readers that are not reading are moved out of
     /// the shared buffers, so that those buffers come back.
     func evacuateQueues() {

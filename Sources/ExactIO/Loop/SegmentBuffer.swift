@@ -35,13 +35,10 @@ struct SegmentBuffer: CoreBuffer {
 
     mutating func append(_ segment: Segment) {
         guard segment.count > 0 else { return }
-        if buffered == 0 && head < segments.count {
-            // Only emptied or empty segments are left (an adopted region whose bytes were all
-            // consumed): none may sit in front of new bytes (copyOut would never pass it).
-            segments.removeAll(keepingCapacity: true)
-            head = 0
-        }
-        if head > 0 && head == segments.count {
+        if buffered == 0 && !segments.isEmpty {
+            // Only consumed or empty segments are left (an empty one may be an adopted region
+            // whose bytes were all consumed): none may sit in front of new bytes, where copyOut
+            // would never pass it.
             segments.removeAll(keepingCapacity: true)
             head = 0
         }
