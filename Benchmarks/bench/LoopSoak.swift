@@ -175,19 +175,15 @@ func loopSoakRead(fd: Int32, seed: UInt64, loop: IOLoop, result: LoopSoakResult)
                 return
             }
             guard f.count == n else { result.fail("\(result.backend) frame \(i): \(f.count) bytes, expected \(n)"); return }
-            let bad = f.withUnsafeBytes { b -> Int? in
-                for k in 0..<n where b[k] != SoakSequence.byte(i, k) { return k }
-                return nil
-            }
-            if let k = bad {
+            if let k = SoakSequence.firstMismatch(f, frame: i) {
                 let wrong = f.withUnsafeBytes { b in (k..<min(n, k + 64)).filter { b[$0] != SoakSequence.byte(i, $0) }.count }
                 result.fail("\(result.backend) frame \(i) (\(n) bytes, \(attempts) cancelled attempts): content differs from byte \(k) (\(wrong) of the next 64 wrong); reader \(reader.statistics)")
                 return
             }
             held.append((i + Int(dice.next() % 32), f, i))
             held.removeAll { $0.release <= i }
-            if let h = held.first, h.view.count > 0, h.view[h.view.count / 2] != SoakSequence.byte(h.index, h.view.count / 2) {
-                result.fail("\(result.backend) held view of frame \(h.index) changed")
+            if let changed = SoakSequence.changedHeldView(held) {
+                result.fail("\(result.backend) held view of frame \(changed) changed")
                 return
             }
             result.frames.add(1, ordering: .relaxed)

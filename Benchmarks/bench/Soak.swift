@@ -38,6 +38,21 @@ struct SoakSequence {
     /// Byte k of frame i.
     @inline(__always)
     static func byte(_ i: Int, _ k: Int) -> UInt8 { UInt8(truncatingIfNeeded: i &* 131 &+ k &* 7 &+ (k >> 12)) }
+
+    /// The first byte of `frame` (frame `i` of a soak stream) that is not what was sent, if any.
+    static func firstMismatch(_ frame: ByteView, frame i: Int) -> Int? {
+        frame.withUnsafeBytes { b in
+            for k in 0..<b.count where b[k] != byte(i, k) { return k }
+            return nil
+        }
+    }
+
+    /// A held view must never change: one of them is re-checked (its middle byte) every frame.
+    /// Returns the frame index of a view that changed.
+    static func changedHeldView(_ held: [(release: Int, view: ByteView, index: Int)]) -> Int? {
+        guard let h = held.first, h.view.count > 0, h.view[h.view.count / 2] != byte(h.index, h.view.count / 2) else { return nil }
+        return h.index
+    }
 }
 
 /// The soak writer process: an endless stream of the sequence's frames (until killed).
@@ -207,17 +222,12 @@ func soakRead(_ s: SoakStream, fd: Int32) {
             let n = seq.nextSize()
             guard let f = try reader.readFrame() else { break }
             guard f.count == n else { s.fail("frame \(i): \(f.count) bytes, expected \(n)"); return }
-            let ok = f.withUnsafeBytes { b in
-                for k in 0..<n where b[k] != SoakSequence.byte(i, k) { return false }
-                return true
-            }
-            guard ok else { s.fail("frame \(i): content differs"); return }
+            guard SoakSequence.firstMismatch(f, frame: i) == nil else { s.fail("frame \(i): content differs"); return }
             held.append((i + Int(hold.next() % 64), f, i))
             held.removeAll { $0.release <= i }
             if held.count > s.heldMax.load(ordering: .relaxed) { s.heldMax.store(held.count, ordering: .relaxed) }
-            // A held view must never change: re-check one of them every frame.
-            if let h = held.first, h.view.count > 0, h.view[h.view.count / 2] != SoakSequence.byte(h.index, h.view.count / 2) {
-                s.fail("held view of frame \(h.index) changed")
+            if let changed = SoakSequence.changedHeldView(held) {
+                s.fail("held view of frame \(changed) changed")
                 return
             }
             s.frames.add(1, ordering: .relaxed)
