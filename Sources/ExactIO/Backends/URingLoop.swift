@@ -283,7 +283,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         var own: Segment? = nil
         if let region = c.fallback, cqe.flags & UInt16(CSUPPORT_CQE_BUFFER) == 0 {
             c.fallback = nil
-            if res > 0 { own = Segment(owner: region, base: region.base, start: 0, end: Int(res)) }
+            if res > 0 { own = ownSegment(region, count: Int(res)) }
         }
         if res > 0, let seg = own ?? segment(cqe) {
             if c.detached {

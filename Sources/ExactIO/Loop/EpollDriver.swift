@@ -147,7 +147,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         loop.count { $0.reads += 1 }
         let n = Glibc.read(c.fd.rawValue, region.base, pool.size)
         if n > 0 {
-            delivered(c, Segment(owner: region, base: region.base, start: 0, end: n))
+            delivered(c, ownSegment(region, count: n))
         } else {
             readFailed(c, n)
         }

@@ -219,6 +219,19 @@ class LoopDriverBase {
         }
     }
 
+    /// The bytes of a read that went to memory of its own (the pool was dry), as a segment. A
+    /// short read moves into memory of its exact size (one copy of at most half a buffer, on
+    /// this path only): kept as it is, every read would hold a whole buffer's memory for a few
+    /// bytes, and a peer sending a byte at a time would make the loop commit a page per byte
+    /// received while the pool is dry.
+    func ownSegment(_ region: Region, count n: Int) -> Segment {
+        if n <= pool.size / 2, let exact = try? Region.standalone(capacity: n) {
+            exact.base.copyMemory(from: region.base, byteCount: n)
+            return Segment(owner: exact, base: exact.base, start: 0, end: n)
+        }
+        return Segment(owner: region, base: region.base, start: 0, end: n)
+    }
+
     /// The pool ran dry: received bytes queued for readers that are not reading are moved out of
     /// the shared buffers, so that those buffers come back.
     func evacuateQueues() {
