@@ -94,10 +94,23 @@ let package = Package(
             path: "Fuzz/Sources",
             swiftSettings: swiftSettings
         ),
+        // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.
+        .target(
+            name: "ExactIOBenchCeiling",
+            dependencies: ["CLibURing"],
+            path: "Benchmarks/ceiling",
+            cSettings: [
+                .define("_GNU_SOURCE"),
+                .enableWarning("all"),
+                .enableWarning("extra"),
+                .treatAllWarnings(as: .error),
+            ]
+        ),
         .executableTarget(
             name: "bench",
             dependencies: [
                 "ExactIO",
+                "ExactIOBenchCeiling",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             path: "Benchmarks/bench",

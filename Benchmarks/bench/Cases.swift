@@ -1,3 +1,5 @@
+import ExactIOBenchCeiling
+
 /// What one benchmark case is: a strategy reading frames of one size over one transport.
 struct BenchCase: Hashable, Codable {
     var strategy: String
@@ -16,15 +18,20 @@ struct BenchCase: Hashable, Codable {
     }
 }
 
-/// Every reader strategy, in table order.
-let allStrategies = ["seed-join", "seed-buffer", "seed-prealloc", "posix-into", "exactio-posix", "exactio-uring"]
+/// Every reader strategy, in table order: the naive ones, the floor, the C ceiling, ExactIO.
+let allStrategies = [
+    "seed-join", "seed-buffer", "seed-prealloc", "posix-into", "c-readahead", "c-readahead-uring",
+    "exactio-posix", "exactio-uring",
+]
+/// Strategies that need io_uring: left out where a ring cannot be created.
+let uringOnlyStrategies = ["c-readahead-uring"]
 /// Peer strategies (opt-in with --peers): processes of their own, not in this executable.
 let peerStrategies = ["py-asyncio", "swift-nio"]
 let allTransports = ["unix", "tcp", "pipe", "file"]
 let allSizes = [64, 4 << 10, 64 << 10, 1 << 20, 64 << 20, 512 << 20]
 
-/// Bytes of frame bodies per case: enough for a stable figure, small enough that the default
-/// run of every case takes a few minutes on 2 cores.
+/// Bytes of frame bodies of a case's first (calibration) run; the measured runs then move
+/// enough frames to last `--seconds` (see `scaledFrames`).
 func bodyBytes(frameBytes n: Int, quick: Bool) -> Int {
     switch n {
     case ..<1024: quick ? 8 << 20 : 16 << 20
@@ -38,7 +45,8 @@ func bodyBytes(frameBytes n: Int, quick: Bool) -> Int {
 func makeCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
     let transports = quick ? ["unix", "tcp"] : allTransports
     let sizes = quick ? [4 << 10, 1 << 20, 64 << 20] : allSizes
-    let strategies = allStrategies + (peers ? peerStrategies : [])
+    let uring = exio_ceiling_uring_available() != 0
+    let strategies = allStrategies.filter { uring || !uringOnlyStrategies.contains($0) } + (peers ? peerStrategies : [])
     var cases: [BenchCase] = []
     for t in transports {
         for n in sizes {
@@ -52,6 +60,16 @@ func makeCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
         }
     }
     return cases
+}
+
+/// The frames a case needs to run for `seconds`, from a calibration run that read `frames` in
+/// `took` seconds (never fewer than it read). A file case's file stays under 8 GiB.
+func scaledFrames(_ c: BenchCase, took: Double, seconds: Double) -> Int {
+    guard took > 0, took < seconds else { return c.frames }
+    let wanted = Double(c.frames) * seconds / took
+    let maxBytes = c.transport == "file" ? Double(8 << 30) : Double(64 << 30)
+    let cap = maxBytes / Double(c.frameBytes + 4)
+    return max(c.frames, Int(min(wanted, cap).rounded(.up)))
 }
 
 func sizeLabel(_ n: Int) -> String {

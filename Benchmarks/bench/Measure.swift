@@ -39,6 +39,13 @@ func resetPeak() {
     close(fd)
 }
 
+/// Blocks until `fd` is readable (or at end of stream, or in error): the moment a reader's
+/// clock starts.
+func waitReadable(_ fd: Int32) {
+    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    while poll(&p, 1, -1) < 0 && errno == EINTR {}
+}
+
 /// What a child reports for its case.
 struct CaseResult: Codable {
     var strategy: String
@@ -65,11 +72,15 @@ struct CaseResult: Codable {
     var syscallsPerFrame: Double? = nil
     /// The idle-memory case.
     var idle: Bool? = nil
+    /// GB/s as a multiple of `posix-into` (the floor) and of `c-readahead` (the C ceiling) of
+    /// the same transport and frame size in the same run.
+    var floorRatio: Double? = nil
+    var ceilingRatio: Double? = nil
 
     enum CodingKeys: String, CodingKey {
         case strategy, transport, frameBytes, frames, seconds, gbPerSecond, framesPerSecond, peakRSSBytes,
             baselineRSSBytes, peakOverFrame, cpuUserSeconds, cpuSystemSeconds, note, runs, gbPerSecondMin,
-            gbPerSecondMax, connections, rssPerConnection, syscallsPerFrame, idle
+            gbPerSecondMax, connections, rssPerConnection, syscallsPerFrame, idle, floorRatio, ceilingRatio
     }
 
     init(
@@ -114,6 +125,8 @@ struct CaseResult: Codable {
         rssPerConnection = try c.decodeIfPresent(Double.self, forKey: .rssPerConnection)
         syscallsPerFrame = try c.decodeIfPresent(Double.self, forKey: .syscallsPerFrame)
         idle = try c.decodeIfPresent(Bool.self, forKey: .idle)
+        floorRatio = try c.decodeIfPresent(Double.self, forKey: .floorRatio)
+        ceilingRatio = try c.decodeIfPresent(Double.self, forKey: .ceilingRatio)
     }
 }
 
@@ -126,11 +139,14 @@ struct BenchFailure: Error, CustomStringConvertible {
 /// The baseline is taken after the connection exists and before the strategy allocates anything.
 ///
 /// `setup` runs after the baseline and before the clock starts: what it allocates counts in the
-/// peak, not in the time (posix-into's pre-faulted buffer, a reader's creation).
-func measure<State>(_ c: BenchCase, setup: () throws -> State, _ body: (State) throws -> Int) throws -> CaseResult {
+/// peak, not in the time (posix-into's pre-faulted buffer, a reader's creation). The clock
+/// starts when the first byte is readable on `fd`, so the writer's start-up is never in a
+/// reader's time.
+func measure<State>(_ c: BenchCase, fd: Int32, setup: () throws -> State, _ body: (State) throws -> Int) throws -> CaseResult {
     resetPeak()
     let baseline = procStatusBytes("VmRSS")
     let state = try setup()
+    waitReadable(fd)
     let cpu0 = cpuTimes()
     let t0 = now()
     let frames = try body(state)

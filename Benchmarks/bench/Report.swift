@@ -9,6 +9,18 @@ struct Report: Codable {
     var cases: [CaseResult]
 }
 
+/// Fills in each single-stream result's `floorRatio` and `ceilingRatio` from the `posix-into`
+/// and `c-readahead` results of its transport and frame size.
+func addRatios(_ results: inout [CaseResult]) {
+    func rate(_ strategy: String, _ r: CaseResult) -> Double? {
+        results.first { $0.strategy == strategy && $0.transport == r.transport && $0.frameBytes == r.frameBytes && $0.connections == 1 }?.gbPerSecond
+    }
+    for i in results.indices where results[i].connections == 1 && results[i].idle != true {
+        results[i].floorRatio = rate("posix-into", results[i]).map { results[i].gbPerSecond / $0 }
+        results[i].ceilingRatio = rate("c-readahead", results[i]).map { results[i].gbPerSecond / $0 }
+    }
+}
+
 func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
     let fill = String(repeating: " ", count: max(0, width - s.count))
     return right ? fill + s : s + fill
@@ -24,7 +36,7 @@ func fmtBytes(_ b: Int) -> String {
 }
 
 /// The stdout table: one block per transport and frame size, each strategy's GB/s as a ratio
-/// to posix-into, peak growth in bytes and as a multiple of the frame.
+/// to posix-into (×floor) and to c-readahead (×ceiling), peak growth in bytes and as a multiple of the frame.
 func renderTable(_ results: [CaseResult]) -> String {
     var out = ""
     let many = results.filter { $0.connections > 1 || manyStrategies.contains($0.strategy) || $0.idle == true }
@@ -36,15 +48,15 @@ func renderTable(_ results: [CaseResult]) -> String {
         for n in sizes {
             let rows = results.filter { $0.transport == t && $0.frameBytes == n }
                 .sorted { (strategies.firstIndex(of: $0.strategy) ?? 99) < (strategies.firstIndex(of: $1.strategy) ?? 99) }
-            let floor = rows.first { $0.strategy == "posix-into" }?.gbPerSecond
-            out += "\n\(t), \(sizeLabel(n)) frames × \(rows.first?.frames ?? 0)\n"
-            out += "  strategy        GB/s  (min-max)     ×floor    frames/s   peak growth   peak/frame   user s   sys s\n"
+            out += "\n\(t), \(sizeLabel(n)) frames\n"
+            out += "  strategy            GB/s  (min-max)      ×floor  ×ceiling    frames/s      frames  seconds   peak growth   peak/frame   user s   sys s\n"
             for r in rows {
-                let ratio = floor.map { String(format: "%6.2f", r.gbPerSecond / $0) } ?? "     -"
-                out += "  " + pad(r.strategy, 14)
+                let floor = r.floorRatio.map { String(format: "%6.2f", $0) } ?? "     -"
+                let ceiling = r.ceilingRatio.map { String(format: "%8.2f", $0) } ?? "       -"
+                out += "  " + pad(r.strategy, 18)
                     + String(format: " %6.2f ", r.gbPerSecond)
                     + pad(r.gbPerSecondMin.map { String(format: "(%.2f-%.2f)", $0, r.gbPerSecondMax ?? $0) } ?? "", 13)
-                    + String(format: " %@  %10.0f   ", ratio, r.framesPerSecond)
+                    + String(format: " %@  %@  %10.0f  %10d  %7.2f   ", floor, ceiling, r.framesPerSecond, r.frames, r.seconds)
                     + pad(fmtBytes(r.peakRSSBytes - r.baselineRSSBytes), 11, right: true)
                     + String(format: "   %9.2f×   %6.2f  %6.2f\n", r.peakOverFrame, r.cpuUserSeconds, r.cpuSystemSeconds)
             }

@@ -1,4 +1,5 @@
 import ExactIO
+import ExactIOBenchCeiling
 import Glibc
 import SystemPackage
 
@@ -194,6 +195,20 @@ func posixInto(fd: Int32, c: BenchCase, buf: UnsafeMutableRawBufferPointer) thro
     return frames
 }
 
+/// c-readahead / c-readahead-uring: the C ceiling (Benchmarks/ceiling). Its buffer is
+/// allocated, pre-faulted (and registered) before the clock starts.
+func prepareCeiling(_ c: BenchCase, fd: Int32, uring: Bool) throws -> PreparedStrategy {
+    guard let ceiling = exio_ceiling_create(fd, UInt64(c.frameBytes), uring ? 1 : 0) else {
+        throw BenchFailure("\(c.strategy): setup failed, errno \(errno)")
+    }
+    return PreparedStrategy(run: {
+        defer { exio_ceiling_destroy(ceiling) }
+        let n = exio_ceiling_run(ceiling, Int64(c.frames))
+        if n < 0 { throw BenchFailure("\(c.strategy): errno \(-n)") }
+        return Int(n)
+    })
+}
+
 /// exactio-posix / exactio-uring: ExactReader.readFrame, each frame a read-only view.
 /// The reader is created before the clock starts (its staging buffer counts in the peak).
 func makeReader(fd: Int32, backend: ExactReader.Backend) throws -> ExactReader {
@@ -205,6 +220,17 @@ func exactIO(_ reader: ExactReader, c: BenchCase) throws -> Int {
     while frames < c.frames, let frame = try reader.readFrame() {
         try frame.withUnsafeBytes { try checkFrame($0, c.frameBytes) }
         frames += 1
+    }
+    return frames
+}
+
+/// exactio-borrow: ExactReader.forEachFrame, each frame lent as a RawSpan (no view).
+func exactIOBorrow(_ reader: ExactReader, c: BenchCase) throws -> Int {
+    var frames = 0
+    try reader.forEachFrame { (frame: RawSpan) throws -> Bool in
+        try frame.withUnsafeBytes { try checkFrame($0, c.frameBytes) }
+        frames += 1
+        return frames < c.frames
     }
     return frames
 }
@@ -236,11 +262,15 @@ func prepare(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
             defer { buffer.deallocate() }
             return try posixInto(fd: fd, c: c, buf: buffer)
         })
-    case "exactio-posix", "exactio-uring":
-        let reader = try makeReader(fd: fd, backend: c.strategy == "exactio-uring" ? .ioUring : .posix)
+    case "c-readahead": return try prepareCeiling(c, fd: fd, uring: false)
+    case "c-readahead-uring": return try prepareCeiling(c, fd: fd, uring: true)
+    case "exactio-posix", "exactio-uring", "exactio-borrow":
+        // exactio-borrow runs on the default backend (io_uring where it works).
+        let reader = try makeReader(fd: fd, backend: c.strategy == "exactio-posix" ? .posix : c.strategy == "exactio-uring" ? .ioUring : .automatic)
         // Frame memory before the clock, as posix-into's pre-faulted buffer is.
         try reader.reserve(c.frameBytes)
-        return PreparedStrategy(run: { try exactIO(reader, c: c) }, note: { describe(reader) })
+        let read = c.strategy == "exactio-borrow" ? exactIOBorrow : exactIO
+        return PreparedStrategy(run: { try read(reader, c) }, note: { describe(reader) })
     default:
         throw BenchFailure("unknown strategy \(c.strategy)")
     }
@@ -255,7 +285,7 @@ func runCase(_ c: BenchCase) throws -> CaseResult {
         if writer > 0 { waitExit(writer) }
     }
     var note: (() -> String?)? = nil
-    var r = try measure(c, setup: { try prepare(c, fd: fd) }) { prepared in
+    var r = try measure(c, fd: fd, setup: { try prepare(c, fd: fd) }) { prepared in
         note = prepared.note
         return try prepared.run()
     }

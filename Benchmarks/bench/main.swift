@@ -19,7 +19,10 @@ func usage() -> Never {
       --json FILE    write the results as JSON (DESIGN.md schema)
       --svg FILE     write a chart (GB/s and peak/frame against frame size)
       --peers        also run CPython asyncio readexactly and SwiftNIO's LengthFieldBasedFrameDecoder
-      --repeat N     run each case N times (fresh processes) and report the median by GB/s (default 3)
+      --repeat N     run each case N times (fresh processes) and report the median by GB/s (default 3;
+                     1 with --quick)
+      --seconds S    how long each single-stream case runs: a first run calibrates the frame count
+                     (default 1.5; 0.3 with --quick)
       --list         print the cases and exit
       --soak MINUTES mixed 0 B-16 MiB frames over unix and tcp on both backends, views held at random,
                      every frame verified, RSS sampled each second; fails if RSS keeps growing
@@ -102,7 +105,8 @@ if args.first == "--child" {
 }
 
 var quick = false, peers = false, list = false
-var repeats = 3
+var repeats: Int? = nil
+var targetSeconds: Double? = nil
 var filters: [String] = []
 var jsonPath: String? = nil, svgPath: String? = nil
 var i = 0
@@ -115,6 +119,7 @@ while i < args.count {
     case "--json": i += 1; if i < args.count { jsonPath = args[i] } else { usage() }
     case "--svg": i += 1; if i < args.count { svgPath = args[i] } else { usage() }
     case "--repeat": i += 1; if i < args.count, let r = Int(args[i]), r >= 1 { repeats = r } else { usage() }
+    case "--seconds": i += 1; if i < args.count, let t = Double(args[i]), t > 0 { targetSeconds = t } else { usage() }
     case "-h", "--help": usage()
     default:
         FileHandle.standardError.write("unknown argument \(args[i])\n".data(using: .utf8)!)
@@ -140,27 +145,41 @@ if cases.isEmpty {
 }
 if peers { preparePeers(log: log) }
 
+let runsPerCase = repeats ?? (quick ? 1 : 3)
+let caseSeconds = targetSeconds ?? (quick ? 0.3 : 1.5)
 let start = now()
 var results: [CaseResult] = []
 var failures: [String] = []
-for (k, c) in cases.enumerated() {
+for (k, planned) in cases.enumerated() {
     let t0 = now()
-    FileHandle.standardError.write((String(format: "[%3d/%d %6.1fs] ", k + 1, cases.count, t0 - start) + pad(c.name, 40)).data(using: .utf8)!)
+    FileHandle.standardError.write((String(format: "[%3d/%d %6.1fs] ", k + 1, cases.count, t0 - start) + pad(planned.name, 40)).data(using: .utf8)!)
+    var c = planned
     var runs: [CaseResult] = []
     var lastStatus: Int32 = 0
-    for _ in 0..<repeats {
+    if c.connections == 1 && !manyStrategies.contains(c.strategy) {
+        // Calibration: a short run says how many frames last `caseSeconds` (start-up and the
+        // writer's start must not shape the figure).
+        guard let (status, r) = runChild(c), let r else {
+            failures.append(c.name)
+            log("FAILED in calibration")
+            continue
+        }
+        lastStatus = status
+        c.frames = scaledFrames(c, took: r.seconds, seconds: caseSeconds)
+    }
+    for _ in 0..<runsPerCase {
         guard let (status, r) = runChild(c) else { break }
         lastStatus = status
         if let r { runs.append(r) } else { break }
     }
-    if runs.count == repeats {
+    if runs.count == runsPerCase {
         runs.sort { $0.gbPerSecond < $1.gbPerSecond }
         var r = runs[runs.count / 2]
         r.runs = runs.count
         r.gbPerSecondMin = runs.first!.gbPerSecond
         r.gbPerSecondMax = runs.last!.gbPerSecond
         results.append(r)
-        log(String(format: "%6.2f GB/s [%.2f-%.2f]  peak %.2f× frame  (%.1fs)", r.gbPerSecond, r.gbPerSecondMin!, r.gbPerSecondMax!, r.peakOverFrame, now() - t0))
+        log(String(format: "%6.2f GB/s [%.2f-%.2f]  peak %.2f× frame  %.2fs/run  (%.1fs)", r.gbPerSecond, r.gbPerSecondMin!, r.gbPerSecondMax!, r.peakOverFrame, r.seconds, now() - t0))
     } else {
         failures.append(c.name)
         log("FAILED (exit \(lastStatus))")
@@ -187,6 +206,7 @@ func runChild(_ c: BenchCase) -> (Int32, CaseResult?)? {
     return (status, status == 0 ? try? JSONDecoder().decode(CaseResult.self, from: Data(out)) : nil)
 }
 
+addRatios(&results)
 print(renderTable(results))
 let command = (["swift run -c release bench"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
 if let jsonPath {

@@ -58,6 +58,87 @@ extension ExactReader {
     ///     is then not consumed at all (its prefix and whatever part of its body arrived stay
     ///     buffered, without being copied again), so a retry reads it whole.
     public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) throws -> ByteView? {
-        try drive { core in try core.frame(prefix) }
+        if let view = core.stagedFrame(prefix) { return view }  // the whole frame is staged
+        return try drive { core in try core.frame(prefix) }
+    }
+
+    // MARK: - Borrowing frames
+
+    /// Reads the next length-prefixed frame and lends its body to `body` as a `RawSpan`,
+    /// without a view, an allocation, a copy or any reference counting when the frame is
+    /// already staged (the common case for small frames); otherwise the frame is read as
+    /// `readFrame(prefix:)` reads it and lent from its memory.
+    ///
+    /// ```swift
+    /// while let kind = try reader.withNextFrame(prefix: .varint, { frame in
+    ///     frame.unsafeLoad(as: UInt8.self)    // look at the frame, keep nothing
+    /// }) {
+    ///     count[kind, default: 0] += 1
+    /// }
+    /// ```
+    ///
+    /// The span cannot outlive the call (the compiler checks it: `RawSpan` is non-escapable);
+    /// to keep a frame, use `readFrame(prefix:)` or copy the bytes out. `body` may use the
+    /// reader again: the frame's memory then stays where it is until `body` returns.
+    ///
+    /// - Parameters:
+    ///   - prefix: The length encoding; default 4-byte big-endian.
+    ///   - body: Called once with the frame's body.
+    /// - Returns: What `body` returned, or nil when the stream ended cleanly before a frame
+    ///   started (`body` is not called then).
+    /// - Throws: What `readFrame(prefix:)` throws, with the same atomicity (an `Errno` leaves
+    ///   the frame unconsumed, and `body` is not called); or what `body` throws (the frame is
+    ///   consumed then).
+    public func withNextFrame<R>(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> R) throws -> R? {
+        if let bytes = core.takeStagedFrame(prefix) {
+            return try lend(bytes) { p in try body(RawSpan(_unsafeBytes: p)) }
+        }
+        guard let view = try drive({ core in try core.frame(prefix) }) else { return nil }
+        return try view.withUnsafeBytes { p in try body(RawSpan(_unsafeBytes: p)) }
+    }
+
+    /// Calls `body` with each frame of the stream in turn, as `withNextFrame(prefix:_:)` lends
+    /// it, until the stream ends cleanly between frames.
+    ///
+    /// ```swift
+    /// var bytes = 0
+    /// try reader.forEachFrame { frame in bytes += frame.byteCount }
+    /// ```
+    ///
+    /// - Returns: The number of frames `body` was called with.
+    /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    @discardableResult
+    public func forEachFrame(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Void) throws -> Int {
+        try forEachFrame(prefix: prefix) { (frame: RawSpan) throws -> Bool in
+            try body(frame)
+            return true
+        }
+    }
+
+    /// Calls `body` with each frame of the stream in turn, as `withNextFrame(prefix:_:)` lends
+    /// it, while `body` returns true and until the stream ends cleanly between frames.
+    ///
+    /// ```swift
+    /// try reader.forEachFrame { frame in
+    ///     handle(frame)
+    ///     return !shuttingDown    // false stops after this frame; the rest stays unread
+    /// }
+    /// ```
+    ///
+    /// - Returns: The number of frames `body` was called with (including the one that
+    ///   returned false).
+    /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    @discardableResult
+    public func forEachFrame(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Bool) throws -> Int {
+        var frames = 0
+        while true {
+            while let bytes = core.takeStagedFrame(prefix) {
+                frames += 1
+                guard try lend(bytes, { p in try body(RawSpan(_unsafeBytes: p)) }) else { return frames }
+            }
+            guard let view = try drive({ core in try core.frame(prefix) }) else { return frames }
+            frames += 1
+            guard try view.withUnsafeBytes({ p in try body(RawSpan(_unsafeBytes: p)) }) else { return frames }
+        }
     }
 }

@@ -43,10 +43,22 @@ public final class ExactReader {
     let engine: any IOEngine
     let pool: MemoryPool
     let setupReason: String?
+    // Unchecked exclusivity for the state every call touches: a reader has one owner at a time
+    // (it is not Sendable), and no access to these overlaps another (no call hands out an
+    // `inout` to them across a closure the caller supplies). Checked, they cost a runtime
+    // access-set insertion per property per call: the biggest user-space cost per small frame.
+
     /// The I/O-free logic; this class is its blocking driver.
-    var core: ReaderCore<StagingBuffer>
+    @exclusivity(unchecked) var core: ReaderCore<StagingBuffer>
     /// The deadline of the call in progress (CLOCK_MONOTONIC ns), 0 for none.
-    var deadline: Int64 = 0
+    @exclusivity(unchecked) var deadline: Int64 = 0
+    /// Consumed staging bytes lent in place to a caller's closure (`withExactly`,
+    /// `withNextFrame`, `forEachFrame`) while it runs; nil otherwise. No view owns them, so
+    /// nothing would stop a read from moving or releasing them: a call that may read while
+    /// they are lent (the closure using the reader) first pins them (`pinLent`).
+    @exclusivity(unchecked) var lent: UnsafeRawBufferPointer? = nil
+    /// The owner that pins `lent`'s bytes, once a call made while they are lent took one.
+    @exclusivity(unchecked) var lentOwner: AnyObject? = nil
     /// Caller memory registered with `register(_:)`.
     var callerBuffers: [(base: UnsafeMutableRawPointer, count: Int, slot: RegisteredSlot)] = []
 
@@ -130,6 +142,7 @@ public final class ExactReader {
     public var isAtEOF: Bool {
         if core.buffer.buffered > 0 || core.pendingError != nil || core.brokenError != nil { return false }
         if core.sawEOF { return true }
+        pinLent()
         switch engine.readiness() {
         case .notReadable:
             return false
@@ -190,7 +203,12 @@ public final class ExactReader {
     ///
     /// - warning: The pointer is valid only inside `body`; do not escape it or write through
     ///   it. The bytes are consumed even when `body` throws.
+    ///
+    /// When the bytes are already staged and contiguous, `body` gets them where they are: no
+    /// allocation, no copy, no reference counting.
     public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+        precondition(count >= 0, "withExactly: count must not be negative (got \(count))")
+        if let bytes = core.takeStaged(count) { return try lend(bytes, body) }
         let view = try readExactly(count)
         return try view.withUnsafeBytes(body)
     }
@@ -274,6 +292,28 @@ public final class ExactReader {
         return -1
     }
 
+    // MARK: - Lending staged bytes in place
+
+    /// Calls `body` with consumed staging bytes in place (see `lent`). Restores the outer
+    /// lending when nested (a body that calls `withExactly` again), pinning the outer bytes
+    /// first.
+    @inline(__always)
+    func lend<R>(_ bytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        if lent != nil { pinLent() }
+        let outer = (lent, lentOwner)
+        lent = bytes
+        lentOwner = nil
+        defer { (lent, lentOwner) = outer }
+        return try body(bytes)
+    }
+
+    /// Keeps the lent bytes where they are for as long as they are lent: from now on they have
+    /// an owner, as a view's bytes do, so no read writes below them or lets their memory go.
+    func pinLent() {
+        guard let bytes = lent, lentOwner == nil else { return }
+        lentOwner = core.buffer.pin(bytes)
+    }
+
     // MARK: - The blocking driver
 
     /// Runs one core operation to its end: steps it, and serves each request it makes by
@@ -281,6 +321,7 @@ public final class ExactReader {
     @inline(__always)
     func drive<T>(_ step: (inout ReaderCore<StagingBuffer>) throws -> CoreStep<T>) throws -> T {
         if let e = core.brokenError { throw e }
+        if lent != nil { pinLent() }
         let timeout = options.timeoutNanoseconds
         deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
         while true {

@@ -8,6 +8,13 @@ protocol CoreBuffer {
     var buffered: Int { get }
     /// The capacity reads are sized against (staging capacity, or a received segment's size).
     var nominalCapacity: Int { get }
+    /// The first contiguous run of buffered bytes (all of them for staging; the first
+    /// segment's for received memory). Valid until the next mutating call.
+    var contiguousReadable: UnsafeRawBufferPointer { get }
+    /// A view of the next `count` buffered bytes, consuming them, when they lie in
+    /// `contiguousReadable` (`0 < count <= contiguousReadable.count`): no allocation, no copy,
+    /// one retain of the memory's owner.
+    mutating func viewInPlace(_ count: Int) -> ByteView
     /// The buffered byte at offset `i` (`i < buffered`).
     func byte(at i: Int) -> UInt8
     /// Consumes `count` buffered bytes.
@@ -401,6 +408,92 @@ struct ReaderCore<Buffer: CoreBuffer> {
         return .done(view)
     }
 
+    // MARK: - The fast path
+
+    /// The length at the start of `bytes` and the prefix's width, when the whole prefix is
+    /// there and is one the slow path would accept as a prefix (an over-long varint is left to
+    /// the slow path, which refuses it). No allocation: decoded in place.
+    @inline(__always)
+    static func peekLength(_ prefix: LengthPrefix, _ bytes: UnsafeRawBufferPointer) -> (length: UInt64, width: Int)? {
+        let n = bytes.count
+        switch prefix {
+        case .uint32(let e):
+            guard n >= 4 else { return nil }
+            let raw = bytes.loadUnaligned(as: UInt32.self)
+            return (UInt64(e == .bigEndian ? UInt32(bigEndian: raw) : UInt32(littleEndian: raw)), 4)
+        case .uint16(let e):
+            guard n >= 2 else { return nil }
+            let raw = bytes.loadUnaligned(as: UInt16.self)
+            return (UInt64(e == .bigEndian ? UInt16(bigEndian: raw) : UInt16(littleEndian: raw)), 2)
+        case .uint8:
+            guard n >= 1 else { return nil }
+            return (UInt64(bytes[0]), 1)
+        case .uint64(let e):
+            guard n >= 8 else { return nil }
+            let raw = bytes.loadUnaligned(as: UInt64.self)
+            return (e == .bigEndian ? UInt64(bigEndian: raw) : UInt64(littleEndian: raw), 8)
+        case .varint:
+            var value: UInt64 = 0
+            var i = 0
+            while i < n && i < 10 {
+                let byte = bytes[i]
+                if i == 9 && byte > 1 { return nil }
+                value |= UInt64(byte & 0x7f) << UInt64(7 * i)
+                i += 1
+                if byte & 0x80 == 0 { return (value, i) }
+            }
+            return nil
+        }
+    }
+
+    /// The next frame's body when the whole frame is buffered in one contiguous run, consumed
+    /// with its prefix: the fast path of `readFrame` and the borrowing calls (no allocation,
+    /// no syscall, no copy). Nil when the slow path must decide: the frame is not all there,
+    /// its length is over the limit, or a large read or a varint skip is in progress.
+    /// The bytes stay valid until the buffer next makes room (they are consumed).
+    @inline(__always)
+    mutating func takeStagedFrame(_ prefix: LengthPrefix) -> UnsafeRawBufferPointer? {
+        guard direct == nil, !skippingVarint else { return nil }
+        let bytes = buffer.contiguousReadable
+        guard let (length, width) = Self.peekLength(prefix, bytes), length <= UInt64(maxFrameLength),
+              Int(length) <= bytes.count - width
+        else { return nil }
+        let count = Int(length)
+        buffer.consume(width + count)
+        statistics.bytesDelivered += count
+        statistics.stagedViews += 1
+        return UnsafeRawBufferPointer(start: bytes.baseAddress! + width, count: count)
+    }
+
+    /// `takeStagedFrame`, as a view (one retain of the memory's owner, no allocation).
+    @inline(__always)
+    mutating func stagedFrame(_ prefix: LengthPrefix) -> ByteView? {
+        guard direct == nil, !skippingVarint else { return nil }
+        let bytes = buffer.contiguousReadable
+        guard let (length, width) = Self.peekLength(prefix, bytes), length <= UInt64(maxFrameLength),
+              Int(length) <= bytes.count - width
+        else { return nil }
+        let count = Int(length)
+        buffer.consume(width)
+        statistics.bytesDelivered += count
+        if count == 0 { return ByteView() }
+        statistics.stagedViews += 1
+        return buffer.viewInPlace(count)
+    }
+
+    /// The next `count` buffered bytes when they are contiguous, consumed (for `withExactly`);
+    /// nil otherwise.
+    @inline(__always)
+    mutating func takeStaged(_ count: Int) -> UnsafeRawBufferPointer? {
+        guard direct == nil else { return nil }
+        let bytes = buffer.contiguousReadable
+        guard count <= bytes.count else { return nil }
+        buffer.consume(count)
+        statistics.bytesDelivered += count
+        statistics.stagedViews += 1
+        return UnsafeRawBufferPointer(start: bytes.baseAddress, count: count)
+    }
+
     // MARK: - Prefixes
 
     enum Decoded {
@@ -486,6 +579,11 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// A view of `count` buffered bytes (the fast path: no allocation, no copy).
     mutating func deliver(_ count: Int) throws(Errno) -> ByteView {
         if count == 0 { return ByteView() }
+        if count <= buffer.contiguousReadable.count {
+            statistics.bytesDelivered += count
+            statistics.stagedViews += 1
+            return buffer.viewInPlace(count)
+        }
         let (view, copied) = try buffer.view(count)
         statistics.bytesDelivered += count
         statistics.bytesCopied += copied

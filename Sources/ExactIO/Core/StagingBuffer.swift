@@ -29,8 +29,9 @@ final class StagingChunk: @unchecked Sendable {
     // that owns the staging buffer (views never touch it).
     let region: Region
     /// End (exclusive offset in the region) of the view that crosses out of the chunk (for a
-    /// crossing owner).
-    var end = 0
+    /// crossing owner). Unchecked exclusivity: only the owning reader touches it, never
+    /// re-entrantly (no dynamic check per view on the fast path).
+    @exclusivity(unchecked) var end = 0
 
     init(region: Region) { self.region = region }
 }
@@ -81,6 +82,11 @@ struct StagingBuffer: CoreBuffer {
         UnsafeMutableRawBufferPointer(start: region.base + writeIndex, count: region.capacity - writeIndex)
     }
 
+    var contiguousReadable: UnsafeRawBufferPointer { readable }
+
+    @inline(__always)
+    mutating func viewInPlace(_ count: Int) -> ByteView { consumeView(count) }
+
     @inline(__always)
     func byte(at i: Int) -> UInt8 {
         region.base.load(fromByteOffset: readIndex + i, as: UInt8.self)
@@ -102,13 +108,25 @@ struct StagingBuffer: CoreBuffer {
         return n
     }
 
-    /// A view of the next `count` buffered bytes, consuming them (no copy).
+    /// A view of the next `count` buffered bytes, consuming them (no copy; in steady state no
+    /// allocation either, and one retain).
+    @inline(__always)
     mutating func consumeView(_ count: Int) -> ByteView {
         precondition(count > 0 && count <= buffered)
         let start = readIndex
         readIndex += count
+        return ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + start, count: count),
+                        owner: owner(start, readIndex))
+    }
+
+    /// The owner of consumed bytes `[start, end)` of the region, for a view of them (views
+    /// are consecutive and never overlap, so the chunk scheme above holds). Reused while one
+    /// exists.
+    @inline(__always)
+    private mutating func owner(_ start: Int, _ end: Int) -> StagingChunk {
         let first = start >> chunkShift
-        let i = first == (readIndex - 1) >> chunkShift ? 2 * first : 2 * first + 1
+        let crossing = first != (end - 1) >> chunkShift
+        let i = crossing ? 2 * first + 1 : 2 * first
         let owner: StagingChunk
         if let existing = chunks[i] {
             owner = existing
@@ -116,8 +134,20 @@ struct StagingBuffer: CoreBuffer {
             owner = StagingChunk(region: region)
             chunks[i] = owner
         }
-        owner.end = readIndex
-        return ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + start, count: count), owner: owner)
+        if crossing { owner.end = end }  // only a crossing owner's end is ever read
+        return owner
+    }
+
+    /// An owner for bytes already consumed without a view (lent to a closure in place), when
+    /// the reader is about to be used while they are lent: holding it keeps the bytes where
+    /// they are (staging is then never written below them, nor released). Nil when the bytes
+    /// do not lie in the current region (nothing can move them then).
+    mutating func pin(_ bytes: UnsafeRawBufferPointer) -> AnyObject? {
+        guard let p = bytes.baseAddress, bytes.count > 0, p >= UnsafeRawPointer(region.base),
+              p + bytes.count <= UnsafeRawPointer(region.base + readIndex)
+        else { return nil }
+        let start = p - UnsafeRawPointer(region.base)
+        return owner(start, start + bytes.count)
     }
 
     mutating func consume(_ count: Int) {

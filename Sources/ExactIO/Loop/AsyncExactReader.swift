@@ -87,7 +87,8 @@ public final class AsyncExactReader {
     /// Reads one length-prefixed frame; as `ExactReader.readFrame(prefix:)`, plus
     /// `CancellationError` when the awaiting task is cancelled (the frame is then not consumed).
     public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) async throws -> ByteView? {
-        try await drive { core in try core.frame(prefix) }
+        if let view = core.stagedFrame(prefix) { return view }  // the whole frame is received
+        return try await drive { core in try core.frame(prefix) }
     }
 
     /// Reads exactly `count` bytes; as `ExactReader.readExactly(_:)`.

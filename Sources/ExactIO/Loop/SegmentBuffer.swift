@@ -46,6 +46,20 @@ struct SegmentBuffer: CoreBuffer {
         buffered += segment.count
     }
 
+    var contiguousReadable: UnsafeRawBufferPointer {
+        guard buffered > 0 else { return UnsafeRawBufferPointer(start: nil, count: 0) }
+        let s = segments[head]
+        return UnsafeRawBufferPointer(start: s.base + s.start, count: s.count)
+    }
+
+    mutating func viewInPlace(_ count: Int) -> ByteView {
+        let s = segments[head]
+        precondition(count > 0 && count <= s.count)
+        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: s.base + s.start, count: count), owner: s.owner)
+        consume(count)
+        return view
+    }
+
     func byte(at i: Int) -> UInt8 {
         var i = i
         var k = head

@@ -21,4 +21,12 @@ uint64_t ctest_stop_signal_storm(void);
 /* Makes the process dumpable again after a uid change (/proc/self readable). Returns 0 or -errno. */
 int ctest_set_dumpable(void);
 
+/* Heap allocation counting (malloc_count.c): 1 when this build counts (not under a sanitizer). */
+int ctest_malloc_counting_available(void);
+/* Starts counting the calling thread's allocations (malloc, calloc, realloc, memalign,
+ * aligned_alloc, posix_memalign) from zero. */
+void ctest_malloc_count_start(void);
+/* Stops counting; returns the calling thread's allocations since the start (-1: unavailable). */
+int64_t ctest_malloc_count_stop(void);
+
 #endif
