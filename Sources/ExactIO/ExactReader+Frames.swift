@@ -58,8 +58,15 @@ extension ExactReader {
     ///     is then not consumed at all (its prefix and whatever part of its body arrived stay
     ///     buffered, without being copied again), so a retry reads it whole.
     public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) throws -> ByteView? {
-        if let view = core.stagedFrame(prefix) { return view }  // the whole frame is staged
-        return try drive { core in try core.frame(prefix) }
+        // The fast path (the whole frame is staged) stays small: the slow one is out of line.
+        let staged = prefix == .uint32(.bigEndian) ? core.stagedFrame(UInt32BigEndianDecoder()) : core.stagedFrame(AnyPrefixDecoder(prefix: prefix))
+        if let view = staged { return view }
+        return try readFrameSlowly(prefix)
+    }
+
+    @inline(never)
+    func readFrameSlowly(_ prefix: LengthPrefix) throws -> ByteView? {
+        try drive { core in try core.frame(prefix) }
     }
 
     // MARK: - Borrowing frames
@@ -130,9 +137,20 @@ extension ExactReader {
     /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
     @discardableResult
     public func forEachFrame(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Bool) throws -> Int {
+        // One loop per common prefix, with the prefix a constant in it: the decoding is a load
+        // and a byte swap, not a switch per frame.
+        switch prefix {
+        case .uint32(.bigEndian): return try frameLoop(prefix, UInt32BigEndianDecoder(), body)
+        case .uint32(.littleEndian): return try frameLoop(prefix, UInt32LittleEndianDecoder(), body)
+        case .varint: return try frameLoop(prefix, VarintDecoder(), body)
+        default: return try frameLoop(prefix, AnyPrefixDecoder(prefix: prefix), body)
+        }
+    }
+
+    private func frameLoop<D: PrefixDecoder>(_ prefix: LengthPrefix, _ decoder: D, _ body: (RawSpan) throws -> Bool) throws -> Int {
         var frames = 0
         while true {
-            while let bytes = core.takeStagedFrame(prefix) {
+            while let bytes = core.takeStagedFrame(decoder) {
                 frames += 1
                 guard try lend(bytes, { p in try body(RawSpan(_unsafeBytes: p)) }) else { return frames }
             }

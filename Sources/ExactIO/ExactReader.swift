@@ -182,7 +182,12 @@ public final class ExactReader {
     public func readExactly(_ count: Int) throws -> ByteView {
         precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
         if count <= core.buffer.buffered { return try core.deliver(count) }
-        return try drive { core in try core.exactly(count) }
+        return try readExactlySlowly(count)
+    }
+
+    @inline(never)
+    func readExactlySlowly(_ count: Int) throws -> ByteView {
+        try drive { core in try core.exactly(count) }
     }
 
     /// Fills all of `buffer` from the stream, writing straight into the caller's memory
@@ -299,7 +304,17 @@ public final class ExactReader {
     /// first.
     @inline(__always)
     func lend<R>(_ bytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        if lent != nil { pinLent() }
+        if lent != nil { return try lendNested(bytes, body) }
+        lent = bytes
+        defer {
+            lent = nil
+            if lentOwner != nil { lentOwner = nil }
+        }
+        return try body(bytes)
+    }
+
+    func lendNested<R>(_ bytes: UnsafeRawBufferPointer, _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        pinLent()
         let outer = (lent, lentOwner)
         lent = bytes
         lentOwner = nil

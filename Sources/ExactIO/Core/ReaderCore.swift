@@ -453,31 +453,44 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// The bytes stay valid until the buffer next makes room (they are consumed).
     @inline(__always)
     mutating func takeStagedFrame(_ prefix: LengthPrefix) -> UnsafeRawBufferPointer? {
+        takeStagedFrame(AnyPrefixDecoder(prefix: prefix))
+    }
+
+    /// `takeStagedFrame(_:)` with the decoding chosen at compile time (a specialized loop per
+    /// prefix kind: no switch per frame).
+    @inline(__always)
+    mutating func takeStagedFrame<D: PrefixDecoder>(_ decoder: D) -> UnsafeRawBufferPointer? {
         guard direct == nil, !skippingVarint else { return nil }
         let bytes = buffer.contiguousReadable
-        guard let (length, width) = Self.peekLength(prefix, bytes), length <= UInt64(maxFrameLength),
-              Int(length) <= bytes.count - width
+        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength),
+              Int(length) <= bytes.count &- width
         else { return nil }
+        // No overflow below: count + width <= bytes.count.
         let count = Int(length)
-        buffer.consume(width + count)
-        statistics.bytesDelivered += count
-        statistics.stagedViews += 1
-        return UnsafeRawBufferPointer(start: bytes.baseAddress! + width, count: count)
+        buffer.consume(width &+ count)
+        statistics.bytesDelivered &+= count
+        statistics.stagedViews &+= 1
+        return UnsafeRawBufferPointer(start: bytes.baseAddress.unsafelyUnwrapped + width, count: count)
     }
 
     /// `takeStagedFrame`, as a view (one retain of the memory's owner, no allocation).
     @inline(__always)
     mutating func stagedFrame(_ prefix: LengthPrefix) -> ByteView? {
+        stagedFrame(AnyPrefixDecoder(prefix: prefix))
+    }
+
+    @inline(__always)
+    mutating func stagedFrame<D: PrefixDecoder>(_ decoder: D) -> ByteView? {
         guard direct == nil, !skippingVarint else { return nil }
         let bytes = buffer.contiguousReadable
-        guard let (length, width) = Self.peekLength(prefix, bytes), length <= UInt64(maxFrameLength),
-              Int(length) <= bytes.count - width
+        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength),
+              Int(length) <= bytes.count &- width
         else { return nil }
         let count = Int(length)
         buffer.consume(width)
-        statistics.bytesDelivered += count
+        statistics.bytesDelivered &+= count
         if count == 0 { return ByteView() }
-        statistics.stagedViews += 1
+        statistics.stagedViews &+= 1
         return buffer.viewInPlace(count)
     }
 
@@ -611,5 +624,43 @@ struct ReaderCore<Buffer: CoreBuffer> {
         let tail = region.capacity - Block.roundUpToPage(end)
         guard tail >= max(64 << 10, end / 8), region.resident > end else { return }
         region.decommit(end, region.capacity, pool: pool)
+    }
+}
+
+/// Decodes a length prefix in place (see `ReaderCore.peekLength`); the concrete types let the
+/// frame loop be specialized for the common prefixes.
+protocol PrefixDecoder {
+    func peekLength(_ bytes: UnsafeRawBufferPointer) -> (length: UInt64, width: Int)?
+}
+
+struct AnyPrefixDecoder: PrefixDecoder {
+    let prefix: LengthPrefix
+    @inline(__always)
+    func peekLength(_ bytes: UnsafeRawBufferPointer) -> (length: UInt64, width: Int)? {
+        ReaderCore<StagingBuffer>.peekLength(prefix, bytes)
+    }
+}
+
+/// `.uint32(.bigEndian)`, the default.
+struct UInt32BigEndianDecoder: PrefixDecoder {
+    @inline(__always)
+    func peekLength(_ bytes: UnsafeRawBufferPointer) -> (length: UInt64, width: Int)? {
+        guard bytes.count >= 4 else { return nil }
+        return (UInt64(UInt32(bigEndian: bytes.loadUnaligned(as: UInt32.self))), 4)
+    }
+}
+
+struct UInt32LittleEndianDecoder: PrefixDecoder {
+    @inline(__always)
+    func peekLength(_ bytes: UnsafeRawBufferPointer) -> (length: UInt64, width: Int)? {
+        guard bytes.count >= 4 else { return nil }
+        return (UInt64(UInt32(littleEndian: bytes.loadUnaligned(as: UInt32.self))), 4)
+    }
+}
+
+struct VarintDecoder: PrefixDecoder {
+    @inline(__always)
+    func peekLength(_ bytes: UnsafeRawBufferPointer) -> (length: UInt64, width: Int)? {
+        ReaderCore<StagingBuffer>.peekLength(.varint, bytes)
     }
 }

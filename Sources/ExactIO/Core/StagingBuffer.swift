@@ -37,7 +37,11 @@ final class StagingChunk: @unchecked Sendable {
 }
 
 struct StagingBuffer: CoreBuffer {
-    private(set) var region: Region
+    private(set) var region: Region {
+        didSet { base = region.base }
+    }
+    /// `region.base`, kept here: the fast path reads it per frame without a pointer chase.
+    private(set) var base: UnsafeMutableRawPointer
     private(set) var readIndex = 0
     private(set) var writeIndex = 0
     /// The configured capacity; `region` may be larger for a while after an error stashed a
@@ -55,7 +59,9 @@ struct StagingBuffer: CoreBuffer {
     init(pool: MemoryPool, capacity: Int) throws(Errno) {
         self.pool = pool
         self.nominalCapacity = try Block.roundedCapacity(capacity)
-        self.region = try pool.residentRegion(atLeast: nominalCapacity, register: true)
+        let region = try pool.residentRegion(atLeast: nominalCapacity, register: true)
+        self.region = region
+        self.base = region.base
         self.chunkShift = StagingBuffer.chunkShift(for: region.capacity)
         self.chunks = StagingBuffer.noChunks(region.capacity, chunkShift)
     }
@@ -74,7 +80,7 @@ struct StagingBuffer: CoreBuffer {
 
     /// The buffered bytes. Valid until the next mutating call.
     var readable: UnsafeRawBufferPointer {
-        UnsafeRawBufferPointer(start: region.base + readIndex, count: buffered)
+        UnsafeRawBufferPointer(start: base + readIndex, count: buffered)
     }
 
     /// The free tail, where the next read lands. Valid until the next mutating call.
@@ -150,9 +156,10 @@ struct StagingBuffer: CoreBuffer {
         return owner(start, start + bytes.count)
     }
 
+    @inline(__always)
     mutating func consume(_ count: Int) {
         precondition(count <= buffered)
-        readIndex += count
+        readIndex &+= count
     }
 
     /// Records `count` bytes the kernel wrote at `writable`.
