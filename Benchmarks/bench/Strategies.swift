@@ -209,10 +209,14 @@ func prepareCeiling(_ c: BenchCase, fd: Int32, uring: Bool) throws -> PreparedSt
     })
 }
 
+/// ExactIO's staging capacity in the bench: the default (256 KiB), or EXACTIO_BENCH_STAGING
+/// bytes (for the read-size analysis in the README).
+let benchStaging: Int = getenv("EXACTIO_BENCH_STAGING").flatMap { Int(String(cString: $0)) } ?? ExactReader.Options().stagingCapacity
+
 /// exactio-posix / exactio-uring: ExactReader.readFrame, each frame a read-only view.
 /// The reader is created before the clock starts (its staging buffer counts in the peak).
 func makeReader(fd: Int32, backend: ExactReader.Backend) throws -> ExactReader {
-    try ExactReader(FileDescriptor(rawValue: fd), options: .init(backend: backend, maxFrameLength: 1 << 30))
+    try ExactReader(FileDescriptor(rawValue: fd), options: .init(backend: backend, stagingCapacity: benchStaging, maxFrameLength: 1 << 30))
 }
 
 func exactIO(_ reader: ExactReader, c: BenchCase) throws -> Int {
