@@ -8,13 +8,15 @@ import PackageDescription
 // swift-collections enable the same experimental feature.
 let swiftSettings: [SwiftSetting] = [
     .enableExperimentalFeature("Lifetimes"),
-    .define("ENABLE_MOCKING", .when(configuration: .debug)),
 ]
 
 let package = Package(
     name: "ExactIO",
     products: [
-        .library(name: "ExactIO", targets: ["ExactIO"])
+        .library(name: "ExactIO", targets: ["ExactIO"]),
+        // ByteView as Foundation's Data (no copy) and ContiguousBytes: a product of its own, so
+        // that the core library does not link Foundation.
+        .library(name: "ExactIOFoundation", targets: ["ExactIOFoundation"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -23,16 +25,16 @@ let package = Package(
     targets: [
         // liburing through pkg-config; SwiftPM prints the apt hint when it is missing.
         .systemLibrary(
-            name: "CLibURing",
-            path: "Sources/CLibURing",
+            name: "ExactIOLibURing",
+            path: "Sources/ExactIOLibURing",
             pkgConfig: "liburing",
             providers: [.apt(["liburing-dev"])]
         ),
         // The thin C layer: ring, registration, read loop. Its public header is opaque
-        // (no liburing types), see CSupport/include/CSupport.h.
+        // (no liburing types), see CSupport/include/ExactIOCSupport.h.
         .target(
-            name: "CSupport",
-            dependencies: ["CLibURing"],
+            name: "ExactIOCSupport",
+            dependencies: ["ExactIOLibURing"],
             path: "CSupport",
             cSettings: [
                 .define("_GNU_SOURCE"),
@@ -53,16 +55,21 @@ let package = Package(
         .target(
             name: "ExactIO",
             dependencies: [
-                "CSupport",
+                "ExactIOCSupport",
                 "CExactIOLinux",
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "ExactIOFoundation",
+            dependencies: ["ExactIO"],
+            swiftSettings: swiftSettings
+        ),
         // Test-only C helpers (seccomp filter, signal storm): never linked into the library.
         .target(
-            name: "CTestSupport",
-            path: "Tests/CTestSupport",
+            name: "ExactIOCTestSupport",
+            path: "Tests/ExactIOCTestSupport",
             cSettings: [
                 .define("_GNU_SOURCE"),
                 .enableWarning("all"),
@@ -74,15 +81,24 @@ let package = Package(
             name: "ExactIOTests",
             dependencies: [
                 "ExactIO",
-                "CTestSupport",
+                "ExactIOCTestSupport",
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             swiftSettings: swiftSettings
         ),
         .testTarget(
-            name: "CSupportTests",
-            dependencies: ["CSupport"]
+            name: "ExactIOFoundationTests",
+            dependencies: [
+                "ExactIO",
+                "ExactIOFoundation",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
+            name: "ExactIOCSupportTests",
+            dependencies: ["ExactIOCSupport"]
         ),
         // The fuzz target's replay tool (normal builds) / libFuzzer entry (Fuzz/run.sh).
         .executableTarget(
@@ -97,7 +113,7 @@ let package = Package(
         // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.
         .target(
             name: "ExactIOBenchCeiling",
-            dependencies: ["CLibURing"],
+            dependencies: ["ExactIOLibURing"],
             path: "Benchmarks/ceiling",
             cSettings: [
                 .define("_GNU_SOURCE"),

@@ -1,9 +1,10 @@
 /* SPDX-License-Identifier: Apache-2.0 */
-/* Private to CSupport: the only place besides the .c files that sees liburing. */
+/* Private to ExactIOCSupport: the only place besides the .c files that sees liburing. */
 #ifndef CSUPPORT_INTERNAL_H
 #define CSUPPORT_INTERNAL_H
 
-/* System headers before liburing.h: liburing 2.3 defines feature macros (STYLE.md 2.3). */
+/* System headers before liburing.h: liburing 2.3 defines feature macros, which must not change what the
+ * system headers declare. */
 #include <errno.h>
 #include <poll.h>
 #include <stdatomic.h>
@@ -15,7 +16,7 @@
 #include <time.h>
 #include <liburing.h>
 
-#include "include/CSupport.h"
+#include "include/ExactIOCSupport.h"
 
 struct csupport_ring {
 	struct io_uring ring;

@@ -21,7 +21,7 @@ struct BenchCase: Hashable, Codable {
 /// Every reader strategy, in table order: the naive ones, the floor, the C ceiling, ExactIO.
 let allStrategies = [
     "seed-join", "seed-buffer", "seed-prealloc", "posix-into", "c-readahead", "c-readahead-uring",
-    "exactio-posix", "exactio-uring",
+    "exactio-posix", "exactio-uring", "exactio-borrow",
 ]
 /// Strategies that need io_uring: left out where a ring cannot be created.
 let uringOnlyStrategies = ["c-readahead-uring"]

@@ -4,7 +4,7 @@ import Glibc
 import Synchronization
 import SystemPackage
 
-// Many connections at once (DESIGN.md "Async API contract", issue 8): the reader child listens,
+// Many connections at once (IOLoop and AsyncExactReader; README "Many connections"): the reader child listens,
 // a writer process connects CONNECTIONS times and sends each connection FRAMES/CONNECTIONS
 // frames (non-blocking writes, whichever connection can take bytes), the child accepts them all
 // and then reads every frame with one strategy:

@@ -1,6 +1,6 @@
 import Foundation
 
-/// The JSON document (DESIGN.md's schema, version 2: every case has `connections`; extra
+/// The JSON document (README "Benchmarks", JSON; version 2: every case has `connections`; extra
 /// fields are additive).
 struct Report: Codable {
     var version = 2

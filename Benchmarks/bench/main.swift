@@ -2,7 +2,7 @@ import Foundation
 import Glibc
 
 // bench: every strategy side by side, each case in a fresh child process with the writer in
-// another process. See DESIGN.md "Benchmark contract" and README "Benchmarks".
+// another process. See README "Benchmarks".
 //
 //   swift run -c release bench [--quick] [--filter TEXT]... [--json FILE] [--svg FILE] [--peers]
 //
@@ -16,7 +16,8 @@ func usage() -> Never {
     usage: bench [--quick] [--filter TEXT]... [--json FILE] [--svg FILE] [--peers] [--list]
       --quick        unix and tcp at 4 KiB, 1 MiB and 64 MiB, every strategy (under a minute)
       --filter TEXT  only cases whose name strategy/transport/size contains TEXT (repeatable: all must match)
-      --json FILE    write the results as JSON (DESIGN.md schema)
+      --strategy S   only strategy S (repeatable: any of them)
+      --json FILE    write the results as JSON (schema in README "Benchmarks")
       --svg FILE     write a chart (GB/s and peak/frame against frame size)
       --peers        also run CPython asyncio readexactly and SwiftNIO's LengthFieldBasedFrameDecoder
       --repeat N     run each case N times (fresh processes) and report the median by GB/s (default 3;
@@ -108,6 +109,7 @@ var quick = false, peers = false, list = false
 var repeats: Int? = nil
 var targetSeconds: Double? = nil
 var filters: [String] = []
+var onlyStrategies: [String] = []
 var jsonPath: String? = nil, svgPath: String? = nil
 var i = 0
 while i < args.count {
@@ -116,6 +118,7 @@ while i < args.count {
     case "--peers": peers = true
     case "--list": list = true
     case "--filter": i += 1; if i < args.count { filters.append(args[i]) } else { usage() }
+    case "--strategy": i += 1; if i < args.count { onlyStrategies.append(args[i]) } else { usage() }
     case "--json": i += 1; if i < args.count { jsonPath = args[i] } else { usage() }
     case "--svg": i += 1; if i < args.count { svgPath = args[i] } else { usage() }
     case "--repeat": i += 1; if i < args.count, let r = Int(args[i]), r >= 1 { repeats = r } else { usage() }
@@ -134,7 +137,8 @@ func log(_ s: String) { FileHandle.standardError.write((s + "\n").data(using: .u
 log("WARNING: this is a debug build; its figures are meaningless. Use: swift run -c release bench")
 #endif
 
-let cases = makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters)
+let cases = (makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters))
+    .filter { onlyStrategies.isEmpty || onlyStrategies.contains($0.strategy) }
 if list {
     for c in cases { print("\(c.name) × \(c.frames)") }
     exit(0)

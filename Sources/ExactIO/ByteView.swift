@@ -9,24 +9,24 @@
 /// Copying a `ByteView` copies a reference, never the bytes. `subview(_:)` makes another
 /// zero-based view of part of the same memory, also without copying.
 public struct ByteView: @unchecked Sendable {
-    // Invariant: `bytes` lies inside memory kept alive by `owner` (or is empty with a nil
+    // Invariant: `storage` lies inside memory kept alive by `owner` (or is empty with a nil
     // owner), and no code writes to it while `owner` is referenced by a view: the reader
     // retires referenced staging memory instead of overwriting it (StagingBuffer), and the
     // pool reuses memory only after the owner's deinit. That is what makes the
     // `@unchecked Sendable` sound: the bytes are immutable for the view's whole life.
-    @usableFromInline let bytes: UnsafeRawBufferPointer
+    @usableFromInline let storage: UnsafeRawBufferPointer
     @usableFromInline let owner: AnyObject?
 
     @inlinable
     init(unsafeBytes bytes: UnsafeRawBufferPointer, owner: AnyObject?) {
-        self.bytes = bytes
+        self.storage = bytes
         self.owner = owner
     }
 
     /// An empty view; allocates nothing.
     @inlinable
     public init() {
-        self.bytes = UnsafeRawBufferPointer(start: nil, count: 0)
+        self.storage = UnsafeRawBufferPointer(start: nil, count: 0)
         self.owner = nil
     }
 
@@ -69,7 +69,7 @@ public struct ByteView: @unchecked Sendable {
     ///   closure runs (the view may be the last owner of the memory). Do not write through it.
     @inlinable
     public func withUnsafeBytes<R, E: Error>(_ body: (UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
-        try withExtendedLifetime(owner) { () throws(E) -> R in try body(bytes) }
+        try withExtendedLifetime(owner) { () throws(E) -> R in try body(storage) }
     }
 
     /// A zero-based view of `range` of this view, sharing its memory (no copy).
@@ -78,11 +78,11 @@ public struct ByteView: @unchecked Sendable {
     public func subview(_ range: Range<Int>) -> ByteView {
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "subview range \(range) out of 0..<\(count)")
         if range.isEmpty { return ByteView() }
-        return ByteView(unsafeBytes: UnsafeRawBufferPointer(rebasing: bytes[range]), owner: owner)
+        return ByteView(unsafeBytes: UnsafeRawBufferPointer(rebasing: storage[range]), owner: owner)
     }
 
     /// The bytes as a new array (one copy).
-    public var array: [UInt8] { Array(bytes) }
+    public var array: [UInt8] { withUnsafeBytes { Array($0) } }
 
     /// True when both views share the same memory block (not just equal contents).
     public func sharesMemory(with other: ByteView) -> Bool {
@@ -104,15 +104,15 @@ extension ByteView: RandomAccessCollection {
     public typealias SubSequence = Slice<ByteView>
 
     @inlinable public var startIndex: Int { 0 }
-    @inlinable public var endIndex: Int { bytes.count }
-    @inlinable public var count: Int { bytes.count }
-    @inlinable public var isEmpty: Bool { bytes.count == 0 }
-    @inlinable public var indices: Range<Int> { 0..<bytes.count }
+    @inlinable public var endIndex: Int { storage.count }
+    @inlinable public var count: Int { storage.count }
+    @inlinable public var isEmpty: Bool { storage.count == 0 }
+    @inlinable public var indices: Range<Int> { 0..<storage.count }
 
     @inlinable
     public subscript(position: Int) -> UInt8 {
-        precondition(position >= 0 && position < bytes.count, "ByteView index \(position) out of 0..<\(bytes.count)")
-        return withExtendedLifetime(owner) { bytes[position] }
+        precondition(position >= 0 && position < storage.count, "ByteView index \(position) out of 0..<\(storage.count)")
+        return withExtendedLifetime(owner) { storage[position] }
     }
 
     @inlinable
@@ -123,7 +123,7 @@ extension ByteView: RandomAccessCollection {
     @inlinable
     public func withContiguousStorageIfAvailable<R>(_ body: (UnsafeBufferPointer<UInt8>) throws -> R) rethrows -> R? {
         try withExtendedLifetime(owner) {
-            try body(bytes.assumingMemoryBound(to: UInt8.self))
+            try body(storage.assumingMemoryBound(to: UInt8.self))
         }
     }
 }
@@ -132,9 +132,9 @@ extension ByteView: Equatable {
     /// Views are equal when their bytes are equal, wherever the bytes live.
     public static func == (lhs: ByteView, rhs: ByteView) -> Bool {
         guard lhs.count == rhs.count else { return false }
-        if lhs.count == 0 || lhs.bytes.baseAddress == rhs.bytes.baseAddress { return true }
+        if lhs.count == 0 || lhs.storage.baseAddress == rhs.storage.baseAddress { return true }
         return withExtendedLifetime((lhs.owner, rhs.owner)) {
-            memcmp(lhs.bytes.baseAddress!, rhs.bytes.baseAddress!, lhs.count) == 0
+            memcmp(lhs.storage.baseAddress!, rhs.storage.baseAddress!, lhs.count) == 0
         }
     }
 }
@@ -156,13 +156,36 @@ extension ByteView: CustomStringConvertible {
 }
 
 extension ByteView {
-    /// The bytes as a `RawSpan`, valid while this view is borrowed.
-    public var bytesSpan: RawSpan {
+    /// The bytes as a `RawSpan` (SE-0456's name for a contiguous type's borrowed bytes), valid
+    /// while this view is borrowed. No copy.
+    public var bytes: RawSpan {
         @_lifetime(borrow self)
         get {
-            let span = RawSpan(_unsafeBytes: bytes)
+            let span = RawSpan(_unsafeBytes: storage)
             return _overrideLifetime(span, borrowing: self)
         }
+    }
+
+    /// The bytes as a `Span<UInt8>` (SE-0456), valid while this view is borrowed. No copy.
+    public var span: Span<UInt8> {
+        @_lifetime(borrow self)
+        get {
+            let span = Span(_unsafeElements: storage.assumingMemoryBound(to: UInt8.self))
+            return _overrideLifetime(span, borrowing: self)
+        }
+    }
+
+    /// The bytes as a `RawSpan`: the same as `bytes`, its name before SE-0456.
+    @available(*, deprecated, renamed: "bytes")
+    public var bytesSpan: RawSpan {
+        @_lifetime(borrow self)
+        get { bytes }
+    }
+
+    /// The bytes decoded as UTF-8 (invalid sequences become U+FFFD), with no intermediate
+    /// array: one copy, into the string's own storage.
+    public var utf8String: String {
+        withUnsafeBytes { String(decoding: $0, as: UTF8.self) }
     }
 }
 

@@ -78,7 +78,7 @@ extension ExactReader {
     ///
     /// ```swift
     /// while let kind = try reader.withNextFrame(prefix: .varint, { frame in
-    ///     frame.unsafeLoad(as: UInt8.self)    // look at the frame, keep nothing
+    ///     frame.byteCount > 0 ? frame.unsafeLoad(as: UInt8.self) : 0   // look, keep nothing
     /// }) {
     ///     count[kind, default: 0] += 1
     /// }

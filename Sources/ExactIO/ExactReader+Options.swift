@@ -105,9 +105,11 @@ extension ExactReader {
 
     /// Counters since the reader was created.
     public struct Statistics: Sendable, Hashable {
-        /// Bytes handed to the caller as data: views, caller buffers, `withExactly` bodies.
-        /// Length prefixes consumed by `readFrame` and bytes discarded by `skip` are not
-        /// delivered.
+        /// Bytes handed to the caller: views (including an `incomplete` error's partial bytes,
+        /// which are a length prefix's bytes when the stream ended inside one), caller buffers,
+        /// and bytes lent to closures (`withExactly`, `withNextFrame`, `forEachFrame`). The
+        /// length prefixes of frames that arrived whole and bytes discarded by `skip` are not
+        /// counted.
         public var bytesDelivered = 0
         /// Bytes user space copied: staged bytes moved to the front of staging or into a new
         /// staging buffer, the staged prefix of a large read copied into the frame's memory,
@@ -119,7 +121,8 @@ extension ExactReader {
         public var fixedReads = 0
         /// Waits for readiness after EAGAIN or for a deadline (`poll(2)` or IORING_OP_POLL_ADD).
         public var polls = 0
-        /// Reads served entirely from staging without a syscall or a copy (the fast path).
+        /// Reads served entirely from staging (or a received buffer) without a syscall or a
+        /// copy: the fast path, including frames and bytes lent to closures in place.
         public var stagedViews = 0
         /// Reads that went straight into their final memory after the staged prefix.
         public var directReads = 0

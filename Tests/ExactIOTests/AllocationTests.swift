@@ -1,9 +1,9 @@
-import CTestSupport
+import ExactIOCTestSupport
 import SystemPackage
 import Testing
 @testable import ExactIO
 
-/// Heap allocations per small frame on the fast path, counted (Tests/CTestSupport/malloc_count.c)
+/// Heap allocations per small frame on the fast path, counted (Tests/ExactIOCTestSupport/malloc_count.c)
 /// as SwiftNIO counts them in CI. Targets: none for `readFrame` (its view costs one retain of a
 /// reused owner), the borrowing calls, `readExactly` and `withExactly` from staging. Staging
 /// refills happen inside the counted runs (the file is ten times staging's size).

@@ -25,7 +25,8 @@ import Testing
         #expect(v.withContiguousStorageIfAvailable { Array($0) } == bytes)
         #expect(v.withUnsafeBytes { Array($0) } == bytes)
         #expect(v.array == bytes)
-        #expect(v.bytesSpan.byteCount == 6)
+        #expect(v.bytes.byteCount == 6)
+        #expect(v.span.count == 6 && v.span[0] == v[0] && v.span[5] == v[5])
     }
 
     @Test func subviewIsZeroBasedAndSharesMemory() {

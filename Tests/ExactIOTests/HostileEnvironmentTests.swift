@@ -1,4 +1,4 @@
-import CTestSupport
+import ExactIOCTestSupport
 import Foundation
 import Glibc
 import SystemPackage

@@ -1,9 +1,9 @@
-import CSupport
+import ExactIOCSupport
 import Glibc
 import Synchronization
 import SystemPackage
 
-// The only Swift file that talks to CSupport's ring and read loop (and so, through it, to
+// The only Swift file that talks to ExactIOCSupport's ring and read loop (and so, through it, to
 // liburing).
 
 /// Owns a `csupport_ring`. Shared by the engine (submissions, reader's thread) and the
@@ -47,7 +47,7 @@ final class RingHandle: @unchecked Sendable {
 }
 
 extension Errno {
-    /// EBADFD, which swift-system does not name: CSupport's "the ring was inherited through
+    /// EBADFD, which swift-system does not name: ExactIOCSupport's "the ring was inherited through
     /// fork()".
     static var fileDescriptorInBadState: Errno { Errno(rawValue: EBADFD) }
 }
@@ -103,7 +103,7 @@ final class URingRegistrar: BlockRegistrar, Sendable {
     }
 }
 
-/// io_uring through CSupport: READ_FIXED into registered memory, READ otherwise.
+/// io_uring through ExactIOCSupport: READ_FIXED into registered memory, READ otherwise.
 final class URingEngine: IOEngine {
     let ring: RingHandle
     let fd: FileDescriptor

@@ -1,8 +1,8 @@
-import CSupport
+import ExactIOCSupport
 import Glibc
 import SystemPackage
 
-// The loop's io_uring backend: with `URingBackend.swift`, the only Swift that calls CSupport.
+// The loop's io_uring backend: with `URingBackend.swift`, the only Swift that calls ExactIOCSupport.
 
 /// The loop on one io_uring ring: received bytes land in provided buffers (a buffer ring the
 /// kernel picks from, consumed a part at a time where the kernel can, 6.12+), sockets receive

@@ -67,7 +67,7 @@ func pollReadable(_ fd: FileDescriptor, timeout: Int64) -> Result<Bool, Errno> {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (the clock CSupport's timeouts use).
+/// CLOCK_MONOTONIC in nanoseconds (the clock ExactIOCSupport's timeouts use).
 @inline(__always)
 func monotonicNanoseconds() -> Int64 {
     var ts = timespec()
@@ -75,7 +75,7 @@ func monotonicNanoseconds() -> Int64 {
     return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
 }
 
-/// The single conversion from CSupport's `-errno` convention to `Errno`.
+/// The single conversion from ExactIOCSupport's `-errno` convention to `Errno`.
 @inline(__always)
 func errnoFromNegative(_ ret: Int32) -> Errno {
     Errno(rawValue: -ret)

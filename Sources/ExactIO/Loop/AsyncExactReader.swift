@@ -32,10 +32,12 @@ public final class AsyncExactReader {
     /// Counters since creation.
     public var statistics: ExactReader.Statistics { core.statistics }
 
-    var core: ReaderCore<SegmentBuffer>
+    // Unchecked exclusivity, as in `ExactReader`: one owner at a time (not Sendable), and no
+    // access overlaps another (each core step is synchronous; awaits happen between steps).
+    @exclusivity(unchecked) var core: ReaderCore<SegmentBuffer>
     let connection: LoopConnection
     /// The deadline of the call in progress (CLOCK_MONOTONIC ns), 0 for none.
-    private var deadline: Int64 = 0
+    @exclusivity(unchecked) private var deadline: Int64 = 0
     private var contacted = false
 
     /// Creates a reader over `fd` on `loop` (the descriptor is borrowed, never closed).

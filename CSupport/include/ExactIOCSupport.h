@@ -1,13 +1,13 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * CSupport: the thin C layer of ExactIO over liburing.
+ * ExactIOCSupport: the thin C layer of ExactIO over liburing.
  *
  * It owns an io_uring ring and its registered ("fixed") buffer table, and runs the hot read
  * loop. It makes no policy or allocation decisions and knows no Swift type.
  *
  * This header is deliberately opaque: it must not include <liburing.h> or <linux/io_uring.h>.
  * swift-system ships its own copy of the io_uring UAPI header, and a Swift module that sees
- * both fails to build (STYLE.md 2.3, trap 2). Only the .c files include liburing.
+ * both fails to build (duplicate definitions of the io_uring structures). Only the .c files include liburing.
  *
  * Error convention (liburing's): every function that can fail returns 0 or a positive count
  * on success and -errno on failure; errno itself is never the channel. Two codes are ours:

@@ -6,7 +6,7 @@
  * thread's allocations are counted, and only between start and stop. Under a sanitizer, which
  * brings its own allocator, nothing is defined here and counting is unavailable.
  */
-#include "CTestSupport.h"
+#include "ExactIOCTestSupport.h"
 
 #include <errno.h>
 #include <stddef.h>

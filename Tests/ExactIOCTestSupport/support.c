@@ -11,7 +11,7 @@
 #include <sys/syscall.h>
 #include <sys/time.h>
 
-#include "include/CTestSupport.h"
+#include "include/ExactIOCTestSupport.h"
 
 #ifndef __NR_io_uring_setup
 #define __NR_io_uring_setup 425

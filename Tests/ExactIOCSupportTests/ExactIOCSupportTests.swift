@@ -1,4 +1,4 @@
-import CSupport
+import ExactIOCSupport
 import Glibc
 import Testing
 
