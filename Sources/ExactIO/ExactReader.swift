@@ -368,12 +368,7 @@ public final class ExactReader {
         let missing = need - core.buffer.buffered
         core.statistics.bytesCopied += try core.buffer.makeRoom(forAppending: missing)
         let tail = core.buffer.writable
-        var ahead = min(tail.count, max(missing, core.readAhead))
-        // A whole number of pages when that still covers the need: a file's position then
-        // stays page-aligned, and the partial frame left at the end of staging (copied to its
-        // front on the next refill) is smaller (half the bytes copied at 4 KiB frames).
-        let rounded = ahead & ~(Block.pageSize - 1)
-        if rounded >= missing { ahead = rounded }
+        let ahead = min(tail.count, max(missing, core.readAhead))
         let r = engineRead(
             into: UnsafeMutableRawBufferPointer(rebasing: tail[0..<ahead]), atLeast: missing,
             slot: core.buffer.region.slot)
