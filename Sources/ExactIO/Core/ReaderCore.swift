@@ -446,6 +446,18 @@ struct ReaderCore<Buffer: CoreBuffer> {
         }
     }
 
+    /// The buffered run, the prefix width and the body length of the next frame when all of it
+    /// is in that run and the fast path may take it; nil when the slow path must decide.
+    @inline(__always)
+    func stagedFrameBounds<D: PrefixDecoder>(_ decoder: D) -> (bytes: UnsafeRawBufferPointer, width: Int, count: Int)? {
+        guard direct == nil, !skippingVarint else { return nil }
+        let bytes = buffer.contiguousReadable
+        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength),
+              Int(length) <= bytes.count &- width
+        else { return nil }
+        return (bytes, width, Int(length))
+    }
+
     /// The next frame's body when the whole frame is buffered in one contiguous run, consumed
     /// with its prefix: the fast path of `readFrame` and the borrowing calls (no allocation,
     /// no syscall, no copy). Nil when the slow path must decide: the frame is not all there,
@@ -460,13 +472,8 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// prefix kind: no switch per frame).
     @inline(__always)
     mutating func takeStagedFrame<D: PrefixDecoder>(_ decoder: D) -> UnsafeRawBufferPointer? {
-        guard direct == nil, !skippingVarint else { return nil }
-        let bytes = buffer.contiguousReadable
-        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength),
-              Int(length) <= bytes.count &- width
-        else { return nil }
+        guard let (bytes, width, count) = stagedFrameBounds(decoder) else { return nil }
         // No overflow below: count + width <= bytes.count.
-        let count = Int(length)
         buffer.consume(width &+ count)
         statistics.bytesDelivered &+= count
         statistics.stagedViews &+= 1
@@ -481,12 +488,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
 
     @inline(__always)
     mutating func stagedFrame<D: PrefixDecoder>(_ decoder: D) -> ByteView? {
-        guard direct == nil, !skippingVarint else { return nil }
-        let bytes = buffer.contiguousReadable
-        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength),
-              Int(length) <= bytes.count &- width
-        else { return nil }
-        let count = Int(length)
+        guard let (_, width, count) = stagedFrameBounds(decoder) else { return nil }
         buffer.consume(width)
         statistics.bytesDelivered &+= count
         if count == 0 { return ByteView() }
