@@ -110,6 +110,16 @@ let package = Package(
             path: "Fuzz/Sources",
             swiftSettings: swiftSettings
         ),
+        // Examples/: programs on the public API only, built and run in CI.
+        .executableTarget(
+            name: "exactio-frame-inspect",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            path: "Examples/FrameInspect",
+            swiftSettings: swiftSettings
+        ),
         // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.
         .target(
             name: "ExactIOBenchCeiling",

@@ -132,9 +132,15 @@ extension ExactReader {
     /// }
     /// ```
     ///
+    /// The closure must say it returns `Bool`: with a `return` statement (as above) or a
+    /// signature (`{ (frame: RawSpan) -> Bool in … }`). A closure that is one expression and
+    /// states nothing else is taken as the `Void` form (this overload is disfavoured, so that
+    /// closures of every shape that return nothing never meet an ambiguity).
+    ///
     /// - Returns: The number of frames `body` was called with (including the one that
     ///   returned false).
     /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    @_disfavoredOverload
     @discardableResult
     public func forEachFrame(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Bool) throws -> Int {
         // One loop per common prefix, with the prefix a constant in it: the decoding is a load

@@ -200,3 +200,30 @@ extension ExactReader.Options {
         return o
     }
 }
+
+/// Closures of every shape compile against `forEachFrame` without ambiguity (README's examples).
+@Suite struct ForEachFrameShapesTests {
+    @Test func closureShapes() throws {
+        let bodies = (0..<6).map { pattern(10 + $0, seed: UInt64($0)) }
+        let (ch, writer) = try stream(.file, bodies.flatMap(frame))
+        defer { ch.close() }
+        let reader = try ExactReader(ch.read)
+        var total = 0
+        // A single expression returning Void, and one whose value is generic.
+        #expect(try reader.forEachFrame { frame in total += frame.byteCount } == 6)
+        _ = try reader.withNextFrame { frame in frame.withUnsafeBytes { total += $0.count } }
+        let (ch2, writer2) = try stream(.file, bodies.flatMap(frame))
+        defer { ch2.close() }
+        let reader2 = try ExactReader(ch2.read)
+        try reader2.forEachFrame { frame in frame.withUnsafeBytes { total += $0.count } }
+        #expect(total == 2 * bodies.reduce(0) { $0 + $1.count })
+        let (ch3, writer3) = try stream(.file, bodies.flatMap(frame))
+        defer { ch3.close() }
+        let reader3 = try ExactReader(ch3.read)
+        // An early stop with `return`.
+        #expect(try reader3.forEachFrame { frame in return frame.byteCount < 12 } == 3)
+        writer.join()
+        writer2.join()
+        writer3.join()
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs the examples on generated input and checks what they print (CI step "examples").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+swift build --product exactio-frame-inspect
+bin=$(swift build --show-bin-path)/exactio-frame-inspect
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+# 900 frames of 0-299 bytes, 4-byte big-endian lengths, and the CRC-32 of all bodies (zlib's).
+# (Python here only writes the input and computes the reference CRC; the tool is Swift.)
+want=$(python3 - "$dir/frames.bin" <<'PY'
+import struct, sys, zlib
+sizes = list(range(300)) * 3
+bodies = [bytes((i * 7 + n) % 256 for i in range(n)) for n in sizes]
+open(sys.argv[1], "wb").write(b"".join(struct.pack(">I", len(b)) + b for b in bodies))
+print(format(zlib.crc32(b"".join(bodies)), "x"))
+PY
+)
+out=$("$bin" "$dir/frames.bin")
+echo "$out"
+grep -qx "frames: 900" <<<"$out"
+grep -qx "crc32 of all bodies: $want" <<<"$out"
+grep -qx "  256..<512 B: 132" <<<"$out"
+# The same through a pipe (stdin), and a truncated stream is an error with a non-zero exit.
+cat "$dir/frames.bin" | "$bin" - | grep -qx "frames: 900"
+head -c 1000 "$dir/frames.bin" > "$dir/short.bin"
+if "$bin" "$dir/short.bin" >/dev/null 2>"$dir/err"; then
+    echo "examples: a truncated stream was not reported" >&2
+    exit 1
+fi
+grep -q "stream ended after" "$dir/err"
+echo "examples: frame-inspect OK"
