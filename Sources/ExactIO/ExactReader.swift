@@ -36,13 +36,19 @@ public final class ExactReader {
     /// example "io_uring_setup failed: Operation not permitted (errno 1)" under a container's
     /// seccomp profile). With `backend == .ioUring`, why reads go to unregistered memory
     /// (for example RLIMIT_MEMLOCK too small to register buffers).
-    public var fallbackReason: String? { engine.degradation ?? setupReason }
+    public var fallbackReason: String? { fallback?.description }
+    /// `fallbackReason` as values: the step that failed and its errno (nil when io_uring runs
+    /// with registered buffers).
+    public var fallback: FallbackReason? {
+        if let text = engine.degradation { return FallbackReason(step: .inheritedThroughFork, errno: nil, description: text) }
+        return setupReason
+    }
     /// Counters since creation.
     public var statistics: Statistics { core.statistics }
 
     let engine: any IOEngine
     let pool: MemoryPool
-    let setupReason: String?
+    let setupReason: FallbackReason?
     // Unchecked exclusivity for the state every call touches: a reader has one owner at a time
     // (it is not Sendable), and no access to these overlaps another (no call hands out an
     // `inout` to them across a closure the caller supplies). Checked, they cost a runtime
@@ -90,9 +96,9 @@ public final class ExactReader {
         self.core = ReaderCore(
             buffer: staging, pool: setup.pool, maxFrameLength: options.maxFrameLength,
             directThreshold: max(1, staging.nominalCapacity / 4))
-        var reason = setup.fallbackReason
+        var reason = setup.fallback
         if reason == nil, setup.pool.hasRegistrar, staging.region.slot < 0, let refusal = setup.pool.lastRefusal {
-            reason = BackendSelection.describe(refusal, what: "the staging buffer", bytes: staging.nominalCapacity)
+            reason = BackendSelection.reason(refusal, what: "the staging buffer", bytes: staging.nominalCapacity)
         }
         self.setupReason = reason
     }

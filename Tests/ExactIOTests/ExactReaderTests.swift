@@ -264,6 +264,16 @@ import Testing
         let r = try ExactReader(fd: p.readEnd, options: .init(), syscalls: nil, environment: ["EXACTIO_BACKEND": "posix"])
         #expect(r.backend == .posix)
         #expect(r.fallbackReason?.contains("EXACTIO_BACKEND") == true)
+        #expect(r.fallback?.step == .forcedByEnvironment && r.fallback?.errno == nil)
+        #expect(r.fallback?.description == r.fallbackReason)
+        let ignored = try ExactReader(fd: p.readEnd, options: .init(), syscalls: nil, environment: ["EXACTIO_BACKEND": "bogus"])
+        #expect(ignored.fallback?.step == .environmentIgnored)
+        if uringAvailable {
+            // io_uring without registered buffers, by policy: a step, and no errno.
+            let unregistered = try ExactReader(p.readEnd, options: .init(backend: .ioUring, registeredMemoryLimit: 0))
+            #expect(unregistered.backend == .ioUring)
+            #expect(unregistered.fallback?.step == .bufferRegistration && unregistered.fallback?.errno == nil)
+        }
         // An explicit choice is not overridden.
         if uringAvailable {
             let u = try ExactReader(fd: p.readEnd, options: .init(backend: .ioUring), syscalls: nil, environment: ["EXACTIO_BACKEND": "posix"])

@@ -25,6 +25,8 @@ func deniedURingChild() throws {
     FileHandle.standardError.write("seccomp-denied io_uring: backend \(reader.backend), fallbackReason: \(reader.fallbackReason ?? "nil")\n".data(using: .utf8)!)
     guard reader.backend == .posix else { exit(11) }
     guard let why = reader.fallbackReason, why.contains("io_uring_setup"), why.contains("errno 1") else { exit(12) }
+    // The same, as values.
+    guard reader.fallback?.step == .ringSetup, reader.fallback?.errno == .notPermitted else { exit(15) }
     for body in bodies {
         guard try reader.readFrame() == ByteView(body) else { exit(13) }
     }

@@ -264,8 +264,13 @@ func manyReadersChild() throws {
 
 func closedDescriptorChild(_ backend: ExactReader.Backend) throws {
     let p = try FileDescriptor.pipe()
-    let reader = try ExactReader(p.readEnd, options: .init(backend: backend))
+    // A high descriptor number: the lowest free one is what a new descriptor gets, so no other
+    // thread of the test process can reuse this number once it is closed (with the pipe's own
+    // number, a descriptor opened meanwhile by the test runner could take it: seen once).
+    let high = try p.readEnd.duplicate(as: FileDescriptor(rawValue: 1000))
     try p.readEnd.close()
+    let reader = try ExactReader(high, options: .init(backend: backend))
+    try high.close()
     guard reader.isAtEOF == false else { exit(90) }
     do {
         _ = try reader.readExactly(1)

@@ -6,7 +6,7 @@ import SystemPackage
 struct BackendSetup {
     let engine: any IOEngine
     let pool: MemoryPool
-    let fallbackReason: String?
+    let fallback: ExactReader.FallbackReason?
 }
 
 enum BackendSelection {
@@ -16,6 +16,13 @@ enum BackendSelection {
 
     static func describe(_ e: Errno) -> String {
         "\(e) (errno \(e.rawValue))"
+    }
+
+    /// Why memory is not registered, as a fallback reason.
+    static func reason(_ refusal: RegistrationRefusal, what: String, bytes: Int) -> ExactReader.FallbackReason {
+        var errno: Errno? = nil
+        if case .kernel(let e) = refusal { errno = e }
+        return .init(step: .bufferRegistration, errno: errno, description: describe(refusal, what: what, bytes: bytes))
     }
 
     /// Why memory is not registered, as a sentence for `fallbackReason`.
@@ -83,10 +90,10 @@ enum BackendSelection {
         syscalls: PosixSyscalls?,
         environment: [String: String]
     ) throws(Errno) -> BackendSetup {
-        let posix = { (reason: String?) in
+        let posix = { (reason: ExactReader.FallbackReason?) in
             BackendSetup(
                 engine: PosixEngine(fd: fd, syscalls: syscalls ?? .live),
-                pool: MemoryPool(registrar: nil, registrationLimit: nil), fallbackReason: reason)
+                pool: MemoryPool(registrar: nil, registrationLimit: nil), fallback: reason)
         }
         if syscalls != nil { return posix(nil) }  // tests and fuzzing: a scripted POSIX backend
 
@@ -103,15 +110,18 @@ enum BackendSelection {
                 note = "\(environmentVariable)=\(raw) not understood (expected posix or uring): ignored"
             }
         }
-        func joined(_ reason: String?) -> String? {
+        func joined(_ reason: ExactReader.FallbackReason?) -> ExactReader.FallbackReason? {
             switch (note, reason) {
             case (nil, let r): r
-            case (let n?, nil): n
-            case (let n?, let r?): n + "; " + r
+            case (let n?, nil): .init(step: .environmentIgnored, errno: nil, description: n)
+            case (let n?, let r?): .init(step: r.step, errno: r.errno, description: n + "; " + r.description)
             }
         }
+        func because(_ step: ExactReader.FallbackReason.Step, _ errno: Errno?, _ text: String) -> ExactReader.FallbackReason {
+            .init(step: step, errno: errno, description: text)
+        }
         if wanted == .posix {
-            return posix(forced.map { "io_uring not used: forced by \($0)" })
+            return posix(forced.map { because(.forcedByEnvironment, nil, "io_uring not used: forced by \($0)") })
         }
 
         // io_uring: ring, then probe, then registration. The first two decide the backend;
@@ -121,38 +131,42 @@ enum BackendSelection {
         case .success(let r): ring = r
         case .failure(let e):
             if wanted == .ioUring { throw e }
-            return posix(joined(ringFailure(e)))
+            return posix(joined(because(.ringSetup, e, ringFailure(e))))
         }
         let ops: URingOps
         switch ring.probe() {
         case .success(let bits): ops = URingOps(rawValue: bits)
         case .failure(let e):
             if wanted == .ioUring { throw e }
-            return posix(joined("io_uring probe failed: \(describe(e))"))
+            return posix(joined(because(.probe, e, "io_uring probe failed: \(describe(e))")))
         }
         let needed: URingOps = [.read, .pollAdd, .linkTimeout, .asyncCancel]
         guard ops.isSuperset(of: needed) else {
             if wanted == .ioUring { throw Errno.notSupported }
-            return posix(joined("io_uring lacks IORING_OP_READ, POLL_ADD, LINK_TIMEOUT or ASYNC_CANCEL (kernel older than 5.6)"))
+            return posix(joined(because(
+                .missingOperations, nil,
+                "io_uring lacks IORING_OP_READ, POLL_ADD, LINK_TIMEOUT or ASYNC_CANCEL (kernel older than 5.6)")))
         }
         let engine = URingEngine(ring: ring, fd: fd)
 
         var registrar: URingRegistrar? = nil
-        var reason: String? = nil
+        var reason: ExactReader.FallbackReason? = nil
         if !ops.contains(.readFixed) {
-            reason = "registered buffers unused: io_uring lacks IORING_OP_READ_FIXED"
+            reason = because(.missingOperations, nil, "registered buffers unused: io_uring lacks IORING_OP_READ_FIXED")
         } else if options.registeredMemoryLimit == 0 {
-            reason = "registered buffers unused: registeredMemoryLimit is 0"
+            reason = because(.bufferRegistration, nil, "registered buffers unused: registeredMemoryLimit is 0")
         } else {
             do throws(Errno) {
                 registrar = try URingRegistrar(ring: ring)
             } catch {
-                reason = "registered buffers unused: sparse buffer table registration failed: \(describe(error))"
+                reason = because(
+                    .bufferRegistration, error,
+                    "registered buffers unused: sparse buffer table registration failed: \(describe(error))")
             }
         }
         return BackendSetup(
             engine: engine,
             pool: MemoryPool(registrar: registrar, registrationLimit: options.registeredMemoryLimit),
-            fallbackReason: joined(reason))
+            fallback: joined(reason))
     }
 }
