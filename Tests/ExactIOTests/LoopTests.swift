@@ -585,9 +585,14 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let loop = try IOLoop(options: .init(backend: backend))
         let dog = watchdog(loop, seconds: 60)
         defer { dog.cancel() }
+        // The read ends stay open until the loop is shut down: closed at the end of each round,
+        // a number could be reused by the next round's sockets while the loop still detaches
+        // the gone reader (CI saw EBADF here once, under ASan).
+        var readEnds: [FileDescriptor] = []
+        defer { for fd in readEnds { try? fd.close() } }
         for round in 0..<40 {
             let (a, b) = try tcpPair()
-            defer { try? a.close() }
+            readEnds.append(a)
             let reader = try AsyncExactReader(a, loop: loop, options: .init(stagingCapacity: 64 << 10))
             try send(b, header32(1 << 20) + pattern(1000 + round * 97))
             var linger = Glibc.linger(l_onoff: 1, l_linger: 0)
