@@ -7,6 +7,8 @@ public enum ExactReadError: Error, Sendable, Equatable {
     case incomplete(partial: ByteView, expected: Int)
 
     /// A length prefix announced `length` bytes, more than `limit` (`Options.maxFrameLength`).
+    /// With `Options.lengthAdjustment` or `Options.lengthIncludesPrefix` set, `length` is the
+    /// body length after them (`UInt64.max` if that passes 64 bits).
     /// A varint that runs past 64 bits (more than 10 bytes, or a tenth byte above 1) is
     /// reported with `length` = `UInt64.max`, the largest length a prefix can express (a
     /// 10-byte varint of exactly `UInt64.max` is reported the same way: both are beyond any
@@ -14,6 +16,12 @@ public enum ExactReadError: Error, Sendable, Equatable {
     /// was touched: the body is left unread, so the caller can `skip` it or close the
     /// connection.
     case frameTooLarge(length: UInt64, limit: Int)
+
+    /// A length prefix announced `length`, which `Options.lengthAdjustment` and
+    /// `Options.lengthIncludesPrefix` turn into `bodyLength` < 0 bytes (for example a length of
+    /// 2 in a 4-byte prefix that counts itself). Thrown after the whole prefix was consumed;
+    /// where the next frame starts is unknown, so the stream cannot be resynchronized: close it.
+    case invalidLength(length: UInt64, bodyLength: Int)
 }
 
 extension ExactReadError: CustomStringConvertible {
@@ -25,6 +33,8 @@ extension ExactReadError: CustomStringConvertible {
             length == .max
                 ? "length prefix of 2^64 - 1 bytes or more (a varint past 64 bits) exceeds the limit of \(limit) bytes"
                 : "frame of \(length) bytes exceeds the limit of \(limit) bytes"
+        case .invalidLength(let length, let bodyLength):
+            "length prefix \(length) gives a body of \(bodyLength) bytes with the framing options (lengthAdjustment, lengthIncludesPrefix)"
         }
     }
 }

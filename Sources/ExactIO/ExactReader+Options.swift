@@ -1,3 +1,5 @@
+import Logging
+
 extension ExactReader {
     /// Which I/O backend a reader uses.
     public enum Backend: Sendable, Hashable, CustomStringConvertible {
@@ -43,19 +45,41 @@ extension ExactReader {
         /// A deadline for the whole call, so a peer trickling one byte at a time cannot hold a
         /// read open. (`SO_RCVTIMEO` on the descriptor is not honoured by io_uring; use this.)
         public var readTimeout: Duration?
+        /// Added to every decoded length prefix to get the body length, for protocols whose
+        /// length counts more (a negative value: a header, a trailing checksum the body
+        /// includes) or less (a positive value) than the body that follows the prefix; default
+        /// 0. NIO's `LengthFieldBasedFrameDecoder` and tokio's `LengthDelimitedCodec` call it
+        /// `lengthAdjustment` too. Applies to `readFrame`, `withNextFrame` and `forEachFrame`.
+        public var lengthAdjustment: Int
+        /// The length prefix counts its own bytes (the body is `length - prefixWidth`, for a
+        /// varint the width it was encoded in); default false. Applied with
+        /// `lengthAdjustment`. A length that leaves a negative body throws
+        /// `ExactReadError.invalidLength`.
+        public var lengthIncludesPrefix: Bool
+        /// A logger for what operators may want to see: backend choice and fallback reasons,
+        /// registration refusals, recoveries from failed reads (at `debug`), and large reads
+        /// (at `trace`). Never on a per-frame path above `trace`; nil (the default) logs
+        /// nothing.
+        public var logger: Logger?
 
         public init(
             backend: Backend = .automatic,
             stagingCapacity: Int = 256 << 10,
             maxFrameLength: Int = 64 << 20,
             registeredMemoryLimit: Int? = nil,
-            readTimeout: Duration? = nil
+            readTimeout: Duration? = nil,
+            lengthAdjustment: Int = 0,
+            lengthIncludesPrefix: Bool = false,
+            logger: Logger? = nil
         ) {
             self.backend = backend
             self.stagingCapacity = stagingCapacity
             self.maxFrameLength = maxFrameLength
             self.registeredMemoryLimit = registeredMemoryLimit
             self.readTimeout = readTimeout
+            self.lengthAdjustment = lengthAdjustment
+            self.lengthIncludesPrefix = lengthIncludesPrefix
+            self.logger = logger
         }
 
         /// The largest staging capacity: the kernel registers at most 1 GiB per buffer.

@@ -1,4 +1,5 @@
 import Glibc
+import Logging
 import SystemPackage
 
 /// Reads exactly n bytes, or length-prefixed frames, from a socket, pipe or file, with one
@@ -95,12 +96,23 @@ public final class ExactReader {
         let staging = try StagingBuffer(pool: setup.pool, capacity: options.stagingCapacity)
         self.core = ReaderCore(
             buffer: staging, pool: setup.pool, maxFrameLength: options.maxFrameLength,
-            directThreshold: max(1, staging.nominalCapacity / 4))
+            directThreshold: max(1, staging.nominalCapacity / 4),
+            lengthAdjustment: options.lengthAdjustment, lengthIncludesPrefix: options.lengthIncludesPrefix)
         var reason = setup.fallback
         if reason == nil, setup.pool.hasRegistrar, staging.region.slot < 0, let refusal = setup.pool.lastRefusal {
             reason = BackendSelection.reason(refusal, what: "the staging buffer", bytes: staging.nominalCapacity)
         }
         self.setupReason = reason
+        if let logger = options.logger {
+            logger.debug(
+                "ExactIO reader created",
+                metadata: [
+                    "exactio.fd": "\(fd.rawValue)",
+                    "exactio.backend": "\(engine.kind)",
+                    "exactio.staging_bytes": "\(staging.nominalCapacity)",
+                    "exactio.fallback": "\(reason.map { "\($0)" } ?? "none")",
+                ])
+        }
     }
 
     /// A reader whose every read is answered by `read` instead of a descriptor: for fuzzing
@@ -345,17 +357,42 @@ public final class ExactReader {
         if lent != nil { pinLent() }
         let timeout = options.timeoutNanoseconds
         deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
-        while true {
-            switch try step(&core) {
-            case .done(let value):
-                return value
-            case .need(.buffered(let count)):
-                try fill(atLeast: count)
-            case .need(.direct(let dst, let minimum, let slot)):
-                let r = engineRead(into: dst, atLeast: minimum, slot: slot)
-                try core.directCompleted(r, minimum: minimum)
+        do {
+            while true {
+                switch try step(&core) {
+                case .done(let value):
+                    return value
+                case .need(.buffered(let count)):
+                    try fill(atLeast: count)
+                case .need(.direct(let dst, let minimum, let slot)):
+                    if let logger = options.logger { Self.logDirectRead(logger, dst.count, minimum, slot) }
+                    let r = engineRead(into: dst, atLeast: minimum, slot: slot)
+                    try core.directCompleted(r, minimum: minimum)
+                }
             }
+        } catch {
+            if let logger = options.logger { logFailure(logger, error) }
+            throw error
         }
+    }
+
+    @inline(never)
+    static func logDirectRead(_ logger: Logger, _ count: Int, _ minimum: Int, _ slot: Int32) {
+        logger.trace(
+            "ExactIO large read into the frame's memory",
+            metadata: ["exactio.bytes": "\(count)", "exactio.minimum": "\(minimum)", "exactio.fixed": "\(slot >= 0)"])
+    }
+
+    /// Every error a call throws, at `debug`: what operators look for when a peer misbehaves.
+    @inline(never)
+    func logFailure(_ logger: Logger, _ error: any Error) {
+        logger.debug(
+            "ExactIO read failed",
+            metadata: [
+                "exactio.fd": "\(fileDescriptor.rawValue)",
+                "exactio.error": "\(error)",
+                "exactio.buffered_bytes": "\(core.buffer.buffered)",
+            ])
     }
 
     /// Every read from the descriptor goes through here: a failure `isAtEOF` met comes first.

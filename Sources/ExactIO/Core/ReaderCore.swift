@@ -86,6 +86,10 @@ struct ReaderCore<Buffer: CoreBuffer> {
     var buffer: Buffer
     let pool: MemoryPool
     let maxFrameLength: Int
+    /// `Options.lengthAdjustment`: added to every decoded length prefix.
+    let lengthAdjustment: Int
+    /// `Options.lengthIncludesPrefix`: the prefix's own width is subtracted from its length.
+    let lengthIncludesPrefix: Bool
     /// Reads of at least this many bytes go straight to their final memory.
     let directThreshold: Int
     var statistics = ExactReader.Statistics()
@@ -104,10 +108,15 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// An over-long varint is being skipped to its last byte.
     private var skippingVarint = false
 
-    init(buffer: Buffer, pool: MemoryPool, maxFrameLength: Int, directThreshold: Int) {
+    init(
+        buffer: Buffer, pool: MemoryPool, maxFrameLength: Int, directThreshold: Int,
+        lengthAdjustment: Int = 0, lengthIncludesPrefix: Bool = false
+    ) {
         self.buffer = buffer
         self.pool = pool
         self.maxFrameLength = maxFrameLength
+        self.lengthAdjustment = lengthAdjustment
+        self.lengthIncludesPrefix = lengthIncludesPrefix
         self.directThreshold = directThreshold
         self.readAhead = buffer.nominalCapacity
     }
@@ -214,11 +223,14 @@ struct ReaderCore<Buffer: CoreBuffer> {
         case .endOfStream: return .done(nil)
         case .length(let l, let w): (length, width) = (l, w)
         }
-        guard length <= UInt64(maxFrameLength) else {
+        let count: Int
+        do {
+            count = try bodyLength(length, width: width)
+        } catch {
             buffer.consume(width)
-            throw ExactReadError.frameTooLarge(length: length, limit: maxFrameLength)
+            throw error
         }
-        switch try body(Int(length), after: width) {
+        switch try body(count, after: width) {
         case .done(let v): return .done(v)
         case .need(let r): return .need(r)
         }
@@ -452,10 +464,31 @@ struct ReaderCore<Buffer: CoreBuffer> {
     func stagedFrameBounds<D: PrefixDecoder>(_ decoder: D) -> (bytes: UnsafeRawBufferPointer, width: Int, count: Int)? {
         guard direct == nil, !skippingVarint else { return nil }
         let bytes = buffer.contiguousReadable
-        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength),
-              Int(length) <= bytes.count &- width
-        else { return nil }
-        return (bytes, width, Int(length))
+        guard let (length, width) = decoder.peekLength(bytes), length <= UInt64(maxFrameLength) else { return nil }
+        // No overflow trap: a wrapped (negative) count goes to the slow path, which computes it
+        // exactly and refuses it.
+        let count = Int(length) &+ lengthAdjustment &- (lengthIncludesPrefix ? width : 0)
+        guard count >= 0, count <= maxFrameLength, count <= bytes.count &- width else { return nil }
+        return (bytes, width, count)
+    }
+
+    /// The body length a decoded prefix announces, after `lengthAdjustment` and
+    /// `lengthIncludesPrefix`; throws `frameTooLarge` past `maxFrameLength` and
+    /// `invalidLength` below zero (the caller consumes the prefix).
+    func bodyLength(_ length: UInt64, width: Int) throws(ExactReadError) -> Int {
+        // length + plus - minus, in UInt64 without a trap: plus <= Int.max, minus <= 2^63 + 10.
+        let plus = UInt64(max(lengthAdjustment, 0))
+        let minus = UInt64(lengthAdjustment < 0 ? lengthAdjustment.magnitude : 0) + UInt64(lengthIncludesPrefix ? width : 0)
+        let (sum, overflow) = length.addingReportingOverflow(plus)
+        if !overflow && sum < minus {
+            let short = minus - sum
+            throw .invalidLength(length: length, bodyLength: short > UInt64(Int.max) ? .min : -Int(short))
+        }
+        let body = overflow ? UInt64.max : sum - minus
+        guard body <= UInt64(maxFrameLength) else {
+            throw .frameTooLarge(length: body, limit: maxFrameLength)
+        }
+        return Int(body)
     }
 
     /// The next frame's body when the whole frame is buffered in one contiguous run, consumed

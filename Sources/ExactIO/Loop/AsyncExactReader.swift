@@ -64,7 +64,11 @@ public final class AsyncExactReader {
         let capacity = try Block.roundedCapacity(options.stagingCapacity)
         self.core = ReaderCore(
             buffer: SegmentBuffer(nominalCapacity: capacity), pool: loop.framePool,
-            maxFrameLength: options.maxFrameLength, directThreshold: max(1, capacity / 4))
+            maxFrameLength: options.maxFrameLength, directThreshold: max(1, capacity / 4),
+            lengthAdjustment: options.lengthAdjustment, lengthIncludesPrefix: options.lengthIncludesPrefix)
+        options.logger?.debug(
+            "ExactIO async reader created",
+            metadata: ["exactio.fd": "\(fd.rawValue)", "exactio.staging_bytes": "\(capacity)"])
     }
 
     deinit {
