@@ -24,6 +24,8 @@ let package = Package(
         // dependencies of its own.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
+        // Only the bench's command line uses it.
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
         // liburing through pkg-config; SwiftPM prints the apt hint when it is missing.
@@ -142,6 +144,7 @@ let package = Package(
                 "ExactIO",
                 "ExactIOBenchCeiling",
                 .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             path: "Benchmarks/bench",
             swiftSettings: swiftSettings
