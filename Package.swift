@@ -6,12 +6,25 @@ import PackageDescription
 //
 // `Lifetimes` is needed for the `RawSpan` property of `ByteView`; swift-nio, swift-system and
 // swift-collections enable the same experimental feature.
+//
+// The io_uring part (liburing, the C target, the io_uring backends) is Linux-only, and left out
+// altogether when the environment has EXACTIO_NO_URING=1: the package then builds without
+// liburing, with the POSIX backend (read(2), readiness through poll(2)) and the epoll loop.
+// `.ci/run` builds and tests that way too. Swift code of the io_uring part is under
+// `#if EXACTIO_URING`.
+let withURing = Context.environment["EXACTIO_NO_URING"].map { $0.isEmpty || $0 == "0" } ?? true
+let linux: TargetDependencyCondition = .when(platforms: [.linux])!
+
 let swiftSettings: [SwiftSetting] = [
     .enableExperimentalFeature("Lifetimes"),
-]
+] + (withURing ? [.define("EXACTIO_URING", .when(platforms: [.linux]))] : [])
 
 let package = Package(
     name: "ExactIO",
+    // Linux is the platform ExactIO is built and tested on (see README "Platforms"). The
+    // minimum macOS is the one `Synchronization` (Atomic, Mutex) needs; ExactIO is not yet
+    // built or tested there.
+    platforms: [.macOS(.v15)],
     products: [
         .library(name: "ExactIO", targets: ["ExactIO"]),
         // ByteView as Foundation's Data (no copy) and ContiguousBytes: a product of its own, so
@@ -59,9 +72,8 @@ let package = Package(
         ),
         .target(
             name: "ExactIO",
-            dependencies: [
-                "ExactIOCSupport",
-                "CExactIOLinux",
+            dependencies: (withURing ? [.target(name: "ExactIOCSupport", condition: linux)] : []) + [
+                .target(name: "CExactIOLinux", condition: linux),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
             ],
@@ -153,3 +165,10 @@ let package = Package(
     swiftLanguageModes: [.v6],
     cLanguageStandard: .c11
 )
+
+if !withURing {
+    // EXACTIO_NO_URING=1: nothing that needs liburing (the C ring layer and its tests, the
+    // bench, whose C ceiling has an io_uring variant).
+    let needLibURing: Set = ["ExactIOLibURing", "ExactIOCSupport", "ExactIOCSupportTests", "ExactIOBenchCeiling", "bench"]
+    package.targets.removeAll { needLibURing.contains($0.name) }
+}

@@ -1,6 +1,12 @@
 import ArgumentParser
 import Foundation
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 // bench: every strategy side by side, each case in a fresh child process with the writer in
 // another process. See README "Benchmarks" and `swift run -c release bench --help`.

@@ -1,5 +1,11 @@
 import Foundation
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 // Peers run as processes of their own, reading the same stream from the same writer: the
 // reader child sets up the transport and hands the descriptor over as fd 3.

@@ -1,6 +1,12 @@
 import ExactIO
 import ExactIOBenchCeiling
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 
 /// The receive size asyncio's selector transport uses (`max_size = 256 * 1024`).

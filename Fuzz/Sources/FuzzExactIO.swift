@@ -376,7 +376,13 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
 }
 
 #if FUZZING
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 
 /// One input, for libFuzzer: an invariant failure is a crash (what libFuzzer reports).
 @_cdecl("LLVMFuzzerTestOneInput")

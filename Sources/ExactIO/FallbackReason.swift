@@ -31,6 +31,9 @@ extension ExactReader {
             /// This process inherited the reader's ring through `fork()`: it reads with
             /// `read(2)`.
             case inheritedThroughFork
+            /// This build of ExactIO has no io_uring part: built with `EXACTIO_NO_URING=1`
+            /// (no liburing needed) or for a platform other than Linux.
+            case notInThisBuild
         }
 
         /// Where io_uring was given up.

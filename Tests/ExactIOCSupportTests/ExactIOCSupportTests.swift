@@ -1,5 +1,11 @@
 import ExactIOCSupport
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Testing
 
 /// The C API directly: the happy path and an -errno path for each function.

@@ -1,5 +1,11 @@
 import Foundation
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 import Testing
 @testable import ExactIO
@@ -267,7 +273,13 @@ import Testing
         #expect(r.fallback?.step == .forcedByEnvironment && r.fallback?.errno == nil)
         #expect(r.fallback?.description == r.fallbackReason)
         let ignored = try ExactReader(fd: p.readEnd, options: .init(), syscalls: nil, environment: ["EXACTIO_BACKEND": "bogus"])
+        #if EXACTIO_URING
         #expect(ignored.fallback?.step == .environmentIgnored)
+        #else
+        // Built without io_uring: that is the reason; the ignored value is still said.
+        #expect(ignored.fallback?.step == .notInThisBuild)
+        #endif
+        #expect(ignored.fallbackReason?.contains("EXACTIO_BACKEND=bogus not understood") == true)
         if uringAvailable {
             // io_uring without registered buffers, by policy: a step, and no errno.
             let unregistered = try ExactReader(p.readEnd, options: .init(backend: .ioUring, registeredMemoryLimit: 0))
@@ -332,4 +344,33 @@ import Testing
         kept = nil
         #expect(pool.snapshot.liveBlocks == 0)
     }
+}
+
+/// The build without the io_uring part (`EXACTIO_NO_URING=1`): readers and loops work on the
+/// POSIX backend and say why; demanding io_uring is an `Errno`, not a crash.
+@Suite struct BuildWithoutURingTests {
+    #if !EXACTIO_URING
+    @Test func automaticReadersFallBackWithTheReasonAndDemandsAreRefused() async throws {
+        let p = try FileDescriptor.pipe()
+        defer { try? p.readEnd.close(); try? p.writeEnd.close() }
+        let r = try ExactReader(fd: p.readEnd, options: .init(), syscalls: nil, environment: [:])
+        #expect(r.backend == .posix)
+        #expect(r.fallback?.step == .notInThisBuild)
+        #expect(throws: Errno.notSupported) { try ExactReader(p.readEnd, options: .init(backend: .ioUring)) }
+        #expect(!uringAvailable)
+        let loop = try IOLoop()
+        #expect(loop.backend == .posix)
+        #expect(loop.fallbackReason?.contains("leaves it out") == true)
+        await loop.shutdown()
+        #expect(throws: Errno.notSupported) { try IOLoop(options: .init(backend: .ioUring)) }
+    }
+    #else
+    @Test func theIOURingPartIsBuiltIn() throws {
+        // With the io_uring part compiled in, no reader falls back for that reason.
+        let p = try FileDescriptor.pipe()
+        defer { try? p.readEnd.close(); try? p.writeEnd.close() }
+        let r = try ExactReader(fd: p.readEnd, options: .init(), syscalls: nil, environment: [:])
+        #expect(r.fallback?.step != .notInThisBuild)
+    }
+    #endif
 }

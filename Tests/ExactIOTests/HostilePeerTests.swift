@@ -1,5 +1,11 @@
 import Foundation
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 import Testing
 @testable import ExactIO
@@ -520,6 +526,7 @@ func closedDescriptorChild(_ backend: ExactReader.Backend) throws {
 
     // MARK: Ring hygiene
 
+    #if EXACTIO_URING
     @Test(.enabled(if: uringAvailable))
     func aFailedWaitLeavesNoRequestBehind() throws {
         let p = try FileDescriptor.pipe()
@@ -549,6 +556,7 @@ func closedDescriptorChild(_ backend: ExactReader.Backend) throws {
         #expect(throws: Errno.notRecoverable) { try reader.readFrame() }
         #expect(reader.isAtEOF == false)
     }
+    #endif
 }
 
 @Suite struct InterruptedVarintTests {

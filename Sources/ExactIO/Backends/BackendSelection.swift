@@ -1,4 +1,10 @@
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 
 /// What backend selection produced: an engine, the pool it reads into, and why any part of
@@ -124,49 +130,13 @@ enum BackendSelection {
             return posix(forced.map { because(.forcedByEnvironment, nil, "io_uring not used: forced by \($0)") })
         }
 
-        // io_uring: ring, then probe, then registration. The first two decide the backend;
-        // registration only decides whether reads are READ_FIXED.
-        let ring: RingHandle
-        switch RingHandle.create() {
-        case .success(let r): ring = r
-        case .failure(let e):
-            if wanted == .ioUring { throw e }
-            return posix(joined(because(.ringSetup, e, ringFailure(e))))
-        }
-        let ops: URingOps
-        switch ring.probe() {
-        case .success(let bits): ops = URingOps(rawValue: bits)
-        case .failure(let e):
-            if wanted == .ioUring { throw e }
-            return posix(joined(because(.probe, e, "io_uring probe failed: \(describe(e))")))
-        }
-        let needed: URingOps = [.read, .pollAdd, .linkTimeout, .asyncCancel]
-        guard ops.isSuperset(of: needed) else {
-            if wanted == .ioUring { throw Errno.notSupported }
-            return posix(joined(because(
-                .missingOperations, nil,
-                "io_uring lacks IORING_OP_READ, POLL_ADD, LINK_TIMEOUT or ASYNC_CANCEL (kernel older than 5.6)")))
-        }
-        let engine = URingEngine(ring: ring, fd: fd)
-
-        var registrar: URingRegistrar? = nil
-        var reason: ExactReader.FallbackReason? = nil
-        if !ops.contains(.readFixed) {
-            reason = because(.missingOperations, nil, "registered buffers unused: io_uring lacks IORING_OP_READ_FIXED")
-        } else if options.registeredMemoryLimit == 0 {
-            reason = because(.bufferRegistration, nil, "registered buffers unused: registeredMemoryLimit is 0")
-        } else {
-            do throws(Errno) {
-                registrar = try URingRegistrar(ring: ring)
-            } catch {
-                reason = because(
-                    .bufferRegistration, error,
-                    "registered buffers unused: sparse buffer table registration failed: \(describe(error))")
-            }
-        }
-        return BackendSetup(
-            engine: engine,
-            pool: MemoryPool(registrar: registrar, registrationLimit: options.registeredMemoryLimit),
-            fallback: joined(reason))
+        #if EXACTIO_URING
+        return try makeURing(fd: fd, options: options, demanded: wanted == .ioUring, joined: joined, posix: posix)
+        #else
+        if wanted == .ioUring { throw Errno.notSupported }
+        return posix(joined(because(
+            .notInThisBuild, nil,
+            "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)")))
+        #endif
     }
 }

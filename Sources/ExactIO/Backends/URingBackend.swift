@@ -1,5 +1,12 @@
+#if EXACTIO_URING
 import ExactIOCSupport
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Synchronization
 import SystemPackage
 
@@ -161,3 +168,65 @@ final class URingEngine: IOEngine {
         return result
     }
 }
+
+extension BackendSelection {
+    /// The io_uring half of `make`: ring, then probe, then registration. The first two decide
+    /// the backend (`posix` with the reason when they fail and io_uring was not `demanded`);
+    /// registration only decides whether reads are READ_FIXED.
+    static func makeURing(
+        fd: FileDescriptor,
+        options: ExactReader.Options,
+        demanded: Bool,
+        joined: (ExactReader.FallbackReason?) -> ExactReader.FallbackReason?,
+        posix: (ExactReader.FallbackReason?) -> BackendSetup
+    ) throws(Errno) -> BackendSetup {
+        func because(_ step: ExactReader.FallbackReason.Step, _ errno: Errno?, _ text: String) -> ExactReader.FallbackReason {
+            .init(step: step, errno: errno, description: text)
+        }
+        // io_uring: ring, then probe, then registration. The first two decide the backend;
+        // registration only decides whether reads are READ_FIXED.
+        let ring: RingHandle
+        switch RingHandle.create() {
+        case .success(let r): ring = r
+        case .failure(let e):
+            if demanded { throw e }
+            return posix(joined(because(.ringSetup, e, ringFailure(e))))
+        }
+        let ops: URingOps
+        switch ring.probe() {
+        case .success(let bits): ops = URingOps(rawValue: bits)
+        case .failure(let e):
+            if demanded { throw e }
+            return posix(joined(because(.probe, e, "io_uring probe failed: \(describe(e))")))
+        }
+        let needed: URingOps = [.read, .pollAdd, .linkTimeout, .asyncCancel]
+        guard ops.isSuperset(of: needed) else {
+            if demanded { throw Errno.notSupported }
+            return posix(joined(because(
+                .missingOperations, nil,
+                "io_uring lacks IORING_OP_READ, POLL_ADD, LINK_TIMEOUT or ASYNC_CANCEL (kernel older than 5.6)")))
+        }
+        let engine = URingEngine(ring: ring, fd: fd)
+
+        var registrar: URingRegistrar? = nil
+        var reason: ExactReader.FallbackReason? = nil
+        if !ops.contains(.readFixed) {
+            reason = because(.missingOperations, nil, "registered buffers unused: io_uring lacks IORING_OP_READ_FIXED")
+        } else if options.registeredMemoryLimit == 0 {
+            reason = because(.bufferRegistration, nil, "registered buffers unused: registeredMemoryLimit is 0")
+        } else {
+            do throws(Errno) {
+                registrar = try URingRegistrar(ring: ring)
+            } catch {
+                reason = because(
+                    .bufferRegistration, error,
+                    "registered buffers unused: sparse buffer table registration failed: \(describe(error))")
+            }
+        }
+        return BackendSetup(
+            engine: engine,
+            pool: MemoryPool(registrar: registrar, registrationLimit: options.registeredMemoryLimit),
+            fallback: joined(reason))
+    }
+}
+#endif

@@ -1,5 +1,12 @@
+#if EXACTIO_URING
 import ExactIOCSupport
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 
 // The loop's io_uring backend: with `URingBackend.swift`, the only Swift that calls ExactIOCSupport.
@@ -227,7 +234,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         if !more { inflight -= 1 }
         if cqe.user_data == URingLoopDriver.wakeTag {
             var value: UInt64 = 0
-            _ = Glibc.read(eventFD, &value, 8)
+            _ = posixRead(eventFD, &value, 8)
             if !more && !stopping { armWake() }
             return
         }
@@ -382,7 +389,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     private func accepted(_ l: Listener, _ cqe: csupport_cqe, more: Bool, loop: IOLoop) {
         if cqe.res >= 0 {
             if l.closing {
-                Glibc.close(cqe.res)
+                posixClose(cqe.res)
             } else {
                 l.queue.yield(FileDescriptor(rawValue: cqe.res))
             }
@@ -419,3 +426,4 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         clearTable()
     }
 }
+#endif

@@ -1,4 +1,10 @@
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 
 /// The system calls the POSIX backend makes, as a value, so that fault tests can script short
@@ -79,4 +85,17 @@ func monotonicNanoseconds() -> Int64 {
 @inline(__always)
 func errnoFromNegative(_ ret: Int32) -> Errno {
     Errno(rawValue: -ret)
+}
+
+/// `read(2)` and `close(2)` by names no type of ours shadows (a driver's `read` method would),
+/// from whichever C library the platform has.
+@inline(__always)
+func posixRead(_ fd: Int32, _ buffer: UnsafeMutableRawPointer?, _ count: Int) -> Int {
+    read(fd, buffer, count)
+}
+
+@inline(__always)
+@discardableResult
+func posixClose(_ fd: Int32) -> Int32 {
+    close(fd)
 }

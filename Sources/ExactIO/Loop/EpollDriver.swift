@@ -1,5 +1,11 @@
 import CExactIOLinux
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 
 /// The loop on epoll with non-blocking `read(2)`, where io_uring is unavailable: level-
@@ -28,7 +34,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: EpollDriver.wakeTag))
         guard epoll_ctl(epfd, EPOLL_CTL_ADD, eventFD, &ev) == 0 else {
             let e = Errno(rawValue: errno)
-            Glibc.close(fd)
+            posixClose(fd)
             throw e
         }
     }
@@ -36,7 +42,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     var kind: ExactReader.Backend { .posix }
 
     func close() {
-        Glibc.close(epfd)
+        posixClose(epfd)
     }
 
     /// Reading interest on or off. Off is a removal: EPOLLHUP and EPOLLERR are reported even
@@ -117,7 +123,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         }
         let buffer = current!
         loop.count { $0.reads += 1 }
-        let n = Glibc.read(c.fd.rawValue, buffer.base + currentOffset, pool.size - currentOffset)
+        let n = posixRead(c.fd.rawValue, buffer.base + currentOffset, pool.size - currentOffset)
         if n > 0 {
             let segment = Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)
             currentOffset += n
@@ -145,7 +151,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
             return
         }
         loop.count { $0.reads += 1 }
-        let n = Glibc.read(c.fd.rawValue, region.base, pool.size)
+        let n = posixRead(c.fd.rawValue, region.base, pool.size)
         if n > 0 {
             delivered(c, ownSegment(region, count: n))
         } else {
@@ -183,7 +189,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
             return
         }
         loop.count { $0.reads += 1 }
-        let n = Glibc.read(c.fd.rawValue, d.dst.baseAddress! + d.got, d.dst.count - d.got)
+        let n = posixRead(c.fd.rawValue, d.dst.baseAddress! + d.got, d.dst.count - d.got)
         var finished = false
         var error: Errno? = nil
         if n > 0 {
@@ -265,7 +271,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
                 let tag = LoopTag(rawValue: events[i].data.u64)
                 if tag.rawValue == EpollDriver.wakeTag {
                     var value: UInt64 = 0
-                    _ = Glibc.read(eventFD, &value, 8)
+                    _ = posixRead(eventFD, &value, 8)
                     continue
                 }
                 switch entry(tag) {

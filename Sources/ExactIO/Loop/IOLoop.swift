@@ -1,5 +1,11 @@
 import CExactIOLinux
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import Synchronization
 import SystemPackage
 
@@ -164,6 +170,7 @@ public final class IOLoop: @unchecked Sendable {
             }
         }
         if wanted == .posix { return (try EpollDriver(pool: pool, eventFD: eventFD), nil) }
+        #if EXACTIO_URING
         switch URingLoopDriver.make(pool: pool, eventFD: eventFD) {
         case .success(let d):
             return (d, note)
@@ -172,6 +179,12 @@ public final class IOLoop: @unchecked Sendable {
             let reason = [note, failure.reason].compactMap { $0 }.joined(separator: "; ")
             return (try EpollDriver(pool: pool, eventFD: eventFD), reason)
         }
+        #else
+        if wanted == .ioUring { throw Errno.notSupported }
+        let reason = [note, "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)"]
+            .compactMap { $0 }.joined(separator: "; ")
+        return (try EpollDriver(pool: pool, eventFD: eventFD), reason)
+        #endif
     }
 
     /// Starts the thread, which creates the backend (a SINGLE_ISSUER ring must be created and

@@ -1,4 +1,10 @@
+#if canImport(Glibc)
 import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import SystemPackage
 
 /// The loop reader's core (`ReaderCore<SegmentBuffer>`), driven synchronously by a script that
