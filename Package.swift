@@ -37,6 +37,9 @@ let package = Package(
         // dependencies of its own.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
+        // `swift package generate-documentation` (the DocC catalogue, built in CI with
+        // --warnings-as-errors); a command plugin: nothing of it is linked.
+        .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
         // Only the bench's command line uses it.
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],

@@ -98,11 +98,16 @@ public struct ByteView: @unchecked Sendable {
 }
 
 extension ByteView: RandomAccessCollection {
+    /// A view's elements are bytes.
     public typealias Element = UInt8
+    /// Positions are offsets from the view's first byte: `0..<count`.
     public typealias Index = Int
+    /// `0..<count`.
     public typealias Indices = Range<Int>
+    /// A slice shares the view's memory (no copy); `subview(_:)` gives a range as a `ByteView` that keeps the memory alive on its own.
     public typealias SubSequence = Slice<ByteView>
 
+    /// Always 0: a view's indices start at zero, whatever memory it is in.
     @inlinable public var startIndex: Int { 0 }
     @inlinable public var endIndex: Int { storage.count }
     @inlinable public var count: Int { storage.count }
@@ -140,6 +145,7 @@ extension ByteView: Equatable {
 }
 
 extension ByteView: Hashable {
+    /// Hashes the bytes (consistent with `==`, which compares bytes, not memory).
     public func hash(into hasher: inout Hasher) {
         withUnsafeBytes { hasher.combine(bytes: $0) }
     }

@@ -62,6 +62,7 @@ extension ExactReader {
         /// nothing.
         public var logger: Logger?
 
+        /// Options with every field given or defaulted (see each field for its default and range).
         public init(
             backend: Backend = .automatic,
             stagingCapacity: Int = 256 << 10,
@@ -153,6 +154,7 @@ extension ExactReader {
         /// Bytes discarded by `skip`.
         public var bytesSkipped = 0
 
+        /// All counters at zero.
         public init() {}
     }
 }

@@ -43,6 +43,7 @@ extension ExactReader {
         /// The sentence `ExactReader.fallbackReason` shows.
         public let description: String
 
+        /// A reason from its parts (ExactIO makes these; public for tests and wrappers).
         public init(step: Step, errno: Errno?, description: String) {
             self.step = step
             self.errno = errno

@@ -146,18 +146,22 @@ public final class AsyncExactReader {
 
     /// The frames of a reader (`AsyncExactReader.frames(prefix:)`).
     public struct Frames: AsyncSequence {
+        /// Each frame's body, as a read-only view.
         public typealias Element = ByteView
         let reader: AsyncExactReader
         let prefix: LengthPrefix
 
+        /// The iterator that reads the next frame each time it is asked.
         public func makeAsyncIterator() -> Iterator {
             Iterator(reader: reader, prefix: prefix)
         }
 
+        /// Reads frames one by one with `readFrame(prefix:)`.
         public struct Iterator: AsyncIteratorProtocol {
             let reader: AsyncExactReader
             let prefix: LengthPrefix
 
+            /// The next frame, nil at a clean end of stream; throws as `readFrame(prefix:)` does.
             public mutating func next() async throws -> ByteView? {
                 try await reader.readFrame(prefix: prefix)
             }

@@ -24,10 +24,12 @@ extension IOLoop {
 
 /// Connections accepted on a listener by a loop (`IOLoop.connections(accepting:)`).
 public struct AcceptedConnections: AsyncSequence, Sendable {
+    /// An accepted connection's descriptor, owned by the caller (close it when done).
     public typealias Element = FileDescriptor
     let loop: IOLoop
     let listener: FileDescriptor
 
+    /// The iterator that accepts the next connection each time it is asked.
     public func makeAsyncIterator() -> Iterator {
         let queue = AcceptQueue()
         let l = Listener(fd: listener, queue: queue)
@@ -36,6 +38,7 @@ public struct AcceptedConnections: AsyncSequence, Sendable {
         return Iterator(handle: AcceptHandle(queue: queue))
     }
 
+    /// Accepts connections one by one on the loop.
     public struct Iterator: AsyncIteratorProtocol {
         let handle: AcceptHandle
 

@@ -59,6 +59,7 @@ public final class IOLoop: @unchecked Sendable {
         /// until its reader takes them. Default 256 KiB.
         public var maxBufferedBytesPerConnection: Int
 
+        /// Options with every field given or defaulted (see each field for its default).
         public init(
             backend: ExactReader.Backend = .automatic,
             receiveBufferSize: Int = 64 << 10,
@@ -98,6 +99,7 @@ public final class IOLoop: @unchecked Sendable {
         public var wakeups = 0
         /// Receives that found the buffer pool empty and waited for buffers to come back.
         public var starvations = 0
+        /// All counters at zero.
         public init() {}
     }
 
@@ -105,6 +107,7 @@ public final class IOLoop: @unchecked Sendable {
     public private(set) var backend: ExactReader.Backend = .posix
     /// Why io_uring is not used, if it is not (as for `ExactReader.fallbackReason`).
     public private(set) var fallbackReason: String? = nil
+    /// The options the loop was created with.
     public let options: Options
 
     let pool: ReceivePool
