@@ -2,12 +2,77 @@
 /* _GNU_SOURCE here only (not in the header), as swift-system's CSystem does: defined in a
  * header it clashes with the modules Swift imports. */
 #define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "include/CExactIOLinux.h"
 
 int cexactio_accept4(int fd, int flags)
 {
 	return accept4(fd, NULL, NULL, flags);
+}
+
+int cexactio_splice_pipe(int fds[2], size_t size, size_t *actual)
+{
+	if (pipe2(fds, O_CLOEXEC) != 0)
+		return -errno;
+	if (size > 0)
+		(void)fcntl(fds[1], F_SETPIPE_SZ, (int)(size > (1u << 30) ? (1u << 30) : size));
+	int got = fcntl(fds[1], F_GETPIPE_SZ);
+	*actual = got > 0 ? (size_t)got : 65536;
+	return 0;
+}
+
+/* SIGPIPE blocked around one call; a SIGPIPE it raised is consumed before the mask returns. */
+struct sigpipe_guard {
+	sigset_t old;
+	int was_pending;
+};
+
+static void sigpipe_block(struct sigpipe_guard *g)
+{
+	sigset_t pipe_only, pending;
+	sigemptyset(&pipe_only);
+	sigaddset(&pipe_only, SIGPIPE);
+	sigpending(&pending);
+	g->was_pending = sigismember(&pending, SIGPIPE);
+	pthread_sigmask(SIG_BLOCK, &pipe_only, &g->old);
+}
+
+static void sigpipe_restore(struct sigpipe_guard *g, int got_epipe)
+{
+	if (got_epipe && !g->was_pending) {
+		sigset_t pipe_only;
+		sigemptyset(&pipe_only);
+		sigaddset(&pipe_only, SIGPIPE);
+		const struct timespec zero = { 0, 0 };
+		while (sigtimedwait(&pipe_only, NULL, &zero) == -1 && errno == EINTR) {
+		}
+	}
+	pthread_sigmask(SIG_SETMASK, &g->old, NULL);
+}
+
+ssize_t cexactio_splice(int in, int out, size_t len)
+{
+	struct sigpipe_guard g;
+	sigpipe_block(&g);
+	ssize_t n = splice(in, NULL, out, NULL, len, SPLICE_F_MOVE);
+	int e = n < 0 ? errno : 0;
+	sigpipe_restore(&g, e == EPIPE);
+	return n < 0 ? -e : n;
+}
+
+ssize_t cexactio_write_nosigpipe(int fd, const void *buf, size_t len)
+{
+	struct sigpipe_guard g;
+	sigpipe_block(&g);
+	ssize_t n = write(fd, buf, len);
+	int e = n < 0 ? errno : 0;
+	sigpipe_restore(&g, e == EPIPE);
+	return n < 0 ? -e : n;
 }

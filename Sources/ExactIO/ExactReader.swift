@@ -56,6 +56,10 @@ public final class ExactReader {
     let engine: any IOEngine
     let pool: MemoryPool
     let setupReason: FallbackReason?
+    /// `S_IFMT` bits of the descriptor at creation (0 for a scripted reader).
+    let fileType: mode_t
+    /// The pipe `forward(exactly:to:)` splices through, once it was used.
+    var forwardPipe: AnyObject? = nil
     // Unchecked exclusivity for the state every call touches: a reader has one owner at a time
     // (it is not Sendable), and no access to these overlaps another (no call hands out an
     // `inout` to them across a closure the caller supplies). Checked, they cost a runtime
@@ -95,6 +99,7 @@ public final class ExactReader {
         let setup = try BackendSelection.make(fd: fd, options: options, syscalls: syscalls, environment: environment)
         self.fileDescriptor = fd
         self.options = options
+        self.fileType = syscalls == nil ? ((try? BackendSelection.fileType(fd)) ?? 0) : 0
         self.engine = setup.engine
         self.pool = setup.pool
         // The staging buffer is the first block: mapped (and registered) now, so that a

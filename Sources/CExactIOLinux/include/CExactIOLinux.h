@@ -13,4 +13,19 @@
 /* accept4(2) with no address: the new descriptor or -1 with errno set. */
 int cexactio_accept4(int fd, int flags);
 
+#include <stddef.h>
+#include <sys/types.h>
+
+/* A pipe for splice(2), both ends close-on-exec, grown to `size` bytes when the system allows
+ * (F_SETPIPE_SZ; the default 64 KiB otherwise). 0 and the ends in fds, or -errno. *actual is
+ * the pipe's capacity. */
+int cexactio_splice_pipe(int fds[2], size_t size, size_t *actual);
+
+/* splice(2) of up to `len` bytes from `in` to `out` at their current positions
+ * (SPLICE_F_MOVE), and write(2): both with SIGPIPE blocked for the calling thread during the
+ * call, so that a peer that closed is EPIPE, never a signal (a SIGPIPE the call raised is
+ * consumed; one that was already pending stays). Bytes moved, or -errno. */
+ssize_t cexactio_splice(int in, int out, size_t len);
+ssize_t cexactio_write_nosigpipe(int fd, const void *buf, size_t len);
+
 #endif

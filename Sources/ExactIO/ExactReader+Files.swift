@@ -1,0 +1,129 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import SystemPackage
+
+// Files: positional reads, and bodies larger than memory in chunks.
+
+extension ExactReader {
+    /// Reads exactly `count` bytes at file offset `offset` (`pread(2)` semantics): neither the
+    /// descriptor's file position nor the reader's stream (what is staged, where the next
+    /// `readFrame` starts) moves, so positional reads mix freely with stream reads — an index,
+    /// then records by offset.
+    ///
+    /// The result has the guarantees of `readExactly(_:)`: a read-only view of the memory the
+    /// kernel wrote into (no copy; registered memory with io_uring from 64 KiB on). Small reads
+    /// use heap memory of their own; large ones, the reader's pool.
+    ///
+    /// - Parameters:
+    ///   - count: Bytes to read, `>= 0`.
+    ///   - offset: File offset of the first byte, `>= 0`.
+    /// - Throws: `Errno.illegalSeek` when the descriptor is not a regular file or a block device;
+    ///   `ExactReadError.incomplete(partial:expected:)` when the file ends first (`partial`:
+    ///   the bytes up to its end); `Errno` on a system failure (`Errno.noMemory` when memory
+    ///   for `count` bytes cannot be mapped).
+    public func readExactly(_ count: Int, at offset: Int64) throws -> ByteView {
+        precondition(count >= 0, "readExactly(_:at:): count must not be negative (got \(count))")
+        precondition(offset >= 0, "readExactly(_:at:): offset must not be negative (got \(offset))")
+        guard fileType == S_IFREG || fileType == S_IFBLK else { throw Errno.illegalSeek }
+        if let e = core.brokenError { throw e }
+        if count == 0 { return ByteView() }
+        let region: Region
+        if count < Self.positionalPoolThreshold {
+            region = try Region.standalone(capacity: count)
+        } else {
+            // Resident and registered (within the budget): READ_FIXED, and pooled blocks come
+            // back warm for the next read of this size.
+            region = try pool.residentRegion(atLeast: count, register: true)
+        }
+        let dst = UnsafeMutableRawBufferPointer(start: region.base, count: count)
+        let r = engine.read(into: dst, atLeast: count, slot: region.slot, offset: offset, deadline: 0)
+        if r.destinationPoisoned { region.quarantine() }
+        core.statistics.reads &+= r.reads
+        core.statistics.fixedReads &+= r.fixedReads
+        core.statistics.polls &+= r.polls
+        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: r.count), owner: region)
+        if let e = r.error {
+            if r.destinationPoisoned { core.brokenError = e }
+            throw e
+        }
+        core.statistics.bytesDelivered &+= r.count
+        guard r.count == count else {
+            throw ExactReadError.incomplete(partial: r.count == 0 ? ByteView() : view, expected: count)
+        }
+        core.statistics.directReads &+= 1
+        return view
+    }
+
+    /// Positional reads below this size use heap memory of their own; from it, pooled (and
+    /// registered) blocks.
+    static let positionalPoolThreshold = 64 << 10
+
+    /// The next `count` bytes of the stream as a sequence of views of at most `maxChunk` bytes
+    /// each, read one at a time: for bodies larger than memory (snapshots, blobs, backups),
+    /// processed in O(`maxChunk`) memory.
+    ///
+    /// ```swift
+    /// var chunks = reader.chunks(of: bodyLength, maxChunk: 4 << 20)
+    /// while let chunk = try chunks.next() {
+    ///     try output.writeAll(chunk)   // drop the chunk before asking for the next
+    /// }
+    /// ```
+    ///
+    /// Each chunk is read by `next()` when it is asked for, with `readExactly`'s memory and
+    /// copy contract; a chunk's memory returns to the reader's pool when its view is released,
+    /// so a loop that lets each chunk go before the next reuses one block of `maxChunk` bytes.
+    /// (A kept chunk keeps its memory, as any view does.)
+    ///
+    /// - Parameters:
+    ///   - count: Bytes of the stream the sequence covers, `>= 0`.
+    ///   - maxChunk: The largest chunk, `>= 1`. Use a multiple of the page size of at least a
+    ///     quarter of `Options.stagingCapacity` for large bodies: each chunk then goes straight
+    ///     from the kernel into its memory.
+    public func chunks(of count: Int, maxChunk: Int) -> Chunks {
+        precondition(count >= 0, "chunks(of:maxChunk:): count must not be negative (got \(count))")
+        precondition(maxChunk >= 1, "chunks(of:maxChunk:): maxChunk must be at least 1 (got \(maxChunk))")
+        return Chunks(reader: self, count: count, maxChunk: maxChunk)
+    }
+
+    /// The chunks of a body, read one by one (see `chunks(of:maxChunk:)`). Not `Sendable`: it
+    /// reads through its reader.
+    public struct Chunks {
+        let reader: ExactReader
+        /// Bytes of the stream the chunks cover.
+        public let count: Int
+        /// The largest chunk.
+        public let maxChunk: Int
+        /// Bytes delivered by `next()` so far (whole chunks; an error's partial bytes are not
+        /// counted here, they are in the error).
+        public private(set) var delivered = 0
+
+        init(reader: ExactReader, count: Int, maxChunk: Int) {
+            self.reader = reader
+            self.count = count
+            self.maxChunk = maxChunk
+        }
+
+        /// Bytes not yet delivered.
+        public var remaining: Int { count - delivered }
+
+        /// The next chunk (`min(maxChunk, remaining)` bytes), or nil once all `count` bytes were
+        /// delivered.
+        ///
+        /// - Throws: as `readExactly(_:)`: `ExactReadError.incomplete(partial:expected:)` when the
+        ///   stream ends inside this chunk (`partial`: the chunk's bytes that arrived,
+        ///   `expected`: the chunk's size; `delivered + partial.count` bytes of the body arrived
+        ///   in all); an `Errno` leaves the chunk's bytes buffered, and calling `next()` again
+        ///   retries it.
+        public mutating func next() throws -> ByteView? {
+            guard delivered < count else { return nil }
+            let chunk = try reader.readExactly(min(maxChunk, count - delivered))
+            delivered += chunk.count
+            return chunk
+        }
+    }
+}
