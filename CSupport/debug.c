@@ -22,3 +22,9 @@ int csupport_injected_wait_failure(csupport_ring *ring)
 	}
 	return 0;
 }
+
+void csupport_debug_shuffle_completions(csupport_ring *ring, int on)
+{
+	if (ring)
+		atomic_store(&ring->shuffle_completions, on ? 1 : 0);
+}

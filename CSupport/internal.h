@@ -33,6 +33,8 @@ struct csupport_ring {
 	/* Test seam (debug.c): waits still to fail, and with which errno. */
 	atomic_int injected_waits;
 	atomic_int injected_errno;
+	/* Test seam (debug.c): csupport_read_multi handles completions in reverse order. */
+	atomic_int shuffle_completions;
 };
 
 /* The current fork generation: incremented in every child created by fork(). */

@@ -138,6 +138,32 @@ struct csupport_read_res {
  */
 int csupport_read(csupport_ring *ring, const struct csupport_read_req *req, struct csupport_read_res *res);
 
+/* What csupport_read_multi should do: `len` bytes of a regular file at `offset` into
+ * [dst, dst + len), in chunks of `chunk` bytes with up to `depth` requests in flight (at most
+ * the ring's submission entries). */
+struct csupport_multi_req {
+	int fd;
+	/* Registered slot holding all of [dst, dst + len) (READ_FIXED), or -1 (READ). */
+	int slot;
+	void *dst;
+	size_t len;
+	int64_t offset;
+	size_t chunk;
+	unsigned depth;
+};
+
+/*
+ * Reads in flight (read_multi.c): every chunk is a request at its own offset; completions may
+ * come in any order, short reads are resubmitted, and the call returns when every request has
+ * completed. res->done is the count of bytes contiguous from dst (less than len only at end
+ * of file or on an error). Returns 0 when done == len or the file ended, else -errno.
+ */
+int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *req, struct csupport_read_res *res);
+
+/* Test seam: csupport_read_multi waits for all its requests, then handles their completions in
+ * reverse order. */
+void csupport_debug_shuffle_completions(csupport_ring *ring, int on);
+
 /*
  * The event loop (loop.c): requests queued without waiting, tagged with the caller's
  * user_data, submitted and reaped in batches. One thread calls these for a given ring.

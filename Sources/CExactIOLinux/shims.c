@@ -3,10 +3,16 @@
  * header it clashes with the modules Swift imports. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <string.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stddef.h>
 #include <sys/socket.h>
+#include <linux/fs.h>
+#include <linux/stat.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -75,4 +81,44 @@ ssize_t cexactio_write_nosigpipe(int fd, const void *buf, size_t len)
 	int e = n < 0 ? errno : 0;
 	sigpipe_restore(&g, e == EPIPE);
 	return n < 0 ? -e : n;
+}
+
+int cexactio_has_direct(int fd)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0)
+		return -errno;
+	return (fl & O_DIRECT) != 0;
+}
+
+int cexactio_set_direct(int fd, int on)
+{
+	int fl = fcntl(fd, F_GETFL);
+	if (fl < 0)
+		return -errno;
+	fl = on ? (fl | O_DIRECT) : (fl & ~O_DIRECT);
+	return fcntl(fd, F_SETFL, fl) == 0 ? 0 : -errno;
+}
+
+int cexactio_dio_alignment(int fd, unsigned *mem_align, unsigned *offset_align)
+{
+	struct statx stx;
+	memset(&stx, 0, sizeof(stx));
+	if (syscall(SYS_statx, fd, "", AT_EMPTY_PATH, STATX_DIOALIGN | STATX_TYPE, &stx) == 0) {
+		if (S_ISBLK(stx.stx_mode)) {
+			int size = 0;
+			if (ioctl(fd, BLKSSZGET, &size) == 0 && size > 0) {
+				*mem_align = (unsigned)size;
+				*offset_align = (unsigned)size;
+				return 0;
+			}
+		}
+		if (stx.stx_mask & STATX_DIOALIGN) {
+			*mem_align = stx.stx_dio_mem_align;
+			*offset_align = stx.stx_dio_offset_align;
+			return 0;
+		}
+		return -EOPNOTSUPP;
+	}
+	return -errno;
 }

@@ -32,6 +32,7 @@ extension ExactReader {
         guard fileType == S_IFREG || fileType == S_IFBLK else { throw Errno.illegalSeek }
         if let e = core.brokenError { throw e }
         if count == 0 { return ByteView() }
+        if let d = directEngine { return try readDirect(count, at: offset, alignment: d.alignment, inner: d.inner) }
         let region: Region
         if count < Self.positionalPoolThreshold {
             region = try Region.standalone(capacity: count)
@@ -54,6 +55,41 @@ extension ExactReader {
         core.statistics.bytesDelivered &+= r.count
         guard r.count == count else {
             throw ExactReadError.incomplete(partial: r.count == 0 ? ByteView() : view, expected: count)
+        }
+        core.statistics.directReads &+= 1
+        return view
+    }
+
+    /// `readExactly(_:at:)` with O_DIRECT: the aligned blocks around the range are read into
+    /// page-aligned memory of their own and the view starts inside it (no copy).
+    func readDirect(_ count: Int, at offset: Int64, alignment: Int, inner: any IOEngine) throws -> ByteView {
+        let a = Int64(alignment)
+        let start = offset / a * a
+        let head = Int(offset - start)
+        let (span, o1) = (head).addingReportingOverflow(count)
+        let (rounded, o2) = span.addingReportingOverflow(alignment - 1)
+        if o1 || o2 { throw Errno.noMemory }
+        let length = rounded / alignment * alignment
+        let region = try pool.residentRegion(atLeast: length, register: true)
+        var got = 0
+        var result: Errno? = nil
+        while got < length {
+            let r = inner.read(
+                into: UnsafeMutableRawBufferPointer(start: region.base + got, count: length - got), atLeast: 1,
+                slot: region.slot, offset: start + Int64(got), deadline: 0)
+            core.statistics.reads &+= r.reads
+            core.statistics.fixedReads &+= r.fixedReads
+            if r.destinationPoisoned { region.quarantine(); core.brokenError = r.error }
+            got += r.count
+            if let e = r.error { result = e; break }
+            if r.count == 0 || r.count % alignment != 0 { break }  // the end of the file
+        }
+        if let e = result { throw e }
+        let available = max(0, min(got - head, count))
+        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + head, count: available), owner: region)
+        core.statistics.bytesDelivered &+= available
+        guard available == count else {
+            throw ExactReadError.incomplete(partial: available == 0 ? ByteView() : view, expected: count)
         }
         core.statistics.directReads &+= 1
         return view

@@ -78,6 +78,11 @@ extension ExactReader {
         }
         // 2. The rest, source → pipe → destination.
         #if canImport(CExactIOLinux)
+        if directEngine != nil {
+            // O_DIRECT reads at the reader's own offsets, not the descriptor's position: through
+            // staging (a DMA into registered memory, then the write).
+            return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
+        }
         let pipe = try splicePipe()
         var splicedOut = false
         while forwarded < count {

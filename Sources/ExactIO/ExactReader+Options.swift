@@ -61,6 +61,18 @@ extension ExactReader {
         /// (at `trace`). Never on a per-frame path above `trace`; nil (the default) logs
         /// nothing.
         public var logger: Logger?
+        /// Read a regular file with `O_DIRECT`: from the device into the reader's (registered,
+        /// aligned) memory, bypassing the page cache, with no CPU copy for block-aligned reads.
+        /// A descriptor opened with `O_DIRECT` is read that way whatever this says; with true,
+        /// the reader also turns `O_DIRECT` on (`fcntl(F_SETFL)`) for a file opened without
+        /// it. Where the filesystem refuses direct I/O, the reader reads through the page cache
+        /// and `directIOFallbackReason` says why. Default false.
+        public var directIO: Bool
+        /// Regular files with io_uring: how many requests of 1 MiB a large read (2 MiB or more)
+        /// keeps in flight at once, at explicit offsets, 1 to 64; 1 reads one request at a
+        /// time. Default 4 (measured, see README "Files"). Streams always keep one request in
+        /// flight: their bytes must land in order.
+        public var queueDepth: Int
 
         /// Options with every field given or defaulted (see each field for its default and range).
         public init(
@@ -71,7 +83,9 @@ extension ExactReader {
             readTimeout: Duration? = nil,
             lengthAdjustment: Int = 0,
             lengthIncludesPrefix: Bool = false,
-            logger: Logger? = nil
+            logger: Logger? = nil,
+            directIO: Bool = false,
+            queueDepth: Int = 4
         ) {
             self.backend = backend
             self.stagingCapacity = stagingCapacity
@@ -81,6 +95,8 @@ extension ExactReader {
             self.lengthAdjustment = lengthAdjustment
             self.lengthIncludesPrefix = lengthIncludesPrefix
             self.logger = logger
+            self.directIO = directIO
+            self.queueDepth = queueDepth
         }
 
         /// The largest staging capacity: the kernel registers at most 1 GiB per buffer.
@@ -98,6 +114,9 @@ extension ExactReader {
             }
             if let limit = registeredMemoryLimit, limit < 0 {
                 throw InvalidOptionError(option: "registeredMemoryLimit", value: "\(limit)", requirement: ">= 0 or nil")
+            }
+            if queueDepth < 1 || queueDepth > 64 {
+                throw InvalidOptionError(option: "queueDepth", value: "\(queueDepth)", requirement: "between 1 and 64")
             }
             if let timeout = readTimeout, timeout <= .zero {
                 throw InvalidOptionError(option: "readTimeout", value: "\(timeout)", requirement: "> 0 or nil")

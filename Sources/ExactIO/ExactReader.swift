@@ -5,6 +5,9 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
+#if canImport(CExactIOLinux)
+import CExactIOLinux
+#endif
 import Logging
 import SystemPackage
 
@@ -60,6 +63,15 @@ public final class ExactReader {
     let fileType: mode_t
     /// The pipe `forward(exactly:to:)` splices through, once it was used.
     var forwardPipe: AnyObject? = nil
+    /// The O_DIRECT engine, when the reader reads a file with O_DIRECT (`engine` is it then).
+    let directEngine: DirectFileEngine?
+    /// Whether the reader reads its file with `O_DIRECT` (from the device into its aligned,
+    /// registered memory, bypassing the page cache).
+    public var isDirectIO: Bool { directEngine != nil }
+    /// Why `O_DIRECT` was wanted (`Options.directIO`, or a descriptor opened with it) and is not
+    /// used, e.g. "O_DIRECT not used: the filesystem does not support direct I/O …; reading
+    /// through the page cache". Nil when it is used or was not wanted.
+    public let directIOFallbackReason: String?
     // Unchecked exclusivity for the state every call touches: a reader has one owner at a time
     // (it is not Sendable), and no access to these overlaps another (no call hands out an
     // `inout` to them across a closure the caller supplies). Checked, they cost a runtime
@@ -99,8 +111,20 @@ public final class ExactReader {
         let setup = try BackendSelection.make(fd: fd, options: options, syscalls: syscalls, environment: environment)
         self.fileDescriptor = fd
         self.options = options
-        self.fileType = syscalls == nil ? ((try? BackendSelection.fileType(fd)) ?? 0) : 0
+        let fileType = syscalls == nil ? ((try? BackendSelection.fileType(fd)) ?? 0) : 0
+        self.fileType = fileType
+        #if canImport(CExactIOLinux)
+        let wrapped = syscalls == nil
+            ? DirectFileEngine.wrap(setup.engine, fd: fd, fileType: fileType, options: options)
+            : (engine: setup.engine, direct: nil, reason: nil)
+        self.engine = wrapped.engine
+        self.directEngine = wrapped.direct
+        self.directIOFallbackReason = wrapped.reason
+        #else
         self.engine = setup.engine
+        self.directEngine = nil
+        self.directIOFallbackReason = options.directIO ? "O_DIRECT not used: not supported on this platform" : nil
+        #endif
         self.pool = setup.pool
         // The staging buffer is the first block: mapped (and registered) now, so that a
         // registration refusal is known and reported from the start.
@@ -109,6 +133,10 @@ public final class ExactReader {
             buffer: staging, pool: setup.pool, maxFrameLength: options.maxFrameLength,
             directThreshold: max(1, staging.nominalCapacity / 4),
             lengthAdjustment: options.lengthAdjustment, lengthIncludesPrefix: options.lengthIncludesPrefix)
+        if let d = directEngine {
+            core.alignment = d.alignment
+            core.phase = d.phase
+        }
         var reason = setup.fallback
         if reason == nil, setup.pool.hasRegistrar, staging.region.slot < 0, let refusal = setup.pool.lastRefusal {
             reason = BackendSelection.reason(refusal, what: "the staging buffer", bytes: staging.nominalCapacity)
@@ -370,6 +398,7 @@ public final class ExactReader {
         deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
         do {
             while true {
+                if let d = directEngine { core.phase = d.phase }
                 switch try step(&core) {
                 case .done(let value):
                     return value
@@ -378,6 +407,7 @@ public final class ExactReader {
                 case .need(.direct(let dst, let minimum, let slot)):
                     if let logger = options.logger { Self.logDirectRead(logger, dst.count, minimum, slot) }
                     let r = engineRead(into: dst, atLeast: minimum, slot: slot)
+                    core.statistics.bytesCopied &+= r.copied
                     try core.directCompleted(r, minimum: minimum)
                 }
             }
@@ -420,6 +450,7 @@ public final class ExactReader {
     func fill(atLeast need: Int) throws(Errno) {
         if core.buffer.buffered >= need || core.sawEOF { return }
         let missing = need - core.buffer.buffered
+        if let d = directEngine { core.buffer.alignEmpty(phase: d.phase, alignment: d.alignment) }
         core.statistics.bytesCopied += try core.buffer.makeRoom(forAppending: missing)
         let tail = core.buffer.writable
         let ahead = min(tail.count, max(missing, core.readAhead))
@@ -431,6 +462,7 @@ public final class ExactReader {
             core.buffer.region.quarantine()
         }
         core.buffer.commit(r.count)
+        core.statistics.bytesCopied &+= r.copied
         try core.filled(r, wanted: missing)
     }
 }

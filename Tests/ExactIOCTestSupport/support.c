@@ -1,4 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+#include <fcntl.h>
 #include <errno.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
@@ -87,4 +88,10 @@ int ctest_set_dumpable(void)
 	/* After setuid the kernel clears the dumpable flag: /proc/self then belongs to root and
 	 * the child could not read its own status (VmRSS). Set it again. */
 	return prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) == 0 ? 0 : -errno;
+}
+
+int ctest_open_direct(const char *path)
+{
+	int fd = open(path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+	return fd < 0 ? -errno : fd;
 }

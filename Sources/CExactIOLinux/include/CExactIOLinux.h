@@ -28,4 +28,14 @@ int cexactio_splice_pipe(int fds[2], size_t size, size_t *actual);
 ssize_t cexactio_splice(int in, int out, size_t len);
 ssize_t cexactio_write_nosigpipe(int fd, const void *buf, size_t len);
 
+/* O_DIRECT: 1 when `fd` has it, 0 when not, -errno. */
+int cexactio_has_direct(int fd);
+/* Turns O_DIRECT on or off for `fd` (fcntl F_SETFL). 0 or -errno (-EINVAL: the filesystem
+ * refuses O_DIRECT). */
+int cexactio_set_direct(int fd, int on);
+/* The alignment O_DIRECT needs for `fd`: statx(STATX_DIOALIGN) (6.1), else BLKSSZGET for a
+ * block device. 0 with *offset_align = 0 when the file does not support direct I/O; 0 with
+ * both set; -errno when the kernel cannot say (callers then assume 4096). */
+int cexactio_dio_alignment(int fd, unsigned *mem_align, unsigned *offset_align);
+
 #endif

@@ -13,6 +13,9 @@ struct EngineResult {
     /// The engine can no longer be used and the destination may still be written by the
     /// kernel (an io_uring request could not be cancelled): the memory must never be reused.
     var destinationPoisoned = false
+    /// Bytes the engine copied in user space (O_DIRECT's bounce block for unaligned heads and
+    /// tails), counted in `Statistics.bytesCopied`.
+    var copied = 0
 }
 
 /// Whether a read would return at once.

@@ -116,10 +116,45 @@ final class URingEngine: IOEngine {
     let fd: FileDescriptor
     /// `read(2)` for a child process that inherited the ring (fork), created on first need.
     private var posix: PosixEngine? = nil
+    /// Regular files: large reads go as `queueDepth` requests in flight at explicit offsets
+    /// (`Options.queueDepth`), each of `multiChunk` bytes.
+    let isRegularFile: Bool
+    let queueDepth: Int
+    static let multiChunk = 1 << 20
 
-    init(ring: RingHandle, fd: FileDescriptor) {
+    init(ring: RingHandle, fd: FileDescriptor, isRegularFile: Bool = false, queueDepth: Int = 1) {
         self.ring = ring
         self.fd = fd
+        self.isRegularFile = isRegularFile
+        self.queueDepth = queueDepth
+    }
+
+    /// Test seam: `csupport_read_multi` handles completions in reverse order.
+    func shuffleCompletions(_ on: Bool) {
+        csupport_debug_shuffle_completions(ring.pointer, on ? 1 : 0)
+    }
+
+    /// Reads in flight: all of `dst` (or up to the end of the file) at `offset`, or at the
+    /// current position (which is then moved past the bytes read, as `read(2)` would).
+    func readInFlight(into dst: UnsafeMutableRawBufferPointer, slot: Int32, offset: Int64) -> EngineResult {
+        var at = offset
+        if at < 0 {
+            at = Int64(lseek(fd.rawValue, 0, SEEK_CUR))
+            if at < 0 { return EngineResult(error: Errno(rawValue: errno)) }
+        }
+        var req = csupport_multi_req(
+            fd: fd.rawValue, slot: slot, dst: dst.baseAddress, len: dst.count, offset: at,
+            chunk: Self.multiChunk, depth: UInt32(queueDepth))
+        var res = csupport_read_res()
+        let ret = csupport_read_multi(ring.pointer, &req, &res)
+        var result = EngineResult(
+            count: res.done, error: ret < 0 ? errnoFromNegative(ret) : nil,
+            reads: Int(res.reads), fixedReads: Int(res.fixed_reads), polls: 0)
+        if result.error == .notRecoverable { result.destinationPoisoned = true }
+        if offset < 0 && lseek(fd.rawValue, off_t(at) + off_t(res.done), SEEK_SET) < 0 && result.error == nil {
+            result.error = Errno(rawValue: errno)
+        }
+        return result
     }
 
     var kind: ExactReader.Backend { posix == nil ? .ioUring : .posix }
@@ -150,6 +185,10 @@ final class URingEngine: IOEngine {
                 return p.read(into: dst, atLeast: minimum, slot: -1, offset: offset, deadline: deadline)
             }
             return EngineResult(error: why)
+        }
+        if isRegularFile && queueDepth > 1 && dst.count >= 2 * Self.multiChunk {
+            // A regular file never blocks for long: no deadline per request.
+            return readInFlight(into: dst, slot: slot, offset: offset)
         }
         var timeout: Int64 = 0
         if deadline > 0 {
@@ -185,8 +224,12 @@ extension BackendSelection {
         }
         // io_uring: ring, then probe, then registration. The first two decide the backend;
         // registration only decides whether reads are READ_FIXED.
+        let isRegular = (try? fileType(fd)) == S_IFREG
+        // Regular files keep up to `queueDepth` reads in flight: room for them in the ring.
+        var entries: UInt32 = 8
+        while isRegular && Int(entries) < options.queueDepth { entries <<= 1 }
         let ring: RingHandle
-        switch RingHandle.create() {
+        switch RingHandle.create(entries: entries) {
         case .success(let r): ring = r
         case .failure(let e):
             if demanded { throw e }
@@ -206,7 +249,7 @@ extension BackendSelection {
                 .missingOperations, nil,
                 "io_uring lacks IORING_OP_READ, POLL_ADD, LINK_TIMEOUT or ASYNC_CANCEL (kernel older than 5.6)")))
         }
-        let engine = URingEngine(ring: ring, fd: fd)
+        let engine = URingEngine(ring: ring, fd: fd, isRegularFile: isRegular, queueDepth: options.queueDepth)
 
         var registrar: URingRegistrar? = nil
         var reason: ExactReader.FallbackReason? = nil

@@ -75,6 +75,9 @@ struct DirectRead {
     /// The length prefix consumed before the body (at most 10 bytes), put back on an error.
     var prefix: (UInt64, UInt64) = (0, 0)
     var prefixWidth = 0
+    /// Where a frame's bytes start in its region: `ReaderCore.frontRoom`, plus what puts the
+    /// kernel's first byte at an address aligned as O_DIRECT needs (`ReaderCore.alignment`).
+    var front = ReaderCore<StagingBuffer>.frontRoom
 }
 
 /// The I/O-free core of a reader: framing, the read policy (read-ahead, the direct threshold,
@@ -92,6 +95,11 @@ struct ReaderCore<Buffer: CoreBuffer> {
     let lengthIncludesPrefix: Bool
     /// Reads of at least this many bytes go straight to their final memory.
     let directThreshold: Int
+    /// O_DIRECT (`DirectFileEngine`): the memory alignment the kernel needs, and the address
+    /// phase (mod `alignment`) the next byte the engine delivers should land at for a read
+    /// without a bounce copy. Set by the driver before each step; 1 and 0 otherwise.
+    var alignment = 1
+    var phase = 0
     var statistics = ExactReader.Statistics()
     /// The stream returned end-of-file (sticky: later reads do not retry).
     var sawEOF = false
@@ -183,7 +191,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
             // Nothing arrived and no prefix to put back (`readExactly` of a large count): there is
             // nothing to keep (an empty adopted segment would sit in front of later bytes).
             if d.got == 0 && d.prefixWidth == 0 { throw error }
-            buffer.adopt(region, bytes: Self.frontRoom, Self.frontRoom + d.got)
+            buffer.adopt(region, bytes: d.front, d.front + d.got)
             var prefix = d.prefix
             let back = withUnsafeBytes(of: &prefix) { buffer.prepend(UnsafeRawBufferPointer(rebasing: $0[0..<d.prefixWidth])) }
             precondition(back, "the front room of a frame region is never viewed")
@@ -357,7 +365,12 @@ struct ReaderCore<Buffer: CoreBuffer> {
         // Frames larger than staging: read ahead only a page for the next prefix, so that little
         // of the next body is staged (and copied) before its own direct read.
         readAhead = count >= buffer.nominalCapacity ? Block.pageSize : buffer.nominalCapacity
-        let front = Self.frontRoom
+        var front = Self.frontRoom
+        if alignment > 1 {
+            // O_DIRECT: the staged bytes are copied in front, so that the kernel's first byte
+            // lands at an address with the phase its file offset needs.
+            front += ((phase - staged) % alignment + alignment) % alignment
+        }
         let (needed, overflow) = count.addingReportingOverflow(front)
         if overflow { throw Errno.noMemory }
         var prefix: (UInt64, UInt64) = (0, 0)
@@ -365,12 +378,18 @@ struct ReaderCore<Buffer: CoreBuffer> {
             for i in 0..<skip { p[i] = buffer.byte(at: i) }
         }
         var d: DirectRead
-        if let resumed = try buffer.resumeFrame(after: skip, frontRoom: front, needed: needed) {
+        if front == Self.frontRoom, let resumed = try buffer.resumeFrame(after: skip, frontRoom: front, needed: needed) {
             // A retry of a frame whose read failed: its bytes are already where they belong.
             d = DirectRead(memory: .frame(resumed), count: count, got: staged)
         } else {
             var block = try pool.take(atLeast: needed)  // throws before anything is consumed
-            if block.slot == nil && block.resident >= needed
+            if alignment > 1 && block.slot == nil {
+                // O_DIRECT: the device writes with DMA into pinned pages; registered once, they
+                // are not pinned per request (READ_FIXED). A file's frame lengths are the file's:
+                // committing the frame's memory now costs nothing the read would not.
+                block.commit(upTo: block.capacity)
+                pool.register(&block)
+            } else if block.slot == nil && block.resident >= needed
                 && block.capacity - needed <= max(needed / 8, Block.hugePageSize) {
                 // A pooled block whose pages an earlier frame made resident: register it, so that
                 // this frame and the next ones are READ_FIXED.
@@ -384,6 +403,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
         }
         d.prefix = prefix
         d.prefixWidth = skip
+        d.front = front
         direct = d
         if d.got < count { statistics.directReads += 1 }
         return try directStep()
@@ -392,7 +412,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// The next request of the large read in progress, or its result.
     private mutating func directStep() throws -> CoreStep<ByteView> {
         guard var d = direct, case .frame(let region) = d.memory else { preconditionFailure("no frame read in progress") }
-        let front = Self.frontRoom
+        let front = d.front
         if buffer.buffered > 0 && d.got < d.count {
             // Bytes that arrived in the buffer meanwhile (an event loop's receive) come first.
             region.commit(upTo: front + min(d.count, d.got + buffer.buffered))

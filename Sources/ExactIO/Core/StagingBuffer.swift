@@ -199,6 +199,18 @@ struct StagingBuffer: CoreBuffer {
         return keep
     }
 
+    /// O_DIRECT: with nothing buffered, moves the (empty) read position forward to the next
+    /// offset whose address is `phase` mod `alignment` (the region's base is page-aligned), so
+    /// that the next fill lands where the kernel can write without a bounce copy. Skips at most
+    /// `alignment - 1` bytes of free space; no view can reference them.
+    mutating func alignEmpty(phase: Int, alignment: Int) {
+        guard buffered == 0 else { return }
+        let skip = ((phase - writeIndex) % alignment + alignment) % alignment
+        guard skip > 0, writeIndex + skip <= region.capacity else { return }
+        readIndex = writeIndex + skip
+        writeIndex = readIndex
+    }
+
     /// Where the kept bytes go when staging makes room: at the same offset within a page as
     /// now, so that the stream keeps its alignment to staging's pages from refill to refill
     /// (for a file read from a page boundary, every read then lands at the page offset it

@@ -29,4 +29,7 @@ void ctest_malloc_count_start(void);
 /* Stops counting; returns the calling thread's allocations since the start (-1: unavailable). */
 int64_t ctest_malloc_count_stop(void);
 
+/* open(2) with O_DIRECT (read-only): the descriptor or -errno. */
+int ctest_open_direct(const char *path);
+
 #endif

@@ -1,0 +1,191 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+import SystemPackage
+
+/// Reads a regular file opened with `O_DIRECT` as a stream: every request the kernel sees is
+/// aligned (file offset, length and memory address, to `alignment`), at explicit offsets from
+/// the file position the reader started at.
+///
+/// A destination whose address has the phase of the next byte's file offset (mod
+/// `alignment`) gets the kernel's bytes directly — whole blocks, in flight with io_uring —
+/// with no CPU copy; the reader places staging and frame memory that way (`phase`). What does
+/// not fit whole blocks (a frame's unaligned tail, a destination out of phase) goes through a
+/// one-block bounce buffer and is copied (counted in `EngineResult.copied`); the block's other
+/// bytes stay in the bounce buffer for the next read. The file's last, partial block is read
+/// like any other (the kernel returns the bytes up to the end).
+final class DirectFileEngine: IOEngine {
+    let inner: any IOEngine
+    let fd: FileDescriptor
+    let alignment: Int
+    /// File offset of the next byte the kernel will be asked for (aligned until the end).
+    private(set) var position: Int64
+    /// The bounce block: bytes `[bounceStart, bounceEnd)` are file bytes just before
+    /// `position`, read but not delivered yet.
+    private let bounce: UnsafeMutableRawPointer
+    private var bounceStart = 0
+    private var bounceEnd = 0
+    /// A read returned fewer bytes than asked: the file ended.
+    private var atEnd = false
+
+    /// `start`: the descriptor's position when the reader was created; its aligned-down
+    /// block is read and the bytes before `start` are dropped.
+    init(inner: any IOEngine, fd: FileDescriptor, alignment: Int, start: Int64, probe: Bool = false) throws(Errno) {
+        self.inner = inner
+        self.fd = fd
+        self.alignment = alignment
+        guard let b = aligned_alloc(alignment, alignment) else { throw .noMemory }
+        self.bounce = b
+        let a = Int64(alignment)
+        self.position = start / a * a
+        let skip = Int(start - position)
+        if skip > 0 || probe {
+            // Start inside a block: read it, keep the bytes from `start` on.
+            let r = inner.read(
+                into: UnsafeMutableRawBufferPointer(start: bounce, count: alignment), atLeast: 1, slot: -1,
+                offset: position, deadline: 0)
+            if let e = r.error {
+                free(b)
+                throw e
+            }
+            if skip > 0 {
+                position += Int64(r.count)
+                if r.count < alignment { atEnd = true }
+                bounceStart = min(skip, r.count)
+                bounceEnd = r.count
+            }
+            // A probe from a block boundary keeps nothing: the first read then goes straight
+            // into the reader's memory, with no copy.
+        }
+    }
+
+    deinit { free(bounce) }
+
+    var kind: ExactReader.Backend { inner.kind }
+    var degradation: String? { inner.degradation }
+    /// A regular file is always readable (reads return data or the end at once).
+    func readiness() -> Readiness { .readable }
+
+    /// The address phase (mod `alignment`) at which the next delivered byte should land.
+    var phase: Int {
+        let next = position - Int64(bounceEnd - bounceStart)
+        return Int(next % Int64(alignment))
+    }
+
+    func read(
+        into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, offset: Int64, deadline: Int64
+    ) -> EngineResult {
+        precondition(offset < 0, "positional reads of an O_DIRECT file go through ExactReader.readDirect")
+        var result = EngineResult()
+        guard let base = dst.baseAddress, dst.count > 0 else { return result }
+        var done = 0
+        if bounceEnd > bounceStart {
+            let n = min(bounceEnd - bounceStart, dst.count)
+            base.copyMemory(from: bounce + bounceStart, byteCount: n)
+            bounceStart += n
+            done = n
+            result.copied += n
+        }
+        let a = alignment
+        while done < max(minimum, 1) && !atEnd {
+            let p = base + done
+            let room = dst.count - done
+            if Int(bitPattern: p) % a == 0 && room >= a {
+                // In phase: whole blocks straight into the destination.
+                let bulk = room / a * a
+                let r = inner.read(
+                    into: UnsafeMutableRawBufferPointer(start: p, count: bulk), atLeast: 1, slot: slot,
+                    offset: position, deadline: deadline)
+                merge(r, into: &result)
+                position += Int64(r.count)
+                done += r.count
+                if r.error != nil { break }
+                if r.count < bulk && (r.count == 0 || r.count % a != 0) { atEnd = true }
+            } else {
+                // A head or tail that is not whole blocks, or memory out of phase: one block
+                // through the bounce buffer.
+                let r = inner.read(
+                    into: UnsafeMutableRawBufferPointer(start: bounce, count: a), atLeast: 1, slot: -1,
+                    offset: position, deadline: deadline)
+                merge(r, into: &result)
+                position += Int64(r.count)
+                if r.count < a { atEnd = true }
+                let n = min(r.count, room)
+                p.copyMemory(from: bounce, byteCount: n)
+                result.copied += n
+                done += n
+                bounceStart = n
+                bounceEnd = r.count
+                if r.error != nil { break }
+            }
+        }
+        result.count = done
+        return result
+    }
+
+    private func merge(_ r: EngineResult, into result: inout EngineResult) {
+        result.reads += r.reads
+        result.fixedReads += r.fixedReads
+        result.polls += r.polls
+        result.copied += r.copied
+        if r.destinationPoisoned { result.destinationPoisoned = true }
+        if let e = r.error { result.error = e }
+    }
+}
+
+#if canImport(CExactIOLinux)
+import CExactIOLinux
+
+extension DirectFileEngine {
+    /// The engine for `fd` given `options`: `engine` itself, or a `DirectFileEngine` over it for
+    /// a regular file read with O_DIRECT (opened with it, or `Options.directIO`). The reason,
+    /// when O_DIRECT was wanted and is not used (the descriptor then reads through the page
+    /// cache: O_DIRECT is turned off on it if it was on).
+    static func wrap(_ engine: any IOEngine, fd: FileDescriptor, fileType: mode_t, options: ExactReader.Options)
+        -> (engine: any IOEngine, direct: DirectFileEngine?, reason: String?)
+    {
+        guard fileType == S_IFREG || fileType == S_IFBLK else {
+            return (engine, nil, options.directIO ? "O_DIRECT not used: not a regular file or block device" : nil)
+        }
+        let has = cexactio_has_direct(fd.rawValue)
+        guard has == 1 || options.directIO else { return (engine, nil, nil) }
+        var turnedOn = false
+        if has != 1 {
+            let r = cexactio_set_direct(fd.rawValue, 1)
+            if r < 0 {
+                return (engine, nil, "O_DIRECT not used: fcntl(F_SETFL, O_DIRECT) failed: \(BackendSelection.describe(Errno(rawValue: -r))); reading through the page cache")
+            }
+            turnedOn = true
+        }
+        func refuse(_ why: String) -> (engine: any IOEngine, direct: DirectFileEngine?, reason: String?) {
+            _ = cexactio_set_direct(fd.rawValue, 0)
+            return (engine, nil, "O_DIRECT not used: \(why); reading through the page cache"
+                + (turnedOn ? "" : " (O_DIRECT turned off on the descriptor)"))
+        }
+        var memAlign: UInt32 = 0
+        var offsetAlign: UInt32 = 0
+        var alignment = 4096
+        if cexactio_dio_alignment(fd.rawValue, &memAlign, &offsetAlign) == 0 {
+            if offsetAlign == 0 { return refuse("the filesystem does not support direct I/O (statx: no DIO alignment)") }
+            alignment = Int(max(memAlign, offsetAlign))
+        }
+        guard alignment > 0, alignment & (alignment - 1) == 0, alignment <= Block.pageSize else {
+            return refuse("unsupported direct I/O alignment \(alignment)")
+        }
+        let start = lseek(fd.rawValue, 0, SEEK_CUR)
+        if start < 0 { return refuse("lseek failed: \(BackendSelection.describe(Errno(rawValue: errno)))") }
+        do {
+            // The first block is read now: a filesystem that takes the flag but refuses aligned
+            // reads (EINVAL) is found here, not in the middle of a frame.
+            let d = try DirectFileEngine(inner: engine, fd: fd, alignment: alignment, start: Int64(start), probe: true)
+            return (d, d, nil)
+        } catch {
+            return refuse("the first aligned read failed: \(BackendSelection.describe(error))")
+        }
+    }
+}
+#endif
