@@ -27,7 +27,24 @@ let allStrategies = [
 let uringOnlyStrategies = ["c-readahead-uring"]
 /// Peer strategies (opt-in with --peers): processes of their own, not in this executable.
 let peerStrategies = ["py-asyncio", "swift-nio"]
-let allTransports = ["unix", "tcp", "pipe", "file"]
+let allTransports = ["unix", "tcp", "pipe", "file", "direct", "tcp-to-file", "random"]
+/// `direct`: the frame file opened with O_DIRECT (written and fsynced first, 1 GiB per case).
+/// The naive strategies read unaligned and cannot run there; `posix-into` (the floor) and
+/// `c-readahead` become one aligned `pread` per frame, `c-readahead-uring` 1 MiB READ_FIXED
+/// chunks with up to 64 in flight (the ceiling).
+let directStrategies = ["posix-into", "c-readahead-uring", "exactio-posix", "exactio-uring", "exactio-borrow"]
+let directSizes = [1 << 20, 64 << 20, 512 << 20]
+/// `tcp-to-file`: each frame's body goes from a TCP socket to a file in /dev/shm (4 GiB per
+/// case): `forward-readwrite` (read(2) into a 256 KiB buffer, write(2); the floor),
+/// `forward-seed` (seed-prealloc's readexactly, then one write per frame), `exactio-forward`
+/// (`ExactReader.forward`: splice through a pipe).
+let forwardStrategies = ["forward-readwrite", "forward-seed", "exactio-forward"]
+let forwardSizes = [64 << 20, 1 << 30]
+/// `random`: positional reads of 4 KiB records at random offsets (splitmix64) of a 1 GiB file in
+/// the page cache: `c-pread` (a C pread(2) loop into one buffer; floor and ceiling),
+/// `exactio-pread-posix` and `exactio-pread-uring` (`readExactly(_:at:)`, each record a view).
+let randomStrategies = ["c-pread", "exactio-pread-posix", "exactio-pread-uring"]
+let randomFileBytes = 1 << 30
 let allSizes = [64, 4 << 10, 64 << 10, 1 << 20, 64 << 20, 512 << 20]
 
 /// Bytes of frame bodies of a case's first (calibration) run; the measured runs then move
@@ -48,12 +65,18 @@ func makeCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
     let uring = exio_ceiling_uring_available() != 0
     let strategies = allStrategies.filter { uring || !uringOnlyStrategies.contains($0) } + (peers ? peerStrategies : [])
     var cases: [BenchCase] = []
-    for t in transports {
+    for t in transports + (quick ? [] : []) {
+        let sizes = t == "direct" ? directSizes : t == "tcp-to-file" ? forwardSizes : t == "random" ? [4 << 10] : sizes
+        let strategies = t == "direct"
+            ? directStrategies.filter { uring || !uringOnlyStrategies.contains($0) }
+            : t == "tcp-to-file" ? forwardStrategies : t == "random" ? randomStrategies : strategies
         for n in sizes {
             for s in strategies {
                 // The peers read sockets only (asyncio streams, NIO channels).
                 if peerStrategies.contains(s) && !(t == "unix" || t == "tcp") { continue }
-                let frames = max(2, bodyBytes(frameBytes: n, quick: quick) / n)
+                let total = t == "tcp-to-file" ? 4 << 30 : t == "direct" ? 1 << 30 : t == "random" ? 256 << 20
+                    : bodyBytes(frameBytes: n, quick: quick)
+                let frames = max(2, total / n)
                 let c = BenchCase(strategy: s, transport: t, frameBytes: n, frames: frames)
                 if filter.isEmpty || filter.allSatisfy({ f in c.name.contains(f) }) { cases.append(c) }
             }
@@ -67,6 +90,8 @@ func makeCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
 func scaledFrames(_ c: BenchCase, took: Double, seconds: Double) -> Int {
     guard took > 0, took < seconds else { return c.frames }
     let wanted = Double(c.frames) * seconds / took
+    if c.transport == "direct" || c.transport == "tcp-to-file" { return c.frames }  // fixed: 1 GiB, 4 GiB
+    if c.transport == "random" { return max(c.frames, Int((Double(c.frames) * seconds / took).rounded(.up))) }
     let maxBytes = c.transport == "file" ? Double(8 << 30) : Double(64 << 30)
     let cap = maxBytes / Double(c.frameBytes + 4)
     return max(c.frames, Int(min(wanted, cap).rounded(.up)))

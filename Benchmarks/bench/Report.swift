@@ -16,8 +16,13 @@ func addRatios(_ results: inout [CaseResult]) {
         results.first { $0.strategy == strategy && $0.transport == r.transport && $0.frameBytes == r.frameBytes && $0.connections == 1 }?.gbPerSecond
     }
     for i in results.indices where results[i].connections == 1 && results[i].idle != true {
-        results[i].floorRatio = rate("posix-into", results[i]).map { results[i].gbPerSecond / $0 }
-        results[i].ceilingRatio = rate("c-readahead", results[i]).map { results[i].gbPerSecond / $0 }
+        let t = results[i].transport
+        let floor = t == "tcp-to-file" ? "forward-readwrite" : t == "random" ? "c-pread" : "posix-into"
+        // O_DIRECT: the ceiling is reads in flight (c-readahead-uring); positional reads: the C
+        // pread loop; elsewhere the C read-ahead loop. tcp-to-file has none.
+        let ceiling = t == "direct" ? "c-readahead-uring" : t == "tcp-to-file" ? "" : t == "random" ? "c-pread" : "c-readahead"
+        results[i].floorRatio = rate(floor, results[i]).map { results[i].gbPerSecond / $0 }
+        results[i].ceilingRatio = rate(ceiling, results[i]).map { results[i].gbPerSecond / $0 }
     }
 }
 

@@ -128,7 +128,7 @@ func seedBuffer(fd: Int32, c: BenchCase) throws -> Int {
 /// seed-prealloc: the proposal in python/asyncio#394. When the buffer holds n bytes, slice
 /// them out (a copy, as a bytearray slice is); otherwise allocate bytearray(n) (zeroed),
 /// copy what is buffered, and recv_into the rest in place. Peak n; result mutable.
-func seedPrealloc(fd: Int32, c: BenchCase) throws -> Int {
+func seedPrealloc(fd: Int32, c: BenchCase, deliver: (([UInt8]) throws -> Void)? = nil) throws -> Int {
     var buffer = GrowBuffer()
     var chunk = [UInt8](repeating: 0, count: recvSize)
     func readExactly(_ n: Int) throws -> [UInt8]? {
@@ -164,6 +164,7 @@ func seedPrealloc(fd: Int32, c: BenchCase) throws -> Int {
         let n = hdr.withUnsafeBytes(decodeLength)
         guard let body = try readExactly(n) else { break }
         try body.withUnsafeBytes { try checkFrame($0, n) }
+        try deliver?(body)
         frames += 1
     }
     return frames
@@ -222,8 +223,14 @@ let benchStaging: Int = getenv("EXACTIO_BENCH_STAGING").flatMap { Int(String(cSt
 /// exactio-posix / exactio-uring: ExactReader.readFrame, each frame a read-only view.
 /// The reader is created before the clock starts (its staging buffer counts in the peak).
 func makeReader(fd: Int32, backend: ExactReader.Backend) throws -> ExactReader {
-    try ExactReader(FileDescriptor(rawValue: fd), options: .init(backend: backend, stagingCapacity: benchStaging, maxFrameLength: 1 << 30))
+    var o = ExactReader.Options(backend: backend, stagingCapacity: benchStaging, maxFrameLength: 1 << 30)
+    if let depth = benchQueueDepth { o.queueDepth = depth }
+    return try ExactReader(FileDescriptor(rawValue: fd), options: o)
 }
+
+/// ExactIO's reads in flight for files in the bench: the default, or EXACTIO_BENCH_QUEUE_DEPTH
+/// (how the default was chosen: README "Files").
+let benchQueueDepth: Int? = getenv("EXACTIO_BENCH_QUEUE_DEPTH").flatMap { Int(String(cString: $0)) }
 
 func exactIO(_ reader: ExactReader, c: BenchCase) throws -> Int {
     var frames = 0
@@ -266,13 +273,38 @@ func prepare(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
     case "seed-join": return PreparedStrategy(run: { try seedJoin(fd: fd, c: c) })
     case "seed-buffer": return PreparedStrategy(run: { try seedBuffer(fd: fd, c: c) })
     case "seed-prealloc": return PreparedStrategy(run: { try seedPrealloc(fd: fd, c: c) })
-    case "posix-into":
+    case "posix-into" where c.transport != "direct":
         let buffer = makeFloorBuffer(c)
         return PreparedStrategy(run: {
             defer { buffer.deallocate() }
             return try posixInto(fd: fd, c: c, buf: buffer)
         })
+    case "posix-into" where c.transport == "direct":
+        // O_DIRECT: the floor is one aligned pread(2) per frame (the C ceiling's direct mode
+        // without io_uring), as no unaligned read(2) is allowed.
+        return try prepareCeiling(c, fd: fd, uring: false)
     case "c-readahead": return try prepareCeiling(c, fd: fd, uring: false)
+    case "c-pread":
+        return PreparedStrategy(run: {
+            let n = exio_pread_run(fd, UInt64(c.frameBytes), Int64(c.frames), UInt64(randomFileBytes - c.frameBytes), 42)
+            if n < 0 { throw BenchFailure("c-pread: errno \(-n)") }
+            return Int(n)
+        })
+    case "exactio-pread-posix", "exactio-pread-uring":
+        let reader = try makeReader(fd: fd, backend: c.strategy.hasSuffix("uring") ? .ioUring : .posix)
+        return PreparedStrategy(run: {
+            var state: UInt64 = 42
+            let span = UInt64(randomFileBytes - c.frameBytes)
+            var sum = 0
+            for _ in 0..<c.frames {
+                let record = try reader.readExactly(c.frameBytes, at: Int64(exio_splitmix(&state) % span))
+                sum &+= Int(record[0])
+            }
+            blackHole(sum)
+            return c.frames
+        }, note: { describe(reader) })
+    case "forward-readwrite", "forward-seed", "exactio-forward":
+        return try prepareForward(c, fd: fd)
     case "c-readahead-uring": return try prepareCeiling(c, fd: fd, uring: true)
     case "exactio-posix", "exactio-uring", "exactio-borrow":
         // exactio-borrow runs on the default backend (io_uring where it works).
@@ -319,4 +351,72 @@ func warmUp(_ c: BenchCase) {
     close(sv[1])
     let w = BenchCase(strategy: c.strategy, transport: c.transport, frameBytes: n, frames: 2)
     _ = try? prepare(w, fd: sv[0]).run()
+}
+
+/// The destination of the tcp-to-file cases: a new, unlinked file in /dev/shm (memory: no
+/// writeback to shape the figures).
+func forwardDestination() throws -> Int32 {
+    let path = "/dev/shm/exactio-bench-forward-\(getpid())"
+    let out = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+    guard out >= 0 else { throw BenchFailure("open \(path): errno \(errno)") }
+    unlink(path)
+    return out
+}
+
+/// tcp-to-file: each frame's header is read, then its body goes to the file.
+func prepareForward(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
+    let out = try forwardDestination()
+    switch c.strategy {
+    case "exactio-forward":
+        let reader = try makeReader(fd: fd, backend: .automatic)
+        return PreparedStrategy(run: {
+            defer { close(out) }
+            var frames = 0
+            while frames < c.frames, reader.isAtEOF == false {
+                let n = try reader.readExactly(4).withUnsafeBytes(decodeLength)
+                guard n == c.frameBytes else { throw BenchFailure("frame length \(n)") }
+                try reader.forward(exactly: n, to: FileDescriptor(rawValue: out))
+                frames += 1
+            }
+            return frames
+        }, note: { describe(reader) })
+    case "forward-seed":
+        return PreparedStrategy(run: {
+            defer { close(out) }
+            return try seedPrealloc(fd: fd, c: c) { body in
+                try body.withUnsafeBytes { try writeAll(out, $0.baseAddress!, $0.count) }
+            }
+        })
+    default:  // forward-readwrite
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 256 << 10, alignment: 4096)
+        memset(buffer.baseAddress!, 0, buffer.count)
+        return PreparedStrategy(run: {
+            defer { close(out); buffer.deallocate() }
+            var frames = 0
+            var hdr: (UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0)
+            while frames < c.frames {
+                var got = 0
+                while got < 4 {
+                    let k = try withUnsafeMutableBytes(of: &hdr) { try sysRead(fd, $0.baseAddress! + got, 4 - got) }
+                    if k == 0 { return frames }
+                    got += k
+                }
+                var left = withUnsafeBytes(of: &hdr) { decodeLength($0) }
+                while left > 0 {
+                    let k = try sysRead(fd, buffer.baseAddress!, min(left, buffer.count))
+                    if k == 0 { return frames }
+                    try writeAll(out, buffer.baseAddress!, k)
+                    left -= k
+                }
+                frames += 1
+            }
+            return frames
+        })
+    }
+}
+
+/// Keeps a value alive for the optimizer.
+@inline(never)
+func blackHole(_ x: Int) {
+    if x == 0x7fff_ffff_ffff_fff1 { print("") }
 }

@@ -1,3 +1,4 @@
+import ExactIOBenchCeiling
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -98,11 +99,16 @@ func openTransport(_ transport: String, writerArgs: [String]) throws -> (fd: Int
         close(l)
         guard fd >= 0 else { throw BenchFailure("accept: errno \(errno)") }
         return (fd, pid)
-    case "file":
+    case "tcp-to-file":
+        return try openTransport("tcp", writerArgs: writerArgs)
+    case "random":
+        // The file the records are read from: 1 GiB of 1 MiB frames, in the page cache.
+        return try openTransport("file", writerArgs: ["--writer", "file", String(1 << 20), String(randomFileBytes >> 20)])
+    case "file", "direct":
         let path = "/tmp/exactio-bench-\(getpid()).dat"
         let pid = try spawn(selfPath, writerArgs + ["--path", path])
         guard waitExit(pid) == 0 else { throw BenchFailure("file writer failed") }
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let fd = transport == "direct" ? exio_open_direct(path) : open(path, O_RDONLY | O_CLOEXEC)
         unlink(path)  // the data lives while the descriptor is open
         guard fd >= 0 else { throw BenchFailure("open \(path): errno \(errno)") }
         return (fd, 0)
@@ -142,12 +148,12 @@ func writeAll(_ fd: Int32, _ p: UnsafeRawPointer, _ count: Int) throws {
 func writerDescriptor(transport: String, port: UInt16?, path: String?) throws -> Int32 {
     signal(SIGPIPE, SIG_IGN)
     switch transport {
-    case "tcp":
+    case "tcp", "tcp-to-file":
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var addr = loopbackAddress(port: port ?? 0)
         guard withSockaddr(&addr, { connect(fd, $0, $1) }) == 0 else { throw BenchFailure("connect: errno \(errno)") }
         return fd
-    case "file":
+    case "file", "direct":
         let fd = open(path ?? "/tmp/exactio-bench.dat", O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         guard fd >= 0 else { throw BenchFailure("create file: errno \(errno)") }
         return fd
@@ -198,5 +204,8 @@ func runWriter(transport: String, n: Int, frames: Int, port: UInt16?, path: Stri
             try tail.withUnsafeBytes { try writeAll(fd, $0.baseAddress!, 1) }
         }
     }
+    // O_DIRECT reads wait for dirty pages to reach the device first: flush them before any
+    // reader's clock starts.
+    if transport == "direct" { fsync(fd) }
     close(fd)
 }

@@ -31,4 +31,13 @@ void exio_ceiling_destroy(exio_ceiling *c);
 /* 1 when an io_uring ring can be created here, else 0. */
 int exio_ceiling_uring_available(void);
 
+/* open(2) read-only with O_DIRECT: the descriptor or -errno. */
+int exio_open_direct(const char *path);
+
+/* splitmix64: the random offsets of the positional-read cases (the same sequence in C and Swift). */
+uint64_t exio_splitmix(uint64_t *state);
+/* `count` pread(2)s of `record` bytes at offsets splitmix(seed) % span into one buffer: the C
+ * baseline of the positional-read cases. Records read, or -errno. */
+int64_t exio_pread_run(int fd, uint64_t record, int64_t count, uint64_t span, uint64_t seed);
+
 #endif
