@@ -88,3 +88,70 @@ func smallMemlockChild() throws {
         })
     }
 }
+
+/// A 1 GiB body from a unix socket, forwarded to /dev/null (a file) or read in 4 MiB chunks:
+/// the process's peak RSS grows by O(pipe + staging) or O(chunk), never O(body).
+/// EXACTIO_TEST_LARGE_BODY_GIB=16 runs the same with 16 GiB (README "Files" figures).
+func largeBodyChild(_ backend: ExactReader.Backend, chunked: Bool) throws {
+    let n = (ProcessInfo.processInfo.environment["EXACTIO_TEST_LARGE_BODY_GIB"].flatMap { Int($0) } ?? 1) << 30
+    let (a, b) = try socketPair(AF_UNIX)
+    let chunk = pattern(1 << 20, seed: 78)
+    let reader = try ExactReader(a, options: .init(backend: backend))
+    let sink = try FileDescriptor.open("/dev/null", .writeOnly)
+    resetPeakRSS()
+    let baseline = procStatus("VmRSS")
+    let writer = Writer {
+        defer { try? b.close() }
+        for _ in 0..<(n >> 20) { try chunk.withUnsafeBytes { try writeAll(b, $0) } }
+        try [UInt8]([7, 7, 7]).withUnsafeBytes { try writeAll(b, $0) }
+    }
+    if chunked {
+        var chunks = reader.chunks(of: n, maxChunk: 4 << 20)
+        var k = 0
+        while let c = try chunks.next() {
+            guard c[0] == chunk[k % (1 << 20)] else { fatalError("chunk content wrong") }
+            k += c.count
+        }
+        guard k == n else { fatalError("chunks covered \(k) bytes") }
+    } else {
+        guard try reader.forward(exactly: n, to: sink) == n else { fatalError("forward") }
+    }
+    guard try reader.readExactly(3) == ByteView([7, 7, 7]) else { fatalError("the stream after the body") }
+    let peak = procStatus("VmHWM")
+    writer.join()
+    let limit = chunked ? 16 << 20 : 8 << 20
+    FileHandle.standardError.write(
+        "peak RSS growth, \(n >> 30) GiB body \(chunked ? "in 4 MiB chunks" : "forwarded") (\(backend)): \(peak - baseline) bytes (limit \(limit)); statistics \(reader.statistics)\n"
+            .data(using: .utf8)!)
+    if peak - baseline > limit { exit(3) }
+}
+
+@Suite struct LargeBodyMemoryTests {
+    @Test func forwardPosix() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try largeBodyChild(.posix, chunked: false)
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+
+    @Test(.enabled(if: uringAvailable)) func forwardURing() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try largeBodyChild(.ioUring, chunked: false)
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+
+    @Test func chunksPosix() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try largeBodyChild(.posix, chunked: true)
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+
+    @Test(.enabled(if: uringAvailable)) func chunksURing() async throws {
+        let result = await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) {
+            try largeBodyChild(.ioUring, chunked: true)
+        }
+        if let result { print(String(decoding: result.standardErrorContent, as: UTF8.self)) }
+    }
+}
