@@ -69,6 +69,24 @@ import Testing
         w.join(); ch.close()
     }
 
+    @Test func theFileSnippetsDoWhatTheArticleSays() throws {
+        let bytes = pattern(300_000, seed: 12)
+        let (fd, path) = try tempFile(containing: bytes)
+        defer { try? fd.close(); unlink(path) }
+        let records = try DocSnippets().records(fd, offsets: [0, 1000, 200_000], size: 100)
+        #expect(records.map(\.array) == [Array(bytes[0..<100]), Array(bytes[1000..<1100]), Array(bytes[200_000..<200_100])])
+
+        let reader = try ExactReader(fd)
+        var expected: UInt64 = 0
+        for byte in bytes[0..<250_000] { expected = expected &* 31 &+ UInt64(byte) }
+        #expect(try DocSnippets().checksum(reader, bodyLength: 250_000) == expected)
+        let (out, outPath) = try tempFile(containing: [])
+        defer { try? out.close(); unlink(outPath) }
+        try DocSnippets().store(reader, bodyLength: 50_000, into: out)
+        #expect(try Array(Data(contentsOf: URL(fileURLWithPath: outPath))) == Array(bytes[250_000...]))
+        #expect(throws: ForwardError.self) { try DocSnippets().store(reader, bodyLength: 1, into: out) }
+    }
+
     @Test func theServerSnippetReadsEveryConnection() async throws {
         let loop = try IOLoop()
         let listener = try tcpListener()

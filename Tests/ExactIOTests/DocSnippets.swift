@@ -25,6 +25,32 @@ struct DocSnippets {
         return largest
     }
 
+    // FilesAndLargeBodies.md
+    func records(_ file: FileDescriptor, offsets: [Int64], size: Int) throws -> [ByteView] {
+        let reader = try ExactReader(file)
+        return try offsets.map { try reader.readExactly(size, at: $0) }
+    }
+
+    // FilesAndLargeBodies.md
+    func checksum(_ reader: ExactReader, bodyLength: Int) throws -> UInt64 {
+        var sum: UInt64 = 0
+        var chunks = reader.chunks(of: bodyLength, maxChunk: 4 << 20)
+        while let chunk = try chunks.next() {
+            for byte in chunk { sum = sum &* 31 &+ UInt64(byte) }
+        }
+        return sum
+    }
+
+    // FilesAndLargeBodies.md
+    func store(_ reader: ExactReader, bodyLength: Int, into file: FileDescriptor) throws {
+        do {
+            try reader.forward(exactly: bodyLength, to: file)
+        } catch let error as ForwardError {
+            print("stored \(error.forwarded) of \(error.expected) bytes: \(error.underlying)")
+            throw error
+        }
+    }
+
     // FramesAndHostileInput.md
     func readSelfCountingFrames(_ fd: FileDescriptor) throws -> [ByteView] {
         var options = ExactReader.Options()
