@@ -64,12 +64,8 @@ extension ExactReader {
         }
         // 1. Staged bytes: written from staging (the one user-space touch of this call).
         while forwarded < count && core.buffer.buffered > 0 {
-            let staged = core.buffer.contiguousReadable
-            let n = min(count - forwarded, staged.count)
-            let w = Self.writeNoSignal(destination, UnsafeRawBufferPointer(rebasing: staged[0..<n]), deadline: deadline)
-            core.buffer.consume(w.count)
+            let w = writeStaged(upTo: count - forwarded, to: destination, deadline: deadline)
             forwarded += w.count
-            core.statistics.bytesDelivered &+= w.count
             if let e = w.error { throw fail(e) }
         }
         if forwarded == count { return count }
@@ -134,21 +130,32 @@ extension ExactReader {
     func forwardByCopy(_ count: Int, to destination: FileDescriptor, deadline: Int64, already: Int = 0) throws -> Int {
         var forwarded = already
         while forwarded < count {
-            try fill(atLeast: 1)
+            do {
+                try fill(atLeast: 1)
+            } catch {
+                throw ForwardError(forwarded: forwarded, expected: count, underlying: error)
+            }
             if core.buffer.buffered == 0 {
                 throw ForwardError(
                     forwarded: forwarded, expected: count,
                     underlying: ExactReadError.incomplete(partial: ByteView(), expected: count - forwarded))
             }
-            let staged = core.buffer.contiguousReadable
-            let n = min(count - forwarded, staged.count)
-            let w = Self.writeNoSignal(destination, UnsafeRawBufferPointer(rebasing: staged[0..<n]), deadline: deadline)
-            core.buffer.consume(w.count)
+            let w = writeStaged(upTo: count - forwarded, to: destination, deadline: deadline)
             forwarded += w.count
-            core.statistics.bytesDelivered &+= w.count
             if let e = w.error { throw ForwardError(forwarded: forwarded, expected: count, underlying: e) }
         }
         return count
+    }
+
+    /// Writes up to `limit` staged bytes (one contiguous run) to `destination`, consuming what
+    /// was written.
+    func writeStaged(upTo limit: Int, to destination: FileDescriptor, deadline: Int64) -> (count: Int, error: Errno?) {
+        let staged = core.buffer.contiguousReadable
+        let n = min(limit, staged.count)
+        let w = Self.writeNoSignal(destination, UnsafeRawBufferPointer(rebasing: staged[0..<n]), deadline: deadline)
+        core.buffer.consume(w.count)
+        core.statistics.bytesDelivered &+= w.count
+        return w
     }
 
     /// Writes all of `bytes` unless an error (or the deadline) stops it first.

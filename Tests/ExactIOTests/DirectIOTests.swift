@@ -110,6 +110,27 @@ import Testing
         #expect(try r.readExactly(20) == ByteView(bytes[10..<30]), "positional reads leave the stream alone")
     }
 
+    @Test(arguments: testBackends)
+    func forwardFromAnODirectFileGoesThroughStaging(backend: ExactReader.Backend) throws {
+        let bytes = pattern(3_000_000, seed: 10)
+        let path = try Self.file(bytes)
+        defer { unlink(path) }
+        let fd = try Self.openDirect(path)
+        defer { try? fd.close() }
+        let (out, outPath) = try tempFile(containing: [])
+        defer { try? out.close(); unlink(outPath) }
+        let r = try ExactReader(fd, options: options(backend))
+        #expect(try r.readExactly(7) == ByteView(bytes[0..<7]))
+        #expect(try r.forward(exactly: 2_000_000, to: out) == 2_000_000)
+        #expect(try Array(Data(contentsOf: URL(fileURLWithPath: outPath))) == Array(bytes[7..<2_000_007]))
+        do {
+            try r.forward(exactly: 1_000_000, to: out)
+            Issue.record("forward past the end of the file succeeded")
+        } catch let e as ForwardError {
+            #expect(e.forwarded == bytes.count - 2_000_007)
+        }
+    }
+
     @Test func startingInsideABlock() throws {
         let bytes = pattern(100_000, seed: 6)
         let path = try Self.file(bytes)
