@@ -164,6 +164,31 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
  * reverse order. */
 void csupport_debug_shuffle_completions(csupport_ring *ring, int on);
 
+/* What csupport_splice should do: move `len` bytes from `in` to `out` (both at their current
+ * positions) through the pipe (pipe_r, pipe_w), at most `chunk` bytes (the pipe's capacity)
+ * per pair of splices. The pipe must be empty. */
+struct csupport_splice_req {
+	int in, out, pipe_r, pipe_w;
+	size_t len;
+	size_t chunk;
+};
+
+struct csupport_splice_res {
+	/* Bytes that reached `out`. */
+	size_t moved;
+	/* Bytes taken from `in` that are still in the pipe (after an error on the `out` side). */
+	size_t in_pipe;
+	uint32_t submissions;
+};
+
+/*
+ * Forwarding with IORING_OP_SPLICE (splice.c): per chunk, source -> pipe and pipe ->
+ * destination linked in one submission. Returns 0 when all `len` bytes were moved, 0 with
+ * moved < len at end of stream, or -errno (res->in_pipe then says how many bytes the pipe
+ * still holds; the caller reads them back).
+ */
+int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, struct csupport_splice_res *res);
+
 /*
  * The event loop (loop.c): requests queued without waiting, tagged with the caller's
  * user_data, submitted and reaped in batches. One thread calls these for a given ring.

@@ -80,6 +80,29 @@ extension ExactReader {
             return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
         }
         let pipe = try splicePipe()
+        #if EXACTIO_URING
+        if deadline == 0, let uring = engine as? URingEngine,
+           let r = uring.splice(
+               to: destination.rawValue, pipeRead: pipe.read, pipeWrite: pipe.write, capacity: pipe.capacity,
+               count: count - forwarded)
+        {
+            // io_uring: IORING_OP_SPLICE, source -> pipe -> destination linked per chunk. (With a
+            // deadline, the poll(2)-driven splice(2) path below keeps it.)
+            forwarded += r.moved
+            core.statistics.bytesDelivered &+= r.moved
+            core.statistics.reads &+= r.submissions
+            if let e = r.error {
+                if r.inPipe > 0 { try putBack(r.inPipe, from: pipe.read) }
+                if !(e == .invalidArgument && r.moved == 0 && r.inPipe == 0) { throw fail(e) }
+                // Refused (a descriptor without splice support): the paths below decide.
+            } else if forwarded < count {
+                core.sawEOF = true
+                throw fail(ExactReadError.incomplete(partial: ByteView(), expected: count - forwarded))
+            } else {
+                return count
+            }
+        }
+        #endif
         var splicedOut = false
         while forwarded < count {
             let want = min(count - forwarded, pipe.capacity)

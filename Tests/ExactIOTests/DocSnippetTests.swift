@@ -102,7 +102,9 @@ import Testing
             try (frame(pattern(1000)) + frame(pattern(5))).withUnsafeBytes { try writeAll(FileDescriptor(rawValue: c), $0) }
             close(c)
         }
-        let deadline = ContinuousClock.now + .seconds(20)
+        // Generous: under a sanitizer, with other suites blocking the cooperative pool's threads,
+        // the server's tasks may wait long for a thread (20 s was once not enough under ASan).
+        let deadline = ContinuousClock.now + .seconds(180)
         while sizes.withLock({ $0.count }) < 6 && ContinuousClock.now < deadline {
             try await Task.sleep(for: .milliseconds(10))
         }

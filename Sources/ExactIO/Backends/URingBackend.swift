@@ -129,6 +129,20 @@ final class URingEngine: IOEngine {
         self.queueDepth = queueDepth
     }
 
+    /// `forward`'s io_uring path: `count` bytes from the reader's descriptor to `destination`
+    /// through the pipe, two linked IORING_OP_SPLICEs per chunk. Nil when this engine reads
+    /// with `read(2)` (a forked child).
+    func splice(to destination: Int32, pipeRead: Int32, pipeWrite: Int32, capacity: Int, count: Int)
+        -> (moved: Int, inPipe: Int, submissions: Int, error: Errno?)?
+    {
+        guard posix == nil, ring.unusable == nil else { return nil }
+        var req = csupport_splice_req(
+            in: fd.rawValue, out: destination, pipe_r: pipeRead, pipe_w: pipeWrite, len: count, chunk: capacity)
+        var res = csupport_splice_res()
+        let ret = csupport_splice(ring.pointer, &req, &res)
+        return (res.moved, res.in_pipe, Int(res.submissions), ret < 0 ? errnoFromNegative(ret) : nil)
+    }
+
     /// Test seam: `csupport_read_multi` handles completions in reverse order.
     func shuffleCompletions(_ on: Bool) {
         csupport_debug_shuffle_completions(ring.pointer, on ? 1 : 0)
