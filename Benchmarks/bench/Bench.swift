@@ -86,7 +86,8 @@ struct Bench: ParsableCommand {
         if let soak, !(soak > 0 && soak.isFinite) {
             throw ValidationError("--soak must be a positive number of minutes (got \(soak))")
         }
-        let known = Set(allStrategies + uringOnlyStrategies + peerStrategies + manyStrategies + manyPeerStrategies)
+        let known = Set(allStrategies + uringOnlyStrategies + peerStrategies + manyStrategies + manyPeerStrategies
+            + directStrategies + forwardStrategies + randomStrategies)
         for name in strategies where !known.contains(name) {
             throw ValidationError("unknown strategy '\(name)'; known: \(known.sorted().joined(separator: ", "))")
         }

@@ -36,9 +36,10 @@ let directStrategies = ["posix-into", "c-readahead-uring", "exactio-posix", "exa
 let directSizes = [1 << 20, 64 << 20, 512 << 20]
 /// `tcp-to-file`: each frame's body goes from a TCP socket to a file in /dev/shm (4 GiB per
 /// case): `forward-readwrite` (read(2) into a 256 KiB buffer, write(2); the floor),
-/// `forward-seed` (seed-prealloc's readexactly, then one write per frame), `exactio-forward`
-/// (`ExactReader.forward`: splice through a pipe).
-let forwardStrategies = ["forward-readwrite", "forward-seed", "exactio-forward"]
+/// `forward-seed` (seed-prealloc's readexactly, then one write per frame), `exactio-forward-posix`
+/// (`ExactReader.forward` on the POSIX backend: splice(2) through a pipe), `exactio-forward`
+/// (the default backend: IORING_OP_SPLICE where io_uring works).
+let forwardStrategies = ["forward-readwrite", "forward-seed", "exactio-forward-posix", "exactio-forward"]
 let forwardSizes = [64 << 20, 1 << 30]
 /// `random`: positional reads of 4 KiB records at random offsets (splitmix64) of a 1 GiB file in
 /// the page cache: `c-pread` (a C pread(2) loop into one buffer; floor and ceiling),

@@ -303,7 +303,7 @@ func prepare(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
             blackHole(sum)
             return c.frames
         }, note: { describe(reader) })
-    case "forward-readwrite", "forward-seed", "exactio-forward":
+    case "forward-readwrite", "forward-seed", "exactio-forward", "exactio-forward-posix":
         return try prepareForward(c, fd: fd)
     case "c-readahead-uring": return try prepareCeiling(c, fd: fd, uring: true)
     case "exactio-posix", "exactio-uring", "exactio-borrow":
@@ -367,8 +367,8 @@ func forwardDestination() throws -> Int32 {
 func prepareForward(_ c: BenchCase, fd: Int32) throws -> PreparedStrategy {
     let out = try forwardDestination()
     switch c.strategy {
-    case "exactio-forward":
-        let reader = try makeReader(fd: fd, backend: .automatic)
+    case "exactio-forward", "exactio-forward-posix":
+        let reader = try makeReader(fd: fd, backend: c.strategy == "exactio-forward" ? .automatic : .posix)
         return PreparedStrategy(run: {
             defer { close(out) }
             var frames = 0
