@@ -189,7 +189,9 @@ import Testing
         #expect(try r.readExactly(100) == ByteView(bytes[0..<100]))
         #expect(try r.readExactly(6 << 20) == ByteView(bytes[100..<(100 + (6 << 20))]))
         let rest = size - 100 - (6 << 20)
-        #expect(throws: ExactReadError.self) { try r.readExactly(rest + 1) }
+        #expect(throws: ExactReadError.incomplete(partial: ByteView(bytes[(100 + (6 << 20))...]), expected: rest + 1)) {
+            try r.readExactly(rest + 1)
+        }
         if !direct {
             #expect(try fd.seek(offset: 0, from: .current) == Int64(size), "the position follows the bytes read")
         }
