@@ -105,7 +105,10 @@ func openTransport(_ transport: String, writerArgs: [String]) throws -> (fd: Int
         // The file the records are read from: 1 GiB of 1 MiB frames, in the page cache.
         return try openTransport("file", writerArgs: ["--writer", "file", String(1 << 20), String(randomFileBytes >> 20)])
     case "file", "direct":
-        let path = "/tmp/exactio-bench-\(getpid()).dat"
+        // EXACTIO_BENCH_FILE_DIR: where the file cases' file goes (default /tmp; /dev/shm takes
+        // the device out of the direct cases, to see the readers' own costs).
+        let dir = getenv("EXACTIO_BENCH_FILE_DIR").map { String(cString: $0) } ?? "/tmp"
+        let path = "\(dir)/exactio-bench-\(getpid()).dat"
         let pid = try spawn(selfPath, writerArgs + ["--path", path])
         guard waitExit(pid) == 0 else { throw BenchFailure("file writer failed") }
         let fd = transport == "direct" ? exio_open_direct(path) : open(path, O_RDONLY | O_CLOEXEC)
