@@ -406,6 +406,10 @@ public final class ExactReader {
                     try fill(atLeast: count)
                 case .need(.direct(let dst, let minimum, let slot)):
                     if let logger = options.logger { Self.logDirectRead(logger, dst.count, minimum, slot) }
+                    if let d = directEngine {
+                        d.overreadRoom = core.overreadRoom
+                        core.overreadRoom = 0
+                    }
                     let r = engineRead(into: dst, atLeast: minimum, slot: slot)
                     core.statistics.bytesCopied &+= r.copied
                     try core.directCompleted(r, minimum: minimum)

@@ -146,7 +146,8 @@ import Testing
     @Test(arguments: testBackends)
     func tmpfsReadsCorrectlyOrFallsBackWithAReason(backend: ExactReader.Backend) throws {
         // tmpfs refused O_DIRECT (EINVAL) before Linux 6.6; since, it accepts it as buffered I/O.
-        let path = "/dev/shm/exactio-direct-\(getpid())"
+        // A path of its own per case: the cases of both backends run at once.
+        let path = "/dev/shm/exactio-direct-\(getpid())-\(backend)-\(UInt64.random(in: 0...UInt64.max))"
         let bytes = pattern(200_000, seed: 7)
         try Data(bytes).write(to: URL(fileURLWithPath: path))
         defer { unlink(path) }

@@ -31,6 +31,10 @@ final class DirectFileEngine: IOEngine {
     private var bounceEnd = 0
     /// A read returned fewer bytes than asked: the file ended.
     private var atEnd = false
+    /// Bytes past the end of the next read's destination that may be written too (set by the
+    /// reader for a frame's read: its region's free tail; used once, then 0). Lets the frame's
+    /// last partial block be read whole with the body, in the same request.
+    var overreadRoom = 0
 
     /// `start`: the descriptor's position when the reader was created; its aligned-down
     /// block is read and the bytes before `start` are dropped.
@@ -91,9 +95,36 @@ final class DirectFileEngine: IOEngine {
             result.copied += n
         }
         let a = alignment
+        let spare = overreadRoom
+        overreadRoom = 0
         while done < max(minimum, 1) && !atEnd {
             let p = base + done
             let room = dst.count - done
+            let tail = room % a
+            if Int(bitPattern: p) % a == 0 && tail > 0 && spare >= a - tail {
+                // In phase, and the memory after the destination may take the rest of its last
+                // block: body and last block in one request; the bytes past the destination
+                // (the next frame's first ones) go to the bounce buffer.
+                let whole = room - tail + a
+                let r = inner.read(
+                    into: UnsafeMutableRawBufferPointer(start: p, count: whole), atLeast: 1, slot: slot,
+                    offset: position, deadline: deadline)
+                merge(r, into: &result)
+                position += Int64(r.count)
+                let mine = min(r.count, room)
+                let over = r.count - mine
+                if over > 0 {
+                    bounce.copyMemory(from: p + room, byteCount: over)
+                    result.copied += over
+                }
+                bounceStart = 0
+                bounceEnd = over
+                done += mine
+                if r.error != nil { break }
+                if r.count < whole && (r.count == 0 || r.count % a != 0) { atEnd = true }
+                if r.count < whole { continue }
+                break
+            }
             if Int(bitPattern: p) % a == 0 && room >= a {
                 // In phase: whole blocks straight into the destination.
                 let bulk = room / a * a

@@ -100,6 +100,10 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// without a bounce copy. Set by the driver before each step; 1 and 0 otherwise.
     var alignment = 1
     var phase = 0
+    /// With O_DIRECT: bytes of the frame's region past the end of the direct read's
+    /// destination that the engine may also write (its last block, read whole with the body in
+    /// one request); 0 for any other request. Set with each `.direct` request.
+    var overreadRoom = 0
     var statistics = ExactReader.Statistics()
     /// The stream returned end-of-file (sticky: later reads do not retry).
     var sawEOF = false
@@ -421,6 +425,11 @@ struct ReaderCore<Buffer: CoreBuffer> {
         }
         if d.got < d.count && !sawEOF {
             var target = d.count
+            if alignment > 1 {
+                // O_DIRECT: the region is resident (see `startDirect`); its bytes past the frame
+                // are never viewed, so the frame's last block can be read whole into them.
+                overreadRoom = region.capacity - (front + d.count)
+            }
             if region.slot < 0 && region.resident < front + d.count {
                 let window = min(max(d.got, 64 << 10), 16 << 20)
                 region.commit(upTo: front + min(d.count, d.got + window))
