@@ -142,7 +142,14 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let dog = watchdog(loop)
         defer { dog.cancel() }
         let (a, b) = try socketPair(AF_UNIX)
-        defer { try? a.close(); try? b.close() }
+        // `b` is closed by the test itself, below; closing it again here closed whatever
+        // descriptor another test running at the same time had been given its number (the
+        // EBADF that LoopTests.aResetBeforeADirectReadIsAnErrno saw; found with strace).
+        var bOpen = true
+        defer {
+            try? a.close()
+            if bOpen { try? b.close() }
+        }
         // The reader moves into a task and back once that task is over: the compiler cannot see
         // that (an AsyncExactReader is not Sendable, precisely so that two tasks cannot share it).
         nonisolated(unsafe) let reader = try AsyncExactReader(a, loop: loop, options: .init(stagingCapacity: 64 << 10))
@@ -166,6 +173,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let rest = Writer { try send(b, Array(wire[(4 + 1000 + 4 + 50_000)...])) }
         #expect(try await reader.readFrame() == ByteView(large))
         await rest.finished()
+        bOpen = false
         try b.close()
         #expect(try await reader.readFrame() == nil)
         await loop.shutdown()
