@@ -44,6 +44,16 @@ unsigned csupport_fork_generation(void);
  * fork), -ENOTRECOVERABLE (broken), else 0. */
 int csupport_ring_check(const csupport_ring *ring);
 
+/* The opening of every blocking call: `req` and `res` present (-EINVAL otherwise), `res`
+ * zeroed (`res_size` bytes), and the ring usable by this process (csupport_ring_check). */
+static inline int csupport_call_begin(const csupport_ring *ring, const void *req, void *res, size_t res_size)
+{
+	if (!req || !res)
+		return -EINVAL;
+	memset(res, 0, res_size);
+	return csupport_ring_check(ring);
+}
+
 /* Test seam (debug.c): consumes one injected wait failure, returning its -errno, or 0. */
 int csupport_injected_wait_failure(csupport_ring *ring);
 

@@ -32,10 +32,7 @@ int csupport_read(csupport_ring *ring, const struct csupport_read_req *req, stru
 	size_t got = 0;
 	int ret;
 
-	if (!req || !res)
-		return -EINVAL;
-	memset(res, 0, sizeof(*res));
-	ret = csupport_ring_check(ring);
+	ret = csupport_call_begin(ring, req, res, sizeof(*res));
 	if (ret < 0)
 		return ret;
 	if (req->min > req->cap || (req->cap && !req->dst) || req->fd < 0)

@@ -60,10 +60,7 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
 	int error = 0, failures = 0, ret;
 	bool shuffle;
 
-	if (!req || !res)
-		return -EINVAL;
-	memset(res, 0, sizeof(*res));
-	ret = csupport_ring_check(ring);
+	ret = csupport_call_begin(ring, req, res, sizeof(*res));
 	if (ret < 0)
 		return ret;
 	if (req->fd < 0 || req->offset < 0 || req->chunk == 0 || req->chunk > (1u << 30) || (req->len && !req->dst))

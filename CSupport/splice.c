@@ -54,10 +54,7 @@ int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, 
 {
 	int ret;
 
-	if (!req || !res)
-		return -EINVAL;
-	memset(res, 0, sizeof(*res));
-	ret = csupport_ring_check(ring);
+	ret = csupport_call_begin(ring, req, res, sizeof(*res));
 	if (ret < 0)
 		return ret;
 	if (req->in < 0 || req->out < 0 || req->pipe_r < 0 || req->pipe_w < 0 || req->chunk == 0)
