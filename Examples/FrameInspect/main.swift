@@ -9,15 +9,11 @@
 //   --crc-each  print each frame's size and CRC-32 (IEEE), one line per frame
 
 #if canImport(Glibc)
-#if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #elseif canImport(Darwin)
 import Darwin
-#endif
-#elseif canImport(Musl)
-import Musl
 #endif
 import ExactIO
 import SystemPackage

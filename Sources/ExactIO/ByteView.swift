@@ -196,14 +196,10 @@ extension ByteView {
 }
 
 #if canImport(Glibc)
-#if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #elseif canImport(Darwin)
 import Darwin
-#endif
-#elseif canImport(Musl)
-import Musl
 #endif
 import SystemPackage
