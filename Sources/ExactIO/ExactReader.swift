@@ -61,8 +61,10 @@ public final class ExactReader {
     let setupReason: FallbackReason?
     /// `S_IFMT` bits of the descriptor at creation (0 for a scripted reader).
     let fileType: mode_t
+    #if canImport(CExactIOLinux)
     /// The pipe `forward(exactly:to:)` splices through, once it was used.
-    var forwardPipe: AnyObject? = nil
+    var forwardPipe: SplicePipe? = nil
+    #endif
     /// The O_DIRECT engine, when the reader reads a file with O_DIRECT (`engine` is it then).
     let directEngine: DirectFileEngine?
     /// Whether the reader reads its file with `O_DIRECT` (from the device into its aligned,
@@ -111,7 +113,7 @@ public final class ExactReader {
         let setup = try BackendSelection.make(fd: fd, options: options, syscalls: syscalls, environment: environment)
         self.fileDescriptor = fd
         self.options = options
-        let fileType = syscalls == nil ? ((try? BackendSelection.fileType(fd)) ?? 0) : 0
+        let fileType = setup.fileType
         self.fileType = fileType
         #if canImport(CExactIOLinux)
         let wrapped = syscalls == nil

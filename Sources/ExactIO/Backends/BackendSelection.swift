@@ -13,6 +13,8 @@ struct BackendSetup {
     let engine: any IOEngine
     let pool: MemoryPool
     let fallback: ExactReader.FallbackReason?
+    /// `S_IFMT` bits of the descriptor (0 for a scripted reader, which has none).
+    let fileType: mode_t
 }
 
 enum BackendSelection {
@@ -24,11 +26,16 @@ enum BackendSelection {
         "\(e) (errno \(e.rawValue))"
     }
 
+    /// A fallback reason from its parts.
+    static func because(_ step: ExactReader.FallbackReason.Step, _ errno: Errno?, _ text: String) -> ExactReader.FallbackReason {
+        .init(step: step, errno: errno, description: text)
+    }
+
     /// Why memory is not registered, as a fallback reason.
     static func reason(_ refusal: RegistrationRefusal, what: String, bytes: Int) -> ExactReader.FallbackReason {
         var errno: Errno? = nil
         if case .kernel(let e) = refusal { errno = e }
-        return .init(step: .bufferRegistration, errno: errno, description: describe(refusal, what: what, bytes: bytes))
+        return because(.bufferRegistration, errno, describe(refusal, what: what, bytes: bytes))
     }
 
     /// Why memory is not registered, as a sentence for `fallbackReason`.
@@ -96,14 +103,16 @@ enum BackendSelection {
         syscalls: PosixSyscalls?,
         environment: [String: String]
     ) throws(Errno) -> BackendSetup {
+        // Tests and fuzzing: a scripted POSIX backend, no descriptor.
+        let type = syscalls == nil ? try fileType(fd) : 0
         let posix = { (reason: ExactReader.FallbackReason?) in
             BackendSetup(
                 engine: PosixEngine(fd: fd, syscalls: syscalls ?? .live),
-                pool: MemoryPool(registrar: nil, registrationLimit: nil), fallback: reason)
+                pool: MemoryPool(registrar: nil, registrationLimit: nil), fallback: reason, fileType: type)
         }
-        if syscalls != nil { return posix(nil) }  // tests and fuzzing: a scripted POSIX backend
+        if syscalls != nil { return posix(nil) }
 
-        if try fileType(fd) == S_IFSOCK { try requireStreamSocket(fd) }
+        if type == S_IFSOCK { try requireStreamSocket(fd) }
         var wanted = options.backend
         var forced: String? = nil
         var note: String? = nil
@@ -123,15 +132,13 @@ enum BackendSelection {
             case (let n?, let r?): .init(step: r.step, errno: r.errno, description: n + "; " + r.description)
             }
         }
-        func because(_ step: ExactReader.FallbackReason.Step, _ errno: Errno?, _ text: String) -> ExactReader.FallbackReason {
-            .init(step: step, errno: errno, description: text)
-        }
         if wanted == .posix {
             return posix(forced.map { because(.forcedByEnvironment, nil, "io_uring not used: forced by \($0)") })
         }
 
         #if EXACTIO_URING
-        return try makeURing(fd: fd, options: options, demanded: wanted == .ioUring, joined: joined, posix: posix)
+        return try makeURing(
+            fd: fd, fileType: type, options: options, demanded: wanted == .ioUring, joined: joined, posix: posix)
         #else
         if wanted == .ioUring { throw Errno.notSupported }
         return posix(joined(because(

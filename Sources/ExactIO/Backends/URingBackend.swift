@@ -161,10 +161,7 @@ final class URingEngine: IOEngine {
             chunk: Self.multiChunk, depth: UInt32(queueDepth))
         var res = csupport_read_res()
         let ret = csupport_read_multi(ring.pointer, &req, &res)
-        var result = EngineResult(
-            count: res.done, error: ret < 0 ? errnoFromNegative(ret) : nil,
-            reads: Int(res.reads), fixedReads: Int(res.fixed_reads), polls: 0)
-        if result.error == .notRecoverable { result.destinationPoisoned = true }
+        var result = Self.result(ret, res)
         if offset < 0 && lseek(fd.rawValue, off_t(at) + off_t(res.done), SEEK_SET) < 0 && result.error == nil {
             result.error = Errno(rawValue: errno)
         }
@@ -214,6 +211,12 @@ final class URingEngine: IOEngine {
             timeout_ns: timeout)
         var res = csupport_read_res()
         let ret = csupport_read(ring.pointer, &req, &res)
+        return Self.result(ret, res)
+    }
+
+    /// What a csupport read call did, as an engine result: a broken ring (-ENOTRECOVERABLE)
+    /// means the kernel may still write into the destination.
+    static func result(_ ret: Int32, _ res: csupport_read_res) -> EngineResult {
         var result = EngineResult(
             count: res.done, error: ret < 0 ? errnoFromNegative(ret) : nil,
             reads: Int(res.reads), fixedReads: Int(res.fixed_reads), polls: Int(res.polls))
@@ -228,17 +231,15 @@ extension BackendSelection {
     /// registration only decides whether reads are READ_FIXED.
     static func makeURing(
         fd: FileDescriptor,
+        fileType: mode_t,
         options: ExactReader.Options,
         demanded: Bool,
         joined: (ExactReader.FallbackReason?) -> ExactReader.FallbackReason?,
         posix: (ExactReader.FallbackReason?) -> BackendSetup
     ) throws(Errno) -> BackendSetup {
-        func because(_ step: ExactReader.FallbackReason.Step, _ errno: Errno?, _ text: String) -> ExactReader.FallbackReason {
-            .init(step: step, errno: errno, description: text)
-        }
         // io_uring: ring, then probe, then registration. The first two decide the backend;
         // registration only decides whether reads are READ_FIXED.
-        let isRegular = (try? fileType(fd)) == S_IFREG
+        let isRegular = fileType == S_IFREG
         // Regular files keep up to `queueDepth` reads in flight: room for them in the ring.
         var entries: UInt32 = 8
         while isRegular && Int(entries) < options.queueDepth { entries <<= 1 }
@@ -283,7 +284,7 @@ extension BackendSelection {
         return BackendSetup(
             engine: engine,
             pool: MemoryPool(registrar: registrar, registrationLimit: options.registeredMemoryLimit),
-            fallback: joined(reason))
+            fallback: joined(reason), fileType: fileType)
     }
 }
 #endif
