@@ -40,17 +40,18 @@ extension ExactReader {
         let dst = UnsafeMutableRawBufferPointer(start: region.base, count: count)
         let r = engine.read(into: dst, atLeast: count, slot: region.slot, offset: offset, deadline: 0)
         if r.destinationPoisoned { region.quarantine() }
-        core.statistics.reads &+= r.reads
-        core.statistics.fixedReads &+= r.fixedReads
-        core.statistics.polls &+= r.polls
-        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base, count: r.count), owner: region)
-        if let e = r.error {
-            if r.destinationPoisoned { core.brokenError = e }
-            throw e
-        }
-        core.statistics.bytesDelivered &+= r.count
-        guard r.count == count else {
-            throw ExactReadError.incomplete(partial: r.count == 0 ? ByteView() : view, expected: count)
+        core.count(r)
+        if let e = r.error { throw e }
+        return try positionalResult(region.base, r.count, owner: region, expected: count)
+    }
+
+    /// The end of every positional read: the `got` bytes at `base` (kept alive by `owner`) as
+    /// the view, or `incomplete` with them when the file ended before `count`.
+    func positionalResult(_ base: UnsafeRawPointer, _ got: Int, owner: AnyObject, expected count: Int) throws -> ByteView {
+        core.statistics.bytesDelivered &+= got
+        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: base, count: got), owner: owner)
+        guard got == count else {
+            throw ExactReadError.incomplete(partial: got == 0 ? ByteView() : view, expected: count)
         }
         core.statistics.directReads &+= 1
         return view
@@ -77,13 +78,7 @@ extension ExactReader {
                 throw Errno(rawValue: errno)
             }
         }
-        core.statistics.bytesDelivered &+= got
-        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: base, count: got), owner: storage)
-        guard got == count else {
-            throw ExactReadError.incomplete(partial: got == 0 ? ByteView() : view, expected: count)
-        }
-        core.statistics.directReads &+= 1
-        return view
+        return try positionalResult(base, got, owner: storage, expected: count)
     }
 
     /// `readExactly(_:at:)` with O_DIRECT: the aligned blocks around the range are read into
@@ -103,22 +98,14 @@ extension ExactReader {
             let r = inner.read(
                 into: UnsafeMutableRawBufferPointer(start: region.base + got, count: length - got), atLeast: 1,
                 slot: region.slot, offset: start + Int64(got), deadline: 0)
-            core.statistics.reads &+= r.reads
-            core.statistics.fixedReads &+= r.fixedReads
-            if r.destinationPoisoned { region.quarantine(); core.brokenError = r.error }
+            if r.destinationPoisoned { region.quarantine() }
+            core.count(r)
             got += r.count
             if let e = r.error { result = e; break }
             if r.count == 0 || r.count % alignment != 0 { break }  // the end of the file
         }
         if let e = result { throw e }
-        let available = max(0, min(got - head, count))
-        let view = ByteView(unsafeBytes: UnsafeRawBufferPointer(start: region.base + head, count: available), owner: region)
-        core.statistics.bytesDelivered &+= available
-        guard available == count else {
-            throw ExactReadError.incomplete(partial: available == 0 ? ByteView() : view, expected: count)
-        }
-        core.statistics.directReads &+= 1
-        return view
+        return try positionalResult(region.base + head, max(0, min(got - head, count)), owner: region, expected: count)
     }
 
     /// Positional reads below this size use heap memory of their own and pread(2); from it,
