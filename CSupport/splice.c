@@ -7,7 +7,6 @@
  * returns.
  */
 #include <fcntl.h>
-#include <signal.h>
 
 #include "internal.h"
 
@@ -46,66 +45,17 @@ static int reap(csupport_ring *ring, uint64_t tag_a, int *a, uint64_t tag_b, int
 	return 0;
 }
 
-/* SIGPIPE is blocked for the calling thread while the splices run: a splice into a closed
- * socket or pipe that the kernel attempts inline (in this thread's context) raises SIGPIPE,
- * which would kill the process; with it blocked, the call sees EPIPE. A SIGPIPE the call raised
- * is consumed before the mask is restored; one that was pending before stays. */
-struct sigpipe_guard {
-	sigset_t old;
-	int was_pending;
-};
-
-static void sigpipe_block(struct sigpipe_guard *g)
-{
-	sigset_t pipe_only, pending;
-
-	sigemptyset(&pipe_only);
-	sigaddset(&pipe_only, SIGPIPE);
-	sigpending(&pending);
-	g->was_pending = sigismember(&pending, SIGPIPE);
-	pthread_sigmask(SIG_BLOCK, &pipe_only, &g->old);
-}
-
-static void sigpipe_restore(struct sigpipe_guard *g)
-{
-	sigset_t pipe_only, pending;
-
-	sigemptyset(&pipe_only);
-	sigaddset(&pipe_only, SIGPIPE);
-	sigpending(&pending);
-	if (!g->was_pending && sigismember(&pending, SIGPIPE)) {
-		const struct timespec zero = { 0, 0 };
-
-		while (sigtimedwait(&pipe_only, NULL, &zero) == -1 && errno == EINTR) {
-		}
-	}
-	pthread_sigmask(SIG_SETMASK, &g->old, NULL);
-}
-
 static uint64_t next_tag(csupport_ring *ring)
 {
 	return TAG_SPLICE | (ring->next_tag++ & ((1ull << 40) - 1));
 }
 
-static int splice_loop(csupport_ring *ring, const struct csupport_splice_req *req, struct csupport_splice_res *res);
-
 int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, struct csupport_splice_res *res)
 {
-	struct sigpipe_guard g;
 	int ret = csupport_call_begin(ring, req, res, sizeof(*res));
 
 	if (ret < 0)
 		return ret;
-	sigpipe_block(&g);
-	ret = splice_loop(ring, req, res);
-	sigpipe_restore(&g);
-	return ret;
-}
-
-static int splice_loop(csupport_ring *ring, const struct csupport_splice_req *req, struct csupport_splice_res *res)
-{
-	int ret;
-
 	if (req->in < 0 || req->out < 0 || req->pipe_r < 0 || req->pipe_w < 0 || req->chunk == 0)
 		return -EINVAL;
 

@@ -185,7 +185,9 @@ struct csupport_splice_res {
  * Forwarding with IORING_OP_SPLICE (splice.c): per chunk, source -> pipe and pipe ->
  * destination linked in one submission. Returns 0 when all `len` bytes were moved, 0 with
  * moved < len at end of stream, or -errno (res->in_pipe then says how many bytes the pipe
- * still holds; the caller reads them back).
+ * still holds; the caller reads them back). The kernel may run a splice in the calling
+ * thread's context: a destination that closed then raises SIGPIPE there, so the caller blocks
+ * SIGPIPE around the call.
  */
 int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, struct csupport_splice_res *res);
 

@@ -34,13 +34,7 @@ int cexactio_splice_pipe(int fds[2], size_t size, size_t *actual)
 	return 0;
 }
 
-/* SIGPIPE blocked around one call; a SIGPIPE raised meanwhile is consumed before the mask returns. */
-struct sigpipe_guard {
-	sigset_t old;
-	int was_pending;
-};
-
-static void sigpipe_block(struct sigpipe_guard *g)
+void cexactio_sigpipe_block(struct cexactio_sigpipe_guard *g)
 {
 	sigset_t pipe_only, pending;
 	sigemptyset(&pipe_only);
@@ -50,7 +44,7 @@ static void sigpipe_block(struct sigpipe_guard *g)
 	pthread_sigmask(SIG_BLOCK, &pipe_only, &g->old);
 }
 
-static void sigpipe_restore(struct sigpipe_guard *g)
+void cexactio_sigpipe_restore(const struct cexactio_sigpipe_guard *g)
 {
 	/* Whatever the call returned: a peer that went away mid-call can make the kernel raise
 	 * SIGPIPE and still return a short count (seen under ThreadSanitizer's timing). */
@@ -68,21 +62,21 @@ static void sigpipe_restore(struct sigpipe_guard *g)
 
 ssize_t cexactio_splice(int in, int out, size_t len)
 {
-	struct sigpipe_guard g;
-	sigpipe_block(&g);
+	struct cexactio_sigpipe_guard g;
+	cexactio_sigpipe_block(&g);
 	ssize_t n = splice(in, NULL, out, NULL, len, SPLICE_F_MOVE);
 	int e = n < 0 ? errno : 0;
-	sigpipe_restore(&g);
+	cexactio_sigpipe_restore(&g);
 	return n < 0 ? -e : n;
 }
 
 ssize_t cexactio_write_nosigpipe(int fd, const void *buf, size_t len)
 {
-	struct sigpipe_guard g;
-	sigpipe_block(&g);
+	struct cexactio_sigpipe_guard g;
+	cexactio_sigpipe_block(&g);
 	ssize_t n = write(fd, buf, len);
 	int e = n < 0 ? errno : 0;
-	sigpipe_restore(&g);
+	cexactio_sigpipe_restore(&g);
 	return n < 0 ? -e : n;
 }
 

@@ -82,9 +82,11 @@ extension ExactReader {
         let pipe = try splicePipe()
         #if EXACTIO_URING
         if deadline == 0, let uring = engine as? URingEngine,
-           let r = uring.splice(
-               to: destination.rawValue, pipeRead: pipe.read, pipeWrite: pipe.write, capacity: pipe.capacity,
-               count: count - forwarded)
+           let r = Self.withSIGPIPEBlocked({
+               uring.splice(
+                   to: destination.rawValue, pipeRead: pipe.read, pipeWrite: pipe.write, capacity: pipe.capacity,
+                   count: count - forwarded)
+           })
         {
             // io_uring: IORING_OP_SPLICE, source -> pipe -> destination linked per chunk. (With a
             // deadline, the poll(2)-driven splice(2) path below keeps it.)
@@ -246,8 +248,16 @@ final class SplicePipe {
 }
 
 extension ExactReader {
+    /// Runs `body` with SIGPIPE blocked for this thread (see `cexactio_sigpipe_block`).
+    static func withSIGPIPEBlocked<R>(_ body: () -> R) -> R {
+        var guardState = cexactio_sigpipe_guard()
+        cexactio_sigpipe_block(&guardState)
+        defer { cexactio_sigpipe_restore(&guardState) }
+        return body()
+    }
+
     func splicePipe() throws(Errno) -> SplicePipe {
-        if let p = forwardPipe as? SplicePipe { return p }
+        if let p = forwardPipe { return p }
         let p = try SplicePipe()
         forwardPipe = p
         return p

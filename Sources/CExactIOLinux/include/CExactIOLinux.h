@@ -13,8 +13,21 @@
 /* accept4(2) with no address: the new descriptor or -1 with errno set. */
 int cexactio_accept4(int fd, int flags);
 
+#include <signal.h>
 #include <stddef.h>
 #include <sys/types.h>
+
+/* SIGPIPE blocked for the calling thread between cexactio_sigpipe_block and
+ * cexactio_sigpipe_restore, so that writing to a peer that closed is EPIPE, never a signal that
+ * kills the process. A SIGPIPE raised meanwhile is consumed by the restore; one that was
+ * already pending stays. For every call that may write to a closed socket or pipe: write(2),
+ * splice(2), and IORING_OP_SPLICE (which the kernel may run in this thread's context). */
+struct cexactio_sigpipe_guard {
+	sigset_t old;
+	int was_pending;
+};
+void cexactio_sigpipe_block(struct cexactio_sigpipe_guard *g);
+void cexactio_sigpipe_restore(const struct cexactio_sigpipe_guard *g);
 
 /* A pipe for splice(2), both ends close-on-exec, grown to `size` bytes when the system allows
  * (F_SETPIPE_SZ; the default 64 KiB otherwise). 0 and the ends in fds, or -errno. *actual is
@@ -22,9 +35,8 @@ int cexactio_accept4(int fd, int flags);
 int cexactio_splice_pipe(int fds[2], size_t size, size_t *actual);
 
 /* splice(2) of up to `len` bytes from `in` to `out` at their current positions
- * (SPLICE_F_MOVE), and write(2): both with SIGPIPE blocked for the calling thread during the
- * call, so that a peer that closed is EPIPE, never a signal (a SIGPIPE the call raised is
- * consumed; one that was already pending stays). Bytes moved, or -errno. */
+ * (SPLICE_F_MOVE), and write(2): both inside the SIGPIPE guard above. Bytes moved, or
+ * -errno. */
 ssize_t cexactio_splice(int in, int out, size_t len);
 ssize_t cexactio_write_nosigpipe(int fd, const void *buf, size_t len);
 
