@@ -180,14 +180,14 @@ int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, in
 	return 0;
 }
 
-int csupport_queue_accept_multishot(csupport_ring *ring, int fd, uint64_t user_data)
+int csupport_queue_accept(csupport_ring *ring, int fd, int nonblocking, uint64_t user_data)
 {
 	int err;
 	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
 
 	if (!sqe)
 		return err;
-	io_uring_prep_multishot_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC);
+	io_uring_prep_accept(sqe, fd, NULL, NULL, SOCK_CLOEXEC | (nonblocking ? SOCK_NONBLOCK : 0));
 	sqe->user_data = user_data;
 	return 0;
 }
@@ -207,14 +207,14 @@ int csupport_queue_poll(csupport_ring *ring, int fd, unsigned events, int multis
 	return 0;
 }
 
-int csupport_queue_cancel(csupport_ring *ring, uint64_t target, uint64_t user_data)
+int csupport_queue_cancel(csupport_ring *ring, uint64_t target, int all, uint64_t user_data)
 {
 	int err;
 	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
 
 	if (!sqe)
 		return err;
-	io_uring_prep_cancel64(sqe, target, 0);
+	io_uring_prep_cancel64(sqe, target, all ? IORING_ASYNC_CANCEL_ALL : 0);
 	sqe->user_data = user_data;
 	return 0;
 }
@@ -238,6 +238,9 @@ int csupport_enter(csupport_ring *ring, unsigned wait_nr, int64_t timeout_ns)
 
 	if (ret < 0)
 		return ret;
+	ret = csupport_injected_wait_failure(ring);
+	if (ret < 0)
+		return ret;
 	if (timeout_ns > 0 && wait_nr > 0) {
 		struct __kernel_timespec ts = {
 			.tv_sec = timeout_ns / 1000000000,
@@ -245,18 +248,18 @@ int csupport_enter(csupport_ring *ring, unsigned wait_nr, int64_t timeout_ns)
 		};
 
 		ret = io_uring_submit_and_wait_timeout(&ring->ring, &cqe, wait_nr, &ts, NULL);
-		if (ret == -ETIME)
-			ret = 0;
-		return ret;
-	}
-	if (wait_nr == 0) {
+	} else if (wait_nr == 0) {
 		/* Submit and run pending task work (with DEFER_TASKRUN, completions are posted only
 		 * when this thread asks for events), without waiting. */
 		ret = io_uring_submit_and_get_events(&ring->ring);
 	} else {
 		ret = io_uring_submit_and_wait(&ring->ring, wait_nr);
 	}
-	if (ret == -EINTR)
+	/* A wait that ended early is not a failure: a timeout passed (-ETIME), a signal arrived
+	 * (-EINTR: a handler ran, or a tracer attached), or the completion queue is full (-EBUSY)
+	 * or the kernel is short of memory (-EAGAIN) until the caller reaps. The caller reaps what
+	 * is there and comes back. */
+	if (ret == -ETIME || ret == -EINTR || ret == -EBUSY || ret == -EAGAIN)
 		ret = 0;
 	return ret;
 }

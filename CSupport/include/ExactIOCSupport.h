@@ -230,16 +230,22 @@ int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, in
 /* A single READ of up to `len` bytes into a provided buffer of `group` (pipes and other
  * non-sockets, where multishot RECV does not apply). */
 int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsigned len, uint64_t user_data);
-int csupport_queue_accept_multishot(csupport_ring *ring, int fd, uint64_t user_data);
+/* One ACCEPT: the accepted descriptor is close-on-exec, and non-blocking with `nonblocking`.
+ * (Single-shot on purpose: a multishot accept takes the whole backlog in one go, and the
+ * loop bounds how many accepted descriptors may wait for their consumer.) */
+int csupport_queue_accept(csupport_ring *ring, int fd, int nonblocking, uint64_t user_data);
 int csupport_queue_poll(csupport_ring *ring, int fd, unsigned events, int multishot, uint64_t user_data);
-int csupport_queue_cancel(csupport_ring *ring, uint64_t target, uint64_t user_data);
+/* Cancels the request tagged `target` (with `all`: every request so tagged, 5.19). */
+int csupport_queue_cancel(csupport_ring *ring, uint64_t target, int all, uint64_t user_data);
 /* Cancels every request in flight on the ring (IORING_ASYNC_CANCEL_ANY, 5.19); its own
  * completion's res is the number cancelled or -errno. */
 int csupport_queue_cancel_all(csupport_ring *ring, uint64_t user_data);
 
 /* Submits everything queued and waits for at least `wait_nr` completions, at most
- * `timeout_ns` (0: no limit). One io_uring_enter. Returns the number submitted, 0 on a
- * timeout or an interrupted wait, or -errno. */
+ * `timeout_ns` (0: no limit). One io_uring_enter. Returns the number submitted, or 0 when the
+ * wait ended early for a passing reason (the timeout, a signal: -EINTR, a full completion
+ * queue: -EBUSY, -EAGAIN): the caller reaps and enters again. Any other -errno is the ring's
+ * failure (csupport_debug_fail_waits injects one). */
 int csupport_enter(csupport_ring *ring, unsigned wait_nr, int64_t timeout_ns);
 
 /* One completion, as the loop sees it. */

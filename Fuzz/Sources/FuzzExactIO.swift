@@ -290,6 +290,15 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
         }
     }
 
+    /// The reader is inside a refused over-long varint (an error stopped its skip): the next
+    /// varint frame read finishes the skip; any other read ends it.
+    var varintSkip = false
+    /// Where the refused varint that the reader is skipping ends (through its last byte, or the
+    /// bytes fed so far).
+    func varintSkipEnd(from p: Int) -> Int {
+        stream[p..<max(p, source.fed)].firstIndex { $0 & 0x80 == 0 }.map { $0 + 1 } ?? max(p, source.fed)
+    }
+
     var steps = 0
     while steps < 64 && !(reader.isAtEOF) {
         steps += 1
@@ -297,6 +306,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
         let n = Int(ops.next()) * (op & 0x40 != 0 ? 513 : 1)
         let skippedBefore = reader.bytesSkipped
         var framePrefix: LengthPrefix? = nil
+        if op % 7 != 1 && op % 7 != 6 { varintSkip = false }
         if let h = (reader as? LoopCoreUnderTest)?.harness { trace?("  buffered starts \(h.peek(12)), stream there \(Array(stream[pos..<min(stream.count, pos + 12)]))") }
         trace?("step \(steps): op \(op % 7) (\(op)), n \(n), pos \(pos), buffered \(reader.bufferedCount), fed \(source.fed)")
         do {
@@ -311,6 +321,7 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                 let prefixes: [LengthPrefix] = [.uint8, .uint16(.bigEndian), .uint32(.littleEndian), .uint64(.bigEndian), .varint]
                 let prefix = prefixes[Int(op >> 3) % prefixes.count]
                 framePrefix = prefix
+                if prefix != .varint { varintSkip = false }
                 do {
                     if let f = try reader.readFrame(prefix: prefix) {
                         guard let (len, w) = decodePrefix(prefix, at: pos) else { throw InvariantFailure(description: "frame without a complete prefix") }
@@ -321,6 +332,11 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                     } else {
                         try check(pos == source.fed && source.ended, "nil frame before the end")
                     }
+                } catch ExactReadError.frameTooLarge(let len, _) where varintSkip && prefix == .varint {
+                    // The resumed skip ended: through the refused prefix's last byte.
+                    try check(len == .max, "resumed varint skip refused with \(len)")
+                    pos = varintSkipEnd(from: pos)
+                    varintSkip = false
                 } catch ExactReadError.frameTooLarge(let len, _) {
                     guard let (elen, w) = decodePrefix(prefix, at: pos) else { throw InvariantFailure(description: "tooLarge without prefix") }
                     try check(len == elen && (len > UInt64(limit)), "frameTooLarge \(len) vs \(elen)")
@@ -363,10 +379,27 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
             try check(source.ended && pos == source.fed, "incomplete before the end (pos \(pos), fed \(source.fed))")
         } catch let e as Errno {
             try check([.connectionReset, .timedOut, .noMemory].contains(e), "unexpected errno \(e)")
-            if op % 7 == 3 { pos += reader.bytesSkipped - skippedBefore }
+            try interrupted()
         } catch is CancellationError {
             try check(loopCore, "CancellationError from the blocking reader")
-            if op % 7 == 3 { pos += reader.bytesSkipped - skippedBefore }
+            try interrupted()
+        }
+        /// An error stopped the call: `skip` (and a refused varint's skip) consumed what
+        /// `bytesSkipped` says; anything else consumed nothing.
+        func interrupted() throws {
+            let skipped = reader.bytesSkipped - skippedBefore
+            if op % 7 == 3 {
+                pos += skipped
+            } else if op % 7 == 1 && framePrefix == .varint {
+                if skipped > 0 {
+                    // Inside a refused prefix: consumed as scanned, all continuation bytes.
+                    try check(stream[pos..<(pos + skipped)].allSatisfy { $0 & 0x80 != 0 }, "a varint skip consumed a byte past the prefix")
+                    varintSkip = true
+                }
+                pos += skipped
+            } else {
+                try check(skipped == 0, "an interrupted call skipped \(skipped) bytes")
+            }
         }
         if let failure = (try? { () throws -> Void in for (v, at) in kept { try expectAt(v, at) } }()) == nil ? "a kept view changed" : nil {
             throw InvariantFailure(description: failure)

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 #include <fcntl.h>
 #include <errno.h>
+#include <pthread.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -11,6 +12,7 @@
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
+#include <unistd.h>
 
 #include "include/ExactIOCTestSupport.h"
 
@@ -80,6 +82,66 @@ uint64_t ctest_stop_signal_storm(void)
 
 	memset(&it, 0, sizeof(it));
 	setitimer(ITIMER_REAL, &it, NULL);
+	return (uint64_t)atomic_load(&signals);
+}
+
+/* The thread-directed storm: a thread of its own sends SIGUSR2 to one target thread. */
+static pthread_t storm_thread;
+static pthread_t storm_target;
+static long storm_usec;
+static atomic_int storm_running;
+static atomic_ullong storm_sent;
+
+static void on_usr2(int sig)
+{
+	int saved = errno;
+
+	(void)sig;
+	atomic_fetch_add_explicit(&signals, 1, memory_order_relaxed);
+	errno = saved;
+}
+
+static void *storm_main(void *arg)
+{
+	(void)arg;
+	while (atomic_load(&storm_running)) {
+		if (pthread_kill(storm_target, SIGUSR2) != 0)
+			break;
+		atomic_fetch_add_explicit(&storm_sent, 1, memory_order_relaxed);
+		if (storm_usec > 0)
+			usleep((useconds_t)storm_usec);
+	}
+	return NULL;
+}
+
+int ctest_start_thread_signal_storm(pthread_t target, long usec)
+{
+	struct sigaction sa;
+	int ret;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_usr2;
+	sigemptyset(&sa.sa_mask);
+	sa.sa_flags = 0; /* no SA_RESTART */
+	if (sigaction(SIGUSR2, &sa, NULL) != 0)
+		return -errno;
+	atomic_store(&signals, 0);
+	atomic_store(&storm_sent, 0);
+	storm_target = target;
+	storm_usec = usec;
+	atomic_store(&storm_running, 1);
+	ret = pthread_create(&storm_thread, NULL, storm_main, NULL);
+	if (ret != 0) {
+		atomic_store(&storm_running, 0);
+		return -ret;
+	}
+	return 0;
+}
+
+uint64_t ctest_stop_thread_signal_storm(void)
+{
+	atomic_store(&storm_running, 0);
+	pthread_join(storm_thread, NULL);
 	return (uint64_t)atomic_load(&signals);
 }
 

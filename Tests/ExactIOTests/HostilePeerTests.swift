@@ -560,20 +560,42 @@ func closedDescriptorChild(_ backend: ExactReader.Backend) throws {
 }
 
 @Suite struct InterruptedVarintTests {
-    /// An over-long varint prefix whose end has not arrived, interrupted by a timeout: nothing
-    /// is consumed and nothing is left behind, so the bytes are still there for any call, and a
-    /// later frame starts fresh. (A flag left set made a later frame call skip good bytes; found
-    /// by the fuzz target.)
+    /// An over-long varint prefix whose end has not arrived, interrupted by a timeout: the bytes
+    /// scanned so far are consumed (each once, counted in `bytesSkipped`: a trickled endless
+    /// prefix costs neither memory nor a rescan), and the next varint frame call finishes the
+    /// skip through the prefix's last byte, refuses it, and the frame after it is read whole.
     @Test(arguments: testBackends)
-    func anInterruptedOverlongVarintLeavesNothingBehind(backend: ExactReader.Backend) throws {
+    func anInterruptedOverlongVarintIsFinishedByTheNextFrameCall(backend: ExactReader.Backend) throws {
         let (a, b) = try socketPair(AF_UNIX)
         defer { try? a.close(); try? b.close() }
         let reader = try ExactReader(a, options: .init(backend: backend, readTimeout: .milliseconds(30)))
-        let overlong = [UInt8](repeating: 0xff, count: 11)
-        try send(b, overlong)
+        try send(b, [UInt8](repeating: 0xff, count: 11))
         #expect(throws: Errno.timedOut) { _ = try reader.readFrame(prefix: .varint) }
-        #expect(Array(try reader.readExactly(11)) == overlong)
-        try send(b, [3, 7, 8, 9])
+        #expect(reader.statistics.bytesSkipped == 11)
+        #expect(reader.bufferedCount == 0)
+        try send(b, [0xff, 0x7f, 3, 7, 8, 9])  // the prefix's last two bytes, then a good frame
+        #expect {
+            _ = try reader.readFrame(prefix: .varint)
+        } throws: { error in
+            guard case ExactReadError.frameTooLarge(let length, _) = error else { return false }
+            return length == .max
+        }
+        #expect(reader.statistics.bytesSkipped == 13)
+        #expect(Array(try reader.readFrame(prefix: .varint) ?? ByteView()) == [7, 8, 9])
+    }
+
+    /// After an interrupted skip, any other call reads from where the stream stands, and the
+    /// skip is over: a later frame starts fresh (a flag left set made a later frame call skip
+    /// good bytes; found by the fuzz target).
+    @Test(arguments: testBackends)
+    func anotherCallEndsAnInterruptedSkip(backend: ExactReader.Backend) throws {
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        let reader = try ExactReader(a, options: .init(backend: backend, readTimeout: .milliseconds(30)))
+        try send(b, [UInt8](repeating: 0xff, count: 11))
+        #expect(throws: Errno.timedOut) { _ = try reader.readFrame(prefix: .varint) }
+        try send(b, [0xff, 0x01, 3, 7, 8, 9])
+        #expect(Array(try reader.readExactly(2)) == [0xff, 0x01])
         #expect(Array(try reader.readFrame(prefix: .varint) ?? ByteView()) == [7, 8, 9])
     }
 }

@@ -327,7 +327,7 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         }
         #expect(k == flowingBodies.count)
         await flowingWriter.finished()
-        let held = stalled.connection.state.withLock { $0.receivedBytes }
+        let held = stalled.connection.state.withLock { $0.held }
         print("backpressure (\(backend)): the stalled connection holds \(held) received bytes (bound \(bound))")
         // The bound, plus what the kernel had already received for it when receiving stopped
         // (at most a socket buffer's worth).

@@ -20,7 +20,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     let ring: OpaquePointer
     let bufferRing: OpaquePointer
     let incremental: Bool
-    let eventFD: Int32
+    let waker: Waker
     private var cqes: [csupport_cqe]
     /// With incremental consumption: the buffer the kernel is still filling, per buffer id,
     /// and how far it got.
@@ -43,11 +43,11 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         let reason: String
     }
 
-    private init(ring: OpaquePointer, bufferRing: OpaquePointer, pool: ReceivePool, eventFD: Int32) {
+    private init(ring: OpaquePointer, bufferRing: OpaquePointer, pool: ReceivePool, waker: Waker) {
         self.ring = ring
         self.bufferRing = bufferRing
         self.incremental = csupport_bufring_flags(bufferRing) & UInt32(CSUPPORT_BUFRING_INCREMENTAL) != 0
-        self.eventFD = eventFD
+        self.waker = waker
         self.cqes = Array(repeating: csupport_cqe(), count: 512)
         self.kernelHeld = Array(repeating: nil, count: pool.count)
         self.kernelOffset = Array(repeating: 0, count: pool.count)
@@ -56,7 +56,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
 
     /// A ring with SINGLE_ISSUER/DEFER_TASKRUN (or COOP_TASKRUN) and a buffer ring of the
     /// pool's buffers, or why not.
-    static func make(pool: ReceivePool, eventFD: Int32) -> Result<URingLoopDriver, Failure> {
+    static func make(pool: ReceivePool, waker: Waker) -> Result<URingLoopDriver, Failure> {
         var ring: OpaquePointer? = nil
         var ret = csupport_ring_create(4096, UInt32(CSUPPORT_RING_SINGLE_ISSUER), &ring)
         guard ret == 0, let ring else {
@@ -77,7 +77,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             return .failure(Failure(
                 errno: e, reason: "io_uring provided-buffer ring registration failed: \(BackendSelection.describe(e)) (kernel 5.19+)"))
         }
-        let driver = URingLoopDriver(ring: ring, bufferRing: br, pool: pool, eventFD: eventFD)
+        let driver = URingLoopDriver(ring: ring, bufferRing: br, pool: pool, waker: waker)
         for bid in 0..<pool.count { driver.provide(UInt16(bid)) }
         csupport_bufring_publish(br)
         driver.armWake()
@@ -98,7 +98,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     }
 
     private func armWake() {
-        if csupport_queue_poll(ring, eventFD, UInt32(POLLIN), 1, URingLoopDriver.wakeTag) == 0 { inflight += 1 }
+        if csupport_queue_poll(ring, waker.descriptor, UInt32(POLLIN), 1, URingLoopDriver.wakeTag) == 0 { inflight += 1 }
     }
 
     // MARK: Receiving
@@ -108,7 +108,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         if receiveLimits {
             // At most the backpressure bound, and what the reader wants ahead: after a large
             // frame only its next prefix, not the next body (which goes to its own memory).
-            let (queued, wanted) = c.state.withLock { ($0.receivedBytes, $0.wanted) }
+            let (queued, wanted) = c.state.withLock { ($0.held, $0.wanted) }
             limit = UInt32(clamping: max(min(c.maxBuffered - queued, wanted), 4096))
         }
         c.receiveLimit = limit
@@ -142,7 +142,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     override func stopReceive(_ c: LoopConnection) {
         guard c.armed, !c.disarming else { return }
         c.disarming = true
-        if csupport_queue_cancel(ring, c.tag(.receive), c.tag(.cancel)) == 0 { inflight += 1 }
+        if csupport_queue_cancel(ring, c.tag(.receive), 0, c.tag(.cancel)) == 0 { inflight += 1 }
     }
 
     override func startDirect(_ c: LoopConnection, loop: IOLoop) {
@@ -173,34 +173,56 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     override func cancelDirect(_ c: LoopConnection) {
         guard c.directInFlight, !c.directCancelSent else { return }
         c.directCancelSent = true
-        if csupport_queue_cancel(ring, c.tag(.direct), c.tag(.cancel)) == 0 { inflight += 1 }
+        if csupport_queue_cancel(ring, c.tag(.direct), 0, c.tag(.cancel)) == 0 { inflight += 1 }
     }
 
     // MARK: Accepting
 
+    /// Accepts in flight per listener at most: single-shot ACCEPTs, so that accepted
+    /// descriptors waiting for the consumer plus accepts in flight never pass the queue's
+    /// bound (a multishot accept takes the whole backlog at once).
+    static let acceptsInFlight = 16
+
     override func startAccept(_ l: Listener, loop: IOLoop) {
-        let tag = LoopTag(slot: l.slot, generation: l.generation, kind: .accept).rawValue
-        let ret = csupport_queue_accept_multishot(ring, l.fd.rawValue, tag)
-        if ret == 0 {
-            inflight += 1
-            l.armed = true
-        } else {
-            l.queue.finish(throwing: errnoFromNegative(ret))
-            release(slot: l.slot)
+        let room = l.queue.room
+        var wanted = min(Self.acceptsInFlight, room) - l.inFlight
+        if wanted <= 0 && l.inFlight == 0 {
+            // No room at all: wait for the consumer (the queue says when).
+            if l.queue.pauseIfFull() {
+                l.paused = true
+                return
+            }
+            wanted = 1  // it took some meanwhile
         }
+        while wanted > 0 {
+            let ret = csupport_queue_accept(ring, l.fd.rawValue, 1, l.tag)
+            guard ret == 0 else {
+                if l.inFlight == 0 {
+                    l.queue.finish(throwing: errnoFromNegative(ret))
+                    release(l)
+                }
+                return
+            }
+            inflight += 1
+            l.inFlight += 1
+            wanted -= 1
+        }
+        l.armed = true
     }
 
     override func stopAccept(_ l: Listener) {
         guard l.armed else {
             l.queue.finish()
-            release(slot: l.slot)
+            release(l)
             return
         }
-        let tag = LoopTag(slot: l.slot, generation: l.generation, kind: .accept).rawValue
-        if csupport_queue_cancel(ring, tag, LoopTag(slot: l.slot, generation: l.generation, kind: .cancel).rawValue) == 0 {
-            inflight += 1
-        }
+        let cancelTag = LoopTag(slot: l.slot, generation: l.generation, kind: .cancel).rawValue
+        if csupport_queue_cancel(ring, l.tag, 1, cancelTag) == 0 { inflight += 1 }
     }
+
+    /// Nothing to do: the accepts in flight fit the room the queue had; no more are armed
+    /// until `resumeAccept`.
+    override func pauseAccept(_ l: Listener) {}
 
     func giveBack(_ bids: [UInt16], loop: IOLoop) {
         guard !bids.isEmpty else { return }
@@ -212,12 +234,20 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
     // MARK: The turn
 
     func turn(block: Bool, loop: IOLoop) {
+        if let failure {
+            waitAfterFailure(block: block, failure)
+            return
+        }
         let timeout = block ? nearestDeadline() : 0
         loop.count { $0.enters += 1 }
+        // Passing ends of a wait (a signal, the timeout, a full completion queue) come back as 0
+        // from csupport_enter: reap and go on.
         let ret = csupport_enter(ring, block ? 1 : 0, timeout)
-        if ret < 0 && ret != -EBUSY && ret != -EAGAIN {
-            // The ring itself failed (never seen): stop rather than spin.
-            fatalError("ExactIO: io_uring_enter on the loop's ring failed: \(errnoFromNegative(ret))")
+        if ret < 0 {
+            // The ring itself failed: stop using it. Every reader fails with the error, and
+            // shutdown() can run (it does not wait for requests the ring cannot confirm).
+            failForGood(errnoFromNegative(ret))
+            return
         }
         while true {
             let n = cqes.withUnsafeMutableBufferPointer { csupport_reap(ring, $0.baseAddress, UInt32($0.count)) }
@@ -226,15 +256,26 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             for i in 0..<Int(n) { dispatch(cqes[i], loop: loop) }
             if n < UInt32(cqes.count) { break }
         }
-        expireDeadlines()
+        expireTimers(loop: loop)
+    }
+
+    /// After the ring failed: commands are answered with the failure as they come, and the
+    /// loop sleeps on its eventfd, not the ring, until it is shut down.
+    private func waitAfterFailure(block: Bool, _ failure: Errno) {
+        guard block else { return }
+        var pfd = pollfd(fd: waker.descriptor, events: Int16(POLLIN), revents: 0)
+        if poll(&pfd, 1, 1000) > 0 { waker.drain() }
+    }
+
+    override func injectEnterFailures(count: Int, errno: Int32) {
+        csupport_debug_fail_waits(ring, Int32(count), errno)
     }
 
     private func dispatch(_ cqe: csupport_cqe, loop: IOLoop) {
         let more = cqe.flags & UInt16(CSUPPORT_CQE_MORE) != 0
         if !more { inflight -= 1 }
         if cqe.user_data == URingLoopDriver.wakeTag {
-            var value: UInt64 = 0
-            _ = posixRead(eventFD, &value, 8)
+            waker.drain()
             if !more && !stopping { armWake() }
             return
         }
@@ -253,7 +294,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         case (.connection(let c), .direct?):
             directDone(c, cqe, loop: loop)
         case (.listener(let l), .accept?):
-            accepted(l, cqe, more: more, loop: loop)
+            accepted(l, cqe, loop: loop)
         default:
             break
         }
@@ -300,7 +341,7 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
             var full = c.deliver(seg)
             if c.receiveLimit == 0 {
                 // Without the kernel's byte limit, stop once the reader has what it wants ahead.
-                full = full || c.state.withLock { $0.receivedBytes >= $0.wanted }
+                full = full || c.state.withLock { $0.received.bytes >= $0.wanted }
             }
             if !more {
                 // A single-shot receive (pipes), or a multishot one the kernel ended: go on
@@ -386,25 +427,39 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         releaseIfIdle(c)
     }
 
-    private func accepted(_ l: Listener, _ cqe: csupport_cqe, more: Bool, loop: IOLoop) {
+    private func accepted(_ l: Listener, _ cqe: csupport_cqe, loop: IOLoop) {
+        l.inFlight -= 1
+        l.armed = l.inFlight > 0
         if cqe.res >= 0 {
-            if l.closing {
-                posixClose(cqe.res)
+            if l.closing || stopping {
+                _ = posixClose(cqe.res)
             } else {
-                l.queue.yield(FileDescriptor(rawValue: cqe.res))
+                accepted(cqe.res, on: l)
             }
         }
-        guard !more else { return }
-        l.armed = false
-        let e = cqe.res < 0 ? errnoFromNegative(cqe.res) : nil
-        if l.closing || stopping || e == .canceled {
-            l.queue.finish()
-            release(slot: l.slot)
-        } else if let e, e != .tooManyOpenFiles, e != .noBufferSpace, e != .noMemory, e != .connectionAbort {
+        if l.closing || stopping {
+            if l.inFlight == 0 {
+                l.queue.finish()
+                release(l)
+            }
+            return
+        }
+        switch cqe.res < 0 ? errnoFromNegative(cqe.res) : nil {
+        case nil, .connectionAbort?, .interrupted?:
+            if !l.paused && l.retryAt == 0 { startAccept(l, loop: loop) }
+        case .canceled?:
+            break
+        case .tooManyOpenFiles?, .tooManyOpenFilesInSystem?, .noBufferSpace?, .noMemory?:
+            // A shortage: no accept is re-armed until the pause is over.
+            if l.retryAt == 0 { retryAcceptLater(l) }
+        case let e?:
+            l.closing = true
             l.queue.finish(throwing: e)
-            release(slot: l.slot)
-        } else {
-            startAccept(l, loop: loop)  // the kernel ended the multishot (or a passing shortage): go on
+            if l.inFlight == 0 {
+                release(l)
+            } else {
+                stopAccept(l)
+            }
         }
     }
 
@@ -416,7 +471,9 @@ final class URingLoopDriver: LoopDriverBase, LoopDriver {
         if csupport_queue_cancel_all(ring, URingLoopDriver.cancelAllTag) == 0 { inflight += 1 }
     }
 
-    var isDrained: Bool { inflight <= 0 }
+    /// Every request ended; after a failure of the ring, nothing more can be confirmed, and
+    /// memory those requests targeted was given up (`LoopConnection.fail`).
+    var isDrained: Bool { inflight <= 0 || failure != nil }
 
     func finishShutdown(loop: IOLoop) {
         for case let entry? in entries {

@@ -117,8 +117,9 @@ struct ReaderCore<Buffer: CoreBuffer> {
     var readAhead: Int
     /// The large read in progress, if any.
     private(set) var direct: DirectRead? = nil
-    /// An over-long varint is being skipped to its last byte.
-    private var skippingVarint = false
+    /// The stream is inside a refused over-long varint: the next varint frame read skips to its
+    /// last byte first; any other read ends the skip.
+    var skippingVarint = false
 
     init(
         buffer: Buffer, pool: MemoryPool, maxFrameLength: Int, directThreshold: Int,
@@ -216,12 +217,14 @@ struct ReaderCore<Buffer: CoreBuffer> {
 
     /// `readExactly(count)`.
     mutating func exactly(_ count: Int) throws -> CoreStep<ByteView> {
-        try body(count, after: 0)
+        skippingVarint = false
+        return try body(count, after: 0)
     }
 
     /// `readFrame(prefix:)`: the prefix, then the body; consumes nothing until the body is
     /// there (or the stream ends).
     mutating func frame(_ prefix: LengthPrefix) throws -> CoreStep<ByteView?> {
+        if prefix != .varint { skippingVarint = false }
         if direct != nil {
             switch try directStep() {
             case .done(let v): return .done(v)
@@ -251,6 +254,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// `read(upTo:)`: what is buffered, or what one read brings (straight into memory of its
     /// own for large counts, up to 4 MiB).
     mutating func upTo(_ maxCount: Int) throws -> CoreStep<ByteView> {
+        skippingVarint = false
         if let d = direct {
             if d.got == 0 && buffer.buffered > 0 {
                 direct = nil  // bytes arrived in the buffer meanwhile: they are the answer
@@ -282,6 +286,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
 
     /// `skip(count)`: consumes as it goes (`statistics.bytesSkipped` says how far it got).
     mutating func skip(_ left: inout Int) throws -> CoreStep<Void> {
+        skippingVarint = false
         readAhead = buffer.nominalCapacity  // skip reads as much as staging holds per read
         while left > 0 {
             if buffer.buffered == 0 {
@@ -299,6 +304,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
     /// `readExactly(into:)`: staged bytes first, then the kernel writes the rest straight into
     /// the caller's memory.
     mutating func into(_ dst: UnsafeMutableRawBufferPointer, slot: Int32) throws -> CoreStep<Void> {
+        skippingVarint = false
         let count = dst.count
         if var d = direct {
             if buffer.buffered > 0 && d.got < d.count {
@@ -563,6 +569,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
     @inline(__always)
     mutating func takeStaged(_ count: Int) -> UnsafeRawBufferPointer? {
         guard direct == nil else { return nil }
+        skippingVarint = false
         let bytes = buffer.contiguousReadable
         guard count <= bytes.count else { return nil }
         buffer.consume(count)
@@ -599,12 +606,14 @@ struct ReaderCore<Buffer: CoreBuffer> {
     }
 
     /// Unsigned LEB128, at most 10 bytes for 64 bits. A longer one (or a tenth byte with bits
-    /// past 64) is refused with `frameTooLarge(length: UInt64.max, …)` after consuming the
-    /// whole prefix, up to and including its last byte (the first without the continuation
-    /// bit), or to the end of the stream. An `Errno` while looking for its end consumes nothing
-    /// (for a prefix longer than the staging buffer, the part already skipped stays skipped).
+    /// past 64) is refused with `frameTooLarge(length: UInt64.max, …)` once its last byte (the
+    /// first without the continuation bit) or the end of the stream is reached. Its bytes are
+    /// consumed as they are scanned, each once (counted in `statistics.bytesSkipped`), so a
+    /// peer that trickles an endless prefix costs constant memory and linear time. An `Errno`
+    /// while looking for its end leaves the skip where it stands: the next varint frame read
+    /// resumes it (any other read starts at the current position and ends the skip).
     private mutating func decodeVarint() throws -> Decoded {
-        if skippingVarint { return try skipOverlongVarint(from: 0) }
+        if skippingVarint { return try skipOverlongVarint() }
         var value: UInt64 = 0
         var i = 0
         while true {
@@ -615,7 +624,12 @@ struct ReaderCore<Buffer: CoreBuffer> {
             }
             let byte = buffer.byte(at: i)
             if i == 9 && byte > 1 {
-                return try skipOverlongVarint(from: i)
+                // Past 64 bits: refused. The ten bytes scanned are the prefix's.
+                buffer.consume(10)
+                statistics.bytesSkipped += 10
+                if byte & 0x80 == 0 { throw ExactReadError.frameTooLarge(length: .max, limit: maxFrameLength) }
+                skippingVarint = true
+                return try skipOverlongVarint()
             }
             value |= UInt64(byte & 0x7f) << UInt64(7 * i)
             i += 1
@@ -623,29 +637,22 @@ struct ReaderCore<Buffer: CoreBuffer> {
         }
     }
 
-    private mutating func skipOverlongVarint(from start: Int) throws -> Decoded {
-        var k = start
+    /// Consumes the rest of a refused varint: continuation bytes as they come, then its last
+    /// byte (or the stream's end), and throws `frameTooLarge`.
+    private mutating func skipOverlongVarint() throws -> Decoded {
         while true {
-            if k >= buffer.buffered {
-                if sawEOF {
-                    buffer.consume(buffer.buffered)  // the stream ended inside the prefix
-                    break
-                }
-                if k >= buffer.nominalCapacity {
-                    buffer.consume(k)  // longer than staging: drop what was scanned
-                    k = 0
-                    // Only now is the stream inside the prefix: the next frame call resumes the
-                    // skip. (Set before anything was dropped, an interrupted skip left the flag
-                    // behind and a later frame call skipped good bytes: found by the fuzz target.)
-                    skippingVarint = true
-                }
-                return .need(k + 1)
+            let run = buffer.contiguousReadable
+            guard run.count > 0 else {
+                if !sawEOF { return .need(1) }
+                break  // the stream ended inside the prefix
             }
-            if buffer.byte(at: k) & 0x80 == 0 {
-                buffer.consume(k + 1)
+            if let last = run.firstIndex(where: { $0 & 0x80 == 0 }) {
+                buffer.consume(last + 1)
+                statistics.bytesSkipped += last + 1
                 break
             }
-            k += 1
+            buffer.consume(run.count)
+            statistics.bytesSkipped += run.count
         }
         skippingVarint = false
         throw ExactReadError.frameTooLarge(length: .max, limit: maxFrameLength)
@@ -655,6 +662,7 @@ struct ReaderCore<Buffer: CoreBuffer> {
 
     /// A view of `count` buffered bytes (the fast path: no allocation, no copy).
     mutating func deliver(_ count: Int) throws(Errno) -> ByteView {
+        skippingVarint = false
         if count == 0 { return ByteView() }
         if count <= buffer.contiguousReadable.count {
             statistics.bytesDelivered += count

@@ -66,7 +66,8 @@ public final class AsyncExactReader {
         self.loop = loop
         self.options = options
         self.connection = LoopConnection(
-            fd: fd, loop: loop, isSocket: type == S_IFSOCK, maxBuffered: loop.options.maxBufferedBytesPerConnection)
+            fd: try OwnedDescriptor(duplicating: fd), loop: loop, isSocket: type == S_IFSOCK,
+            maxBuffered: loop.options.maxBufferedBytesPerConnection)
         let capacity = try Block.roundedCapacity(options.stagingCapacity)
         self.core = ReaderCore(
             buffer: SegmentBuffer(nominalCapacity: capacity), pool: loop.framePool,
@@ -78,7 +79,11 @@ public final class AsyncExactReader {
     }
 
     deinit {
-        if contacted { loop.send(.detach(connection)) }
+        if contacted {
+            loop.send(.detach(connection))  // the loop closes its descriptor when it is done
+        } else {
+            connection.fd.close()
+        }
     }
 
     /// True when the stream has ended and every byte of it was consumed, as far as the loop has
@@ -206,22 +211,22 @@ public final class AsyncExactReader {
         // follows a reset must not overtake the reset).
         let errorWaiting = core.pendingError != nil
         let wanted = core.readAhead
-        let (segments, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
+        let (segments, copied, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
             s.wanted = wanted
-            let segments = s.received
-            s.received.removeAll(keepingCapacity: true)
-            s.receivedBytes = 0
+            let segments = s.received.takeAll()
+            let copied = s.copied
+            s.copied = 0
             let error = s.error
             s.error = nil
             let timedOut = s.timedOut
             s.timedOut = false
             let arm = !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
             if arm { s.receiving = true }
-            return (segments, s.eof, error, timedOut, s.shutDown, arm)
+            return (segments, copied, s.eof, error, timedOut, s.shutDown, arm)
         }
         if !segments.isEmpty {
             core.statistics.reads += segments.count
-            core.buffer.appendAll(segments)
+            core.statistics.bytesCopied += copied + core.buffer.appendAll(segments)
         }
         if eof { core.sawEOF = true }
         if let error { core.pendingError = error }
@@ -317,6 +322,6 @@ public final class AsyncExactReader {
         if cancelSent && (d.error == .canceled || d.got < minimum) {
             return try core.directInterrupted(count: d.got, CancellationError())
         }
-        try core.directCompleted(EngineResult(count: d.got, error: d.error, reads: 1), minimum: minimum)
+        try core.directCompleted(EngineResult(count: d.got, error: d.error, reads: 1, destinationPoisoned: d.poisoned), minimum: minimum)
     }
 }

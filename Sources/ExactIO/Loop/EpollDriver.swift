@@ -13,7 +13,7 @@ import SystemPackage
 /// connection per turn (fairness), received bytes packed into the loop's receive buffers.
 final class EpollDriver: LoopDriverBase, LoopDriver {
     let epfd: Int32
-    let eventFD: Int32
+    let waker: Waker
     private var events: [epoll_event]
     /// Receive buffers not in use, and the one being filled (with its fill offset).
     private var free: [UInt16]
@@ -23,16 +23,16 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
 
     static let wakeTag: UInt64 = LoopTag(slot: 0xff_ffff, generation: 0, kind: .wake).rawValue
 
-    init(pool: ReceivePool, eventFD: Int32) throws(Errno) {
+    init(pool: ReceivePool, waker: Waker) throws(Errno) {
         let fd = epoll_create1(Int32(EPOLL_CLOEXEC))
         guard fd >= 0 else { throw Errno(rawValue: errno) }
         self.epfd = fd
-        self.eventFD = eventFD
+        self.waker = waker
         self.events = Array(repeating: epoll_event(), count: 256)
         self.free = (0..<UInt16(pool.count)).reversed()
         super.init(pool: pool)
         var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: EpollDriver.wakeTag))
-        guard epoll_ctl(epfd, EPOLL_CTL_ADD, eventFD, &ev) == 0 else {
+        guard epoll_ctl(epfd, EPOLL_CTL_ADD, waker.descriptor, &ev) == 0 else {
             let e = Errno(rawValue: errno)
             posixClose(fd)
             throw e
@@ -66,6 +66,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     // MARK: Receiving
 
     override func startReceive(_ c: LoopConnection, loop: IOLoop) {
+        prepare(c)
         c.armed = true
         c.state.withLock { $0.receiving = true }
         setInterest(c.fd.rawValue, tag: c.tag(.receive), reading: true, registered: &c.registeredWithEpoll)
@@ -85,7 +86,24 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         startDirectNow(c)
     }
 
+    /// Reads on the loop never block: sockets are read with MSG_DONTWAIT (the descriptor's own
+    /// mode, which the caller may rely on for its writes, is left alone); other descriptors
+    /// (pipes, FIFOs, terminals) are set non-blocking once. A spurious readiness then costs
+    /// an EAGAIN, never the whole loop.
+    private func prepare(_ c: LoopConnection) {
+        guard !c.isSocket, !c.nonBlockingSet else { return }
+        c.nonBlockingSet = true
+        let flags = fcntl(c.fd.rawValue, F_GETFL)
+        if flags >= 0 && flags & O_NONBLOCK == 0 { _ = fcntl(c.fd.rawValue, F_SETFL, flags | O_NONBLOCK) }
+    }
+
+    /// One non-blocking read of the connection into `buffer`.
+    private func read(_ c: LoopConnection, _ buffer: UnsafeMutableRawPointer, _ count: Int) -> Int {
+        c.isSocket ? recv(c.fd.rawValue, buffer, count, Int32(MSG_DONTWAIT)) : posixRead(c.fd.rawValue, buffer, count)
+    }
+
     private func startDirectNow(_ c: LoopConnection) {
+        prepare(c)
         // As for io_uring: what the receive met first (bytes, a reset, the end) comes first.
         if c.state.withLock({ $0.hasNews }) {
             c.directProgress(0, finished: true, error: nil, retry: true)
@@ -123,7 +141,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         }
         let buffer = current!
         loop.count { $0.reads += 1 }
-        let n = posixRead(c.fd.rawValue, buffer.base + currentOffset, pool.size - currentOffset)
+        let n = read(c, buffer.base + currentOffset, pool.size - currentOffset)
         if n > 0 {
             let segment = Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)
             currentOffset += n
@@ -151,7 +169,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
             return
         }
         loop.count { $0.reads += 1 }
-        let n = posixRead(c.fd.rawValue, region.base, pool.size)
+        let n = read(c, region.base, pool.size)
         if n > 0 {
             delivered(c, ownSegment(region, count: n))
         } else {
@@ -160,7 +178,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     }
 
     private func delivered(_ c: LoopConnection, _ segment: Segment) {
-        if c.deliver(segment) || c.state.withLock({ $0.receivedBytes >= $0.wanted }) {
+        if c.deliver(segment) || c.state.withLock({ $0.received.bytes >= $0.wanted }) {
             // Backpressure, or the reader has what it wants ahead: stop reading until the
             // reader takes its bytes.
             stopReceive(c)
@@ -189,7 +207,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
             return
         }
         loop.count { $0.reads += 1 }
-        let n = posixRead(c.fd.rawValue, d.dst.baseAddress! + d.got, d.dst.count - d.got)
+        let n = read(c, d.dst.baseAddress! + d.got, d.dst.count - d.got)
         var finished = false
         var error: Errno? = nil
         if n > 0 {
@@ -219,45 +237,69 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
     // MARK: Accepting
 
     override func startAccept(_ l: Listener, loop: IOLoop) {
+        guard !l.armed else { return }
         let flags = fcntl(l.fd.rawValue, F_GETFL)
         _ = fcntl(l.fd.rawValue, F_SETFL, flags | O_NONBLOCK)
-        var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: LoopTag(slot: l.slot, generation: l.generation, kind: .accept).rawValue))
+        var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: l.tag))
         if epoll_ctl(epfd, EPOLL_CTL_ADD, l.fd.rawValue, &ev) == 0 {
             l.armed = true
         } else {
             l.queue.finish(throwing: Errno(rawValue: errno))
-            release(slot: l.slot)
+            release(l)
         }
     }
 
     override func stopAccept(_ l: Listener) {
+        pauseAccept(l)
+        l.queue.finish()
+        release(l)
+    }
+
+    /// Out of the epoll set: a level-triggered listener with connections waiting would
+    /// otherwise wake every turn.
+    override func pauseAccept(_ l: Listener) {
         if l.armed {
             _ = epoll_ctl(epfd, EPOLL_CTL_DEL, l.fd.rawValue, nil)
             l.armed = false
         }
-        l.queue.finish()
-        release(slot: l.slot)
     }
 
     private func accept(_ l: Listener) {
-        while true {
-            let fd = cexactio_accept4(l.fd.rawValue, Int32(SOCK_CLOEXEC.rawValue))
+        while l.armed {
+            let fd = cexactio_accept4(l.fd.rawValue, Int32(SOCK_CLOEXEC.rawValue | SOCK_NONBLOCK.rawValue))
             if fd >= 0 {
-                l.queue.yield(FileDescriptor(rawValue: fd))
+                accepted(fd, on: l)
                 continue
             }
             let e = Errno(rawValue: errno)
-            if e == .resourceTemporarilyUnavailable || e == .interrupted { return }
-            if e == .connectionAbort { continue }
-            if e == .tooManyOpenFiles || e == .noMemory || e == .noBufferSpace { return }  // try again later
-            stopAccept(l)
-            return
+            switch e {
+            case .resourceTemporarilyUnavailable, .interrupted:
+                return
+            case .connectionAbort:
+                continue
+            case .tooManyOpenFiles, .tooManyOpenFilesInSystem, .noMemory, .noBufferSpace:
+                // A shortage: out of the epoll set for a while, then try again.
+                pauseAccept(l)
+                retryAcceptLater(l)
+                return
+            default:
+                l.queue.finish(throwing: e)
+                pauseAccept(l)
+                release(l)
+                return
+            }
         }
     }
 
     // MARK: The turn
 
     func turn(block: Bool, loop: IOLoop) {
+        if failure != nil {
+            // Commands are answered with the failure; sleep on the eventfd until shutdown.
+            var pfd = pollfd(fd: waker.descriptor, events: Int16(POLLIN), revents: 0)
+            if block && poll(&pfd, 1, 1000) > 0 { waker.drain() }
+            return
+        }
         var timeoutMs: Int32 = 0
         if block {
             let ns = nearestDeadline()
@@ -265,13 +307,17 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
         }
         loop.count { $0.enters += 1 }
         let n = events.withUnsafeMutableBufferPointer { epoll_wait(epfd, $0.baseAddress, Int32($0.count), timeoutMs) }
+        if n < 0 && errno != EINTR {
+            // The epoll set itself failed (EBADF, EFAULT, EINVAL): stop using it.
+            failForGood(Errno(rawValue: errno))
+            return
+        }
         if n > 0 {
             loop.count { $0.completions += Int(n) }
             for i in 0..<Int(n) {
                 let tag = LoopTag(rawValue: events[i].data.u64)
                 if tag.rawValue == EpollDriver.wakeTag {
-                    var value: UInt64 = 0
-                    _ = posixRead(eventFD, &value, 8)
+                    waker.drain()
                     continue
                 }
                 switch entry(tag) {
@@ -288,7 +334,7 @@ final class EpollDriver: LoopDriverBase, LoopDriver {
                 }
             }
         }
-        expireDeadlines()
+        expireTimers(loop: loop)
     }
 
     func beginShutdown() {

@@ -12,11 +12,15 @@ extension IOLoop {
     /// The connections accepted on `listener`, as they come: multishot accept on io_uring,
     /// readiness and `accept4(2)` on epoll (the listener is then set non-blocking).
     ///
-    /// Each element is a new descriptor (close-on-exec) that the caller owns and closes. The
-    /// sequence ends when the loop shuts down or the iteration stops (a `break`, a cancelled
-    /// task); descriptors accepted but not yet taken are closed then. It throws the errno of a
-    /// listener that fails for good (a passing shortage — EMFILE, ENOBUFS — only pauses it).
-    /// `listener` is borrowed: it stays open.
+    /// Each element is a new descriptor (close-on-exec and non-blocking) that the caller owns
+    /// and closes. The sequence ends when the loop shuts down or the iteration stops (a
+    /// `break`, a cancelled task); descriptors accepted but not yet taken are closed then. It
+    /// throws the errno of a listener that fails for good. A passing shortage (EMFILE or
+    /// ENFILE at the descriptor limit, ENOBUFS, ENOMEM) pauses accepting for 10 ms, doubling
+    /// up to a second while it lasts, instead of retrying at once. At most
+    /// `Options.maxPendingConnections` accepted descriptors wait for the consumer: past that,
+    /// accepting pauses until it takes some, and new connections wait in the kernel's backlog.
+    /// `listener` is borrowed: it stays open (the loop accepts on a duplicate of it).
     public func connections(accepting listener: FileDescriptor) -> AcceptedConnections {
         AcceptedConnections(loop: self, listener: listener)
     }
@@ -31,9 +35,18 @@ public struct AcceptedConnections: AsyncSequence, Sendable {
 
     /// The iterator that accepts the next connection each time it is asked.
     public func makeAsyncIterator() -> Iterator {
-        let queue = AcceptQueue()
-        let l = Listener(fd: listener, queue: queue)
+        let queue = AcceptQueue(limit: loop.options.maxPendingConnections)
+        let fd: OwnedDescriptor
+        do {
+            fd = try OwnedDescriptor(duplicating: listener)
+        } catch {
+            // No descriptor for the loop's copy (EMFILE, EBADF): the sequence throws that.
+            queue.finish(throwing: error)
+            return Iterator(handle: AcceptHandle(queue: queue))
+        }
+        let l = Listener(fd: fd, queue: queue)
         queue.onStop = { [loop] in loop.send(.unlisten(l)) }
+        queue.onResume = { [loop] in loop.send(.resumeAccept(l)) }
         loop.send(.listen(l))
         return Iterator(handle: AcceptHandle(queue: queue))
     }
@@ -68,20 +81,51 @@ final class AcceptQueue: @unchecked Sendable {
         var failure: Errno? = nil
         /// `onStop` was called (or need not be).
         var stopped = false
+        /// The loop paused accepting at `limit` pending descriptors; `onResume` is owed.
+        var paused = false
     }
     let state = Locked(State())
+    /// Accepted descriptors that may wait for the consumer before accepting pauses.
+    let limit: Int
     var onStop: (@Sendable () -> Void)? = nil
+    /// Tells the loop to accept again (the consumer caught up after a pause).
+    var onResume: (@Sendable () -> Void)? = nil
 
-    func yield(_ fd: FileDescriptor) {
-        let (waiter, refused) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool) in
-            if s.finished { return (nil, true) }
+    init(limit: Int = .max) {
+        self.limit = limit
+    }
+
+    /// Descriptors that may still be accepted before the queue is full.
+    var room: Int {
+        state.withLock { s in s.finished ? 0 : max(0, limit - s.pending.count) }
+    }
+
+    /// When the queue is full: marks it paused (the consumer's next take past a quarter of the
+    /// bound calls `onResume`) and returns true. False when the consumer took some meanwhile.
+    func pauseIfFull() -> Bool {
+        state.withLock { s in
+            guard s.pending.count >= limit || s.finished else { return false }
+            s.paused = true
+            return true
+        }
+    }
+
+    /// Queues `fd` for the consumer (closes it when the sequence has ended). Returns true when
+    /// the queue is full: the loop pauses accepting until `onResume`.
+    @discardableResult
+    func yield(_ fd: FileDescriptor) -> Bool {
+        let (waiter, refused, full) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool, Bool) in
+            if s.finished { return (nil, true, false) }
             s.pending.append(fd)
             let w = s.waiter
             s.waiter = nil
-            return (w, false)
+            let full = s.pending.count >= limit
+            if full { s.paused = true }
+            return (w, false, full)
         }
         if refused { try? fd.close() }
         waiter?.resume()
+        return full
     }
 
     func finish(throwing error: Errno? = nil) {
@@ -92,6 +136,7 @@ final class AcceptQueue: @unchecked Sendable {
             }
             s.stopped = true  // the loop let go of the listener: nothing to tell it
             onStop = nil
+            onResume = nil
             let w = s.waiter
             s.waiter = nil
             return w
@@ -101,12 +146,21 @@ final class AcceptQueue: @unchecked Sendable {
 
     func next() async throws -> FileDescriptor? {
         while true {
-            let (fd, finished, failure) = state.withLock { s -> (FileDescriptor?, Bool, Errno?) in
-                if !s.pending.isEmpty { return (s.pending.removeFirst(), false, nil) }
+            let (fd, finished, failure, resume) = state.withLock { s -> (FileDescriptor?, Bool, Errno?, (@Sendable () -> Void)?) in
+                if !s.pending.isEmpty {
+                    let fd = s.pending.removeFirst()
+                    // Resume once the consumer took a quarter of the bound (not per descriptor).
+                    guard s.paused && !s.finished && s.pending.count <= limit - max(1, limit / 4) else {
+                        return (fd, false, nil, nil)
+                    }
+                    s.paused = false
+                    return (fd, false, nil, onResume)
+                }
                 let f = s.failure
                 s.failure = nil
-                return (nil, s.finished, f)
+                return (nil, s.finished, f, nil)
             }
+            resume?()
             if let fd { return fd }
             if let failure { throw failure }
             if finished { return nil }
@@ -143,6 +197,7 @@ final class AcceptQueue: @unchecked Sendable {
             let notify = s.stopped ? nil : onStop
             s.stopped = true
             onStop = nil  // it holds the listener, which holds this queue
+            onResume = nil
             return (left, notify)
         }
         for fd in left { try? fd.close() }

@@ -56,20 +56,28 @@ public final class IOLoop: @unchecked Sendable {
         /// 16 MiB by default, committed only as the kernel writes into it.
         public var receiveBufferCount: Int
         /// Backpressure: a connection whose received, unread bytes reach this stops receiving
-        /// until its reader takes them. Default 256 KiB.
+        /// until its reader takes them. What counts is the memory the bytes hold: their count
+        /// plus the bookkeeping of each received segment (a peer sending a byte at a time
+        /// cannot make a connection hold more than this). Default 256 KiB.
         public var maxBufferedBytesPerConnection: Int
+        /// Accepted connections that `connections(accepting:)` may hold for a consumer that has
+        /// not taken them: past it, accepting pauses (further connections wait in the kernel's
+        /// listen backlog) until the consumer catches up. Default 1,024.
+        public var maxPendingConnections: Int
 
         /// Options with every field given or defaulted (see each field for its default).
         public init(
             backend: ExactReader.Backend = .automatic,
             receiveBufferSize: Int = 64 << 10,
             receiveBufferCount: Int = 256,
-            maxBufferedBytesPerConnection: Int = 256 << 10
+            maxBufferedBytesPerConnection: Int = 256 << 10,
+            maxPendingConnections: Int = 1024
         ) {
             self.backend = backend
             self.receiveBufferSize = receiveBufferSize
             self.receiveBufferCount = receiveBufferCount
             self.maxBufferedBytesPerConnection = maxBufferedBytesPerConnection
+            self.maxPendingConnections = maxPendingConnections
         }
 
         func validate() throws(ExactReader.InvalidOptionError) {
@@ -82,6 +90,9 @@ public final class IOLoop: @unchecked Sendable {
             if maxBufferedBytesPerConnection < 1 {
                 throw .init(
                     option: "maxBufferedBytesPerConnection", value: "\(maxBufferedBytesPerConnection)", requirement: ">= 1")
+            }
+            if maxPendingConnections < 1 {
+                throw .init(option: "maxPendingConnections", value: "\(maxPendingConnections)", requirement: ">= 1")
             }
         }
     }
@@ -114,7 +125,7 @@ public final class IOLoop: @unchecked Sendable {
     /// Frame memory for large bodies, shared by the loop's readers (unregistered: registration
     /// would have to happen on the loop's thread).
     let framePool: MemoryPool
-    let eventFD: Int32
+    let waker: Waker
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
     private var driver: LoopDriver! = nil
     private let inbox = Locked(Inbox())
@@ -147,46 +158,39 @@ public final class IOLoop: @unchecked Sendable {
         while size < options.receiveBufferSize { size <<= 1 }
         var count = 16
         while count < options.receiveBufferCount { count <<= 1 }
-        let efd = eventfd(0, Int32(EFD_NONBLOCK | EFD_CLOEXEC))
-        guard efd >= 0 else { throw Errno(rawValue: errno) }
-        self.eventFD = efd
-        let wakeFD = efd
-        do {
-            self.pool = try ReceivePool(count: count, size: size, wake: { IOLoop.signal(wakeFD) })
-        } catch {
-            close(efd)
-            throw error
-        }
+        let waker = try Waker()
+        self.waker = waker
+        self.pool = try ReceivePool(count: count, size: size, wake: { waker.wake() })
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         try start()
     }
 
-    static func makeDriver(options: Options, pool: ReceivePool, eventFD: Int32) throws -> (LoopDriver, String?) {
+    static func makeDriver(options: Options, pool: ReceivePool, waker: Waker) throws -> (LoopDriver, String?) {
         var wanted = options.backend
         var note: String? = nil
         if wanted == .automatic, let raw = ExactReader.processEnvironment()[BackendSelection.environmentVariable], !raw.isEmpty {
             switch raw.lowercased() {
-            case "posix": return (try EpollDriver(pool: pool, eventFD: eventFD), "io_uring not used: forced by \(BackendSelection.environmentVariable)=\(raw)")
+            case "posix": return (try EpollDriver(pool: pool, waker: waker), "io_uring not used: forced by \(BackendSelection.environmentVariable)=\(raw)")
             case "uring", "io_uring", "iouring": wanted = .ioUring
             case "automatic", "auto": break
             default: note = "\(BackendSelection.environmentVariable)=\(raw) not understood (expected posix or uring): ignored"
             }
         }
-        if wanted == .posix { return (try EpollDriver(pool: pool, eventFD: eventFD), nil) }
+        if wanted == .posix { return (try EpollDriver(pool: pool, waker: waker), nil) }
         #if EXACTIO_URING
-        switch URingLoopDriver.make(pool: pool, eventFD: eventFD) {
+        switch URingLoopDriver.make(pool: pool, waker: waker) {
         case .success(let d):
             return (d, note)
         case .failure(let failure):
             if wanted == .ioUring { throw failure.errno }
             let reason = [note, failure.reason].compactMap { $0 }.joined(separator: "; ")
-            return (try EpollDriver(pool: pool, eventFD: eventFD), reason)
+            return (try EpollDriver(pool: pool, waker: waker), reason)
         }
         #else
         if wanted == .ioUring { throw Errno.notSupported }
         let reason = [note, "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)"]
             .compactMap { $0 }.joined(separator: "; ")
-        return (try EpollDriver(pool: pool, eventFD: eventFD), reason)
+        return (try EpollDriver(pool: pool, waker: waker), reason)
         #endif
     }
 
@@ -199,7 +203,7 @@ public final class IOLoop: @unchecked Sendable {
             let context = Unmanaged<StartContext>.fromOpaque(arg!).takeRetainedValue()
             let loop = context.loop
             do {
-                let (driver, reason) = try IOLoop.makeDriver(options: loop.options, pool: loop.pool, eventFD: loop.eventFD)
+                let (driver, reason) = try IOLoop.makeDriver(options: loop.options, pool: loop.pool, waker: loop.waker)
                 loop.driver = driver
                 loop.backend = driver.kind
                 loop.fallbackReason = reason
@@ -239,9 +243,9 @@ public final class IOLoop: @unchecked Sendable {
     }
 
     deinit {
-        // A loop is released only after its thread ended (the thread holds it while it runs).
-        driver?.close()
-        close(eventFD)
+        // A loop is released only after its thread ended (the thread holds it while it runs),
+        // and the thread closed the ring or epoll set itself.
+        waker.close()
     }
 
     /// The loop's counters.
@@ -286,20 +290,31 @@ public final class IOLoop: @unchecked Sendable {
 
     var isStopped: Bool { stopped.load(ordering: .acquiring) }
 
-    /// A summary of every connection's shared state, for debugging hangs (reads loop-thread
-    /// fields without synchronization: approximate).
+    /// A summary of every connection's and listener's state, for debugging hangs: taken on the
+    /// loop's thread (a command; the caller waits for it), or, when the thread does not answer
+    /// within `timeoutMilliseconds`, what other threads may read (the pool's counters) with a
+    /// note that it did not. Never call it on the loop's thread.
     @_spi(Testing)
-    public func debugState() -> String {
-        guard let base = driver as? LoopDriverBase else { return "" }
-        var lines: [String] = []
-        for case .connection(let c)? in base.entries {
-            let s = c.state.withLock { s in
-                "queued \(s.receivedBytes) receiving \(s.receiving) eof \(s.eof) waiter \(s.waiter != nil) direct \(s.direct.map { "\($0.got)/\($0.minimum) done \($0.done)" } ?? "-")"
-            }
-            lines.append("conn \(c.slot): armed \(c.armed) disarming \(c.disarming) starved \(c.starved) directInFlight \(c.directInFlight) pending \(c.directPending) rearm \(c.rearmWhenDisarmed); \(s)")
+    public func debugState(timeoutMilliseconds: Int = 2000) -> String {
+        let pool = "pool outstanding \(pool.outstanding.load(ordering: .relaxed)) of \(pool.count), starved \(pool.starved.load(ordering: .relaxed))"
+        if isLoopThread { return "(debugState called on the loop's thread)\n" + pool }
+        let answer = Locked<String?>(nil)
+        send(.inspect { text in answer.withLock { $0 = text } })
+        for _ in 0..<max(1, timeoutMilliseconds) {
+            if let text = answer.withLock({ $0 }) { return text + "\n" + pool }
+            usleep(1000)
         }
-        return lines.joined(separator: "\n") + "\npool outstanding \(pool.outstanding.load(ordering: .relaxed)) of \(pool.count), starved \(pool.starved.load(ordering: .relaxed))"
+        return "(the loop's thread did not answer within \(timeoutMilliseconds) ms)\n" + pool
     }
+
+    /// Test seam: the loop's next `count` waits in the kernel fail with `errno` (io_uring).
+    @_spi(Testing)
+    public func injectWaitFailures(count: Int, errno: Int32) {
+        send(.injectFailures(count: count, errno: errno))
+    }
+
+    /// The loop's thread (for tests that signal it).
+    var threadHandle: pthread_t? { thread }
 
     // MARK: - Commands and wakeups
 
@@ -314,17 +329,27 @@ public final class IOLoop: @unchecked Sendable {
             wake()
             return
         }
-        // The thread has ended: answer as a shut-down loop would.
+        IOLoop.answerAfterExit(command)
+    }
+
+    /// Answers `command` as a loop whose thread has ended (every request drained, the ring or
+    /// epoll set closed) would.
+    static func answerAfterExit(_ command: LoopCommand) {
         switch command {
         case .receive(let c), .deadline(let c):
             c.interrupt(shutDown: true)
         case .direct(let c), .cancelDirect(let c):
             c.directProgress(0, finished: true, error: .canceled)
             c.interrupt(shutDown: true)
+        case .detach(let c):
+            c.fd.close()
         case .listen(let l):
             l.queue.finish()
-        case .detach, .unlisten:
+            l.fd.close()
+        case .unlisten, .resumeAccept, .injectFailures:
             break
+        case .inspect(let reply):
+            reply("(the loop has shut down)")
         case .shutdown(let c):
             c.resume()
         }
@@ -337,14 +362,9 @@ public final class IOLoop: @unchecked Sendable {
     private func wake() {
         if isLoopThread { return }
         if sleeping.load(ordering: .acquiring) {
-            IOLoop.signal(eventFD)
+            waker.wake()
             wakeups.add(1, ordering: .relaxed)
         }
-    }
-
-    static func signal(_ fd: Int32) {
-        var one: UInt64 = 1
-        _ = write(fd, &one, 8)
     }
 
     // MARK: - The thread
@@ -381,15 +401,21 @@ public final class IOLoop: @unchecked Sendable {
             let snapshot = localStats
             stats.withLock { $0 = snapshot }
         }
-        // Drained: every request is done. Jobs that still arrive go to the global executor.
-        let late = inbox.withLock { box -> [UnownedJob] in
-            box.exited = true
-            let j = box.jobs
-            box.jobs.removeAll()
-            return j
-        }
-        for job in late { job.runSynchronously(on: asUnownedTaskExecutor()) }
+        // Drained: every request is done. The ring or epoll set is closed on this thread (a
+        // SINGLE_ISSUER ring accepts registrations only from it). Commands and jobs that still
+        // arrive are answered as after the end; jobs go to the global executor.
         driver.finishShutdown(loop: self)
+        driver.close()
+        let (lateCommands, lateJobs) = inbox.withLock { box -> ([LoopCommand], [UnownedJob]) in
+            box.exited = true
+            defer {
+                box.commands.removeAll()
+                box.jobs.removeAll()
+            }
+            return (box.commands, box.jobs)
+        }
+        for command in lateCommands { IOLoop.answerAfterExit(command) }
+        for job in lateJobs { job.runSynchronously(on: asUnownedTaskExecutor()) }
         shutdownWaiter?.resume()
     }
 }
@@ -428,6 +454,12 @@ enum LoopCommand {
     /// Start accepting on a listener, or stop.
     case listen(Listener)
     case unlisten(Listener)
+    /// The consumer took connections: accepting may go on.
+    case resumeAccept(Listener)
+    /// Describe the loop's state (`debugState`), on its thread.
+    case inspect(@Sendable (String) -> Void)
+    /// Test seam: the next waits in the kernel fail.
+    case injectFailures(count: Int, errno: Int32)
     case shutdown(CheckedContinuation<Void, Never>)
 }
 
@@ -444,6 +476,6 @@ protocol LoopDriver: AnyObject {
     /// True once every request is done (after `beginShutdown`).
     var isDrained: Bool { get }
     func finishShutdown(loop: IOLoop)
-    /// Releases the ring or epoll set (from the loop's deinit).
+    /// Releases the ring or epoll set (on the loop's thread, after `finishShutdown`).
     func close()
 }

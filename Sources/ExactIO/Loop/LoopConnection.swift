@@ -13,6 +13,8 @@ struct DirectRequest: @unchecked Sendable {
     var error: Errno? = nil
     /// Received bytes arrived before the read could start: the reader takes them first.
     var retry = false
+    /// The loop gave up on the read while the kernel may still write `dst` (its ring failed).
+    var poisoned = false
 }
 
 /// One connection on a loop: what its reader (any thread, one at a time) and the loop's
@@ -20,15 +22,18 @@ struct DirectRequest: @unchecked Sendable {
 final class LoopConnection: @unchecked Sendable {
     // @unchecked Sendable: `state` is behind its mutex; the `var`s below it are touched only on
     // the loop's thread.
-    let fd: FileDescriptor
+    /// The loop's own descriptor for the connection (see `OwnedDescriptor`).
+    let fd: OwnedDescriptor
     let loop: IOLoop
     let isSocket: Bool
     let maxBuffered: Int
 
     struct State {
         /// Received bytes the reader has not taken yet, in order.
-        var received: [Segment] = []
-        var receivedBytes = 0
+        var received = SegmentQueue()
+        /// Bytes the loop copied to keep `received` short (small segments coalesced, receive
+        /// buffers evacuated), for the reader's `bytesCopied`.
+        var copied = 0
         var eof = false
         var error: Errno? = nil
         /// The reader waiting for a change.
@@ -47,6 +52,8 @@ final class LoopConnection: @unchecked Sendable {
 
         /// The receive left something for the reader: bytes, an error, or the end.
         var hasNews: Bool { !received.isEmpty || error != nil || eof }
+        /// Memory the queued bytes hold, as backpressure counts it.
+        var held: Int { received.heldBytes }
     }
     let state = Locked(State())
 
@@ -69,10 +76,13 @@ final class LoopConnection: @unchecked Sendable {
     var receiveLimit: UInt32 = 0
     var detached = false
     var starved = false
-    var watched = false
+    /// The deadline the loop's timer for this connection fires at (0: none armed).
+    var timerAt: Int64 = 0
     var registeredWithEpoll = false
+    /// epoll: a non-socket descriptor was set non-blocking.
+    var nonBlockingSet = false
 
-    init(fd: FileDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int) {
+    init(fd: OwnedDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int) {
         self.fd = fd
         self.loop = loop
         self.isSocket = isSocket
@@ -85,11 +95,10 @@ final class LoopConnection: @unchecked Sendable {
     /// stop receiving (backpressure).
     func deliver(_ segment: Segment) -> Bool {
         let (waiter, full) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool) in
-            s.received.append(segment)
-            s.receivedBytes += segment.count
+            s.copied += s.received.append(segment)
             let w = s.waiter
             s.waiter = nil
-            return (w, s.receivedBytes >= maxBuffered)
+            return (w, s.held >= maxBuffered)
         }
         waiter?.resume()
         return full
@@ -145,12 +154,26 @@ final class LoopConnection: @unchecked Sendable {
     /// loop's thread, when the pool ran dry): a slow reader's queue must not starve the others.
     func evacuate() {
         state.withLock { s in
-            guard s.received.contains(where: { $0.owner is ReceiveBuffer }) else { return }
-            var buffer = SegmentBuffer(nominalCapacity: 0)
-            buffer.appendAll(s.received)
-            guard (try? buffer.detachFromReceiveBuffers()) != nil else { return }
-            s.received = buffer.segments
+            s.copied += s.received.detachFromReceiveBuffers() ?? 0
         }
+    }
+
+    /// The loop's kernel interface failed for good: the reader's call fails with `error`. A
+    /// direct read in flight is given up with its memory (the kernel may still write it).
+    func fail(_ error: Errno, directInFlight: Bool) {
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            s.error = s.error ?? error
+            s.receiving = false
+            if s.direct != nil && !s.direct!.done {
+                s.direct!.done = true
+                s.direct!.error = error
+                s.direct!.poisoned = directInFlight
+            }
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
     }
 
     /// Wakes the reader for a shutdown.
@@ -164,7 +187,12 @@ final class LoopConnection: @unchecked Sendable {
         waiter?.resume()
     }
 
-    enum Expiry { case none, pending, expired }
+    enum Expiry {
+        case none
+        /// Not yet: the reader's deadline is this.
+        case pending(Int64)
+        case expired
+    }
 
     /// The loop's deadline check: past the reader's deadline, `timedOut` is set and the waiter
     /// (if it waits yet) is woken, in one locked step, so a call that just ended (and cleared
@@ -172,7 +200,7 @@ final class LoopConnection: @unchecked Sendable {
     func expire(now: Int64) -> Expiry {
         let (expiry, waiter) = state.withLock { s -> (Expiry, CheckedContinuation<Void, Never>?) in
             if s.deadline == 0 { return (.none, nil) }
-            if s.deadline > now { return (.pending, nil) }
+            if s.deadline > now { return (.pending(s.deadline), nil) }
             s.deadline = 0
             s.timedOut = true
             let w = s.waiter

@@ -76,8 +76,17 @@ public final class LoopCoreHarness {
             maxFrameLength: maxFrameLength, directThreshold: max(1, capacity / 4))
     }
 
+    /// Each segment is followed in its receive buffer by a byte of another connection (as when
+    /// many connections share the provided buffers), so consecutive segments never continue
+    /// each other.
+    public var interleaveSegments = false
+
     public var statistics: ExactReader.Statistics { core.statistics }
     public var bufferedCount: Int { core.buffer.buffered }
+    /// Segments the reader's buffer holds, and the slots of its segment array (consumed ones
+    /// not yet compacted included).
+    public var bufferedSegments: Int { core.buffer.queue.count }
+    public var segmentSlots: Int { core.buffer.queue.segments.count }
     /// The first `n` buffered bytes (for traces).
     public func peek(_ n: Int) -> [UInt8] { (0..<min(n, core.buffer.buffered)).map { core.buffer.byte(at: $0) } }
     public var isAtEOF: Bool { core.buffer.buffered == 0 && core.sawEOF && core.pendingError == nil }
@@ -212,11 +221,12 @@ public final class LoopCoreHarness {
             segments.append(Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n))
             currentOffset += n
             fed += n
+            if interleaveSegments { currentOffset = min(currentOffset + 1, receive.size) }
             if currentOffset == receive.size { current = nil }
         }
         if fed == stream.count { ended = true }
         core.statistics.reads += segments.count
-        core.buffer.appendAll(segments)
+        core.statistics.bytesCopied += core.buffer.appendAll(segments)
     }
 
     private func takeBuffer() -> ReceiveBuffer? {

@@ -4,6 +4,7 @@
 #ifndef CTESTSUPPORT_H
 #define CTESTSUPPORT_H
 
+#include <pthread.h>
 #include <stdint.h>
 
 /* Installs a seccomp filter that makes io_uring_setup, io_uring_enter and io_uring_register
@@ -17,6 +18,12 @@ int ctest_start_signal_storm(long usec);
 
 /* Stops the timer; returns the number of signals delivered since the start. */
 uint64_t ctest_stop_signal_storm(void);
+
+/* Starts a thread that sends SIGUSR2 to thread `target` every `usec` microseconds (0: as fast
+ * as it can), to a handler installed without SA_RESTART. Returns 0 or -errno. */
+int ctest_start_thread_signal_storm(pthread_t target, long usec);
+/* Stops it; returns the number of SIGUSR2 handled since the start. */
+uint64_t ctest_stop_thread_signal_storm(void);
 
 /* Makes the process dumpable again after a uid change (/proc/self readable). Returns 0 or -errno. */
 int ctest_set_dumpable(void);
