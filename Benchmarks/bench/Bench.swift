@@ -26,6 +26,20 @@ struct Bench: ParsableCommand {
             --seconds, then --repeat runs give the median by GB/s. Ratios (x floor, x ceiling, \
             x NIO) compare strategies within the same invocation. Build with -c release: debug \
             figures are meaningless.
+
+            Many-connection cases (names end in /x<connections>, e.g. --filter x256 --filter 4KiB \
+            --filter tcp): the reader child accepts every connection of one writer process and \
+            reads all frames with one strategy, on the same descriptors for each: \
+            c-uring-recv (C, one thread: an IORING_OP_RECV of up to 256 KiB per connection into \
+            its own buffer, re-armed per completion, one submit-and-wait per turn), c-epoll (C, \
+            one thread: epoll_wait, then one read(2) of up to 256 KiB per ready connection), \
+            c-uring-mshot (C, one thread: multishot receive from a ring of provided 64 KiB \
+            buffers, 2 per connection from 64 to 1024, straddling frames reassembled), loop-uring and loop-epoll (one IOLoop, \
+            handlers on the global pool), loop-uring-exec and loop-epoll-exec (handlers on the \
+            loop's thread), group-uring (an IOLoopGroup of 2 io_uring loops, handlers on their \
+            loop), threads (a blocking ExactReader and a thread per connection). x ceiling is \
+            GB/s over the best of the three C rows of the same block; CPU s/GiB is the reader's \
+            user+sys time per GiB.
             """)
 
     @Flag(help: "Unix and TCP at 4 KiB, 1 MiB and 64 MiB, every strategy (under a minute); 1 run per case, 0.3 s.")
@@ -46,7 +60,17 @@ struct Bench: ParsableCommand {
     @Option(help: ArgumentHelp("Write an SVG chart (GB/s and peak/frame against frame size; default: no file).", valueName: "file"))
     var svg: String?
 
-    @Flag(help: "Also run CPython asyncio readexactly and SwiftNIO's LengthFieldBasedFrameDecoder.")
+    @Flag(help: ArgumentHelp(
+        "Also run the peers (built on first use, never part of ExactIO's package graph).",
+        discussion: """
+            Single stream: py-asyncio (CPython asyncio readexactly) and swift-nio (SwiftNIO's \
+            LengthFieldBasedFrameDecoder, one event loop). Many connections: swift-nio-1 and \
+            swift-nio-2 (1 and 2 event loops), tokio-1 and tokio-2 (tokio_util's \
+            LengthDelimitedCodec on the current_thread runtime and on 2 workers; cargo, offline, \
+            against Debian's librust-tokio-dev / librust-tokio-util-dev crates), py-asyncio and \
+            py-uvloop (asyncio readexactly on uvloop's event loop; uvloop pip-installed into \
+            Benchmarks/peers/.venv-uvloop).
+            """))
     var peers = false
 
     @Option(name: .customLong("repeat"), help: ArgumentHelp(
@@ -152,18 +176,19 @@ struct Bench: ParsableCommand {
         }
     }
 
-    /// --child STRATEGY TRANSPORT BYTES FRAMES [CONNECTIONS [idle|busy]]: one case; prints its
-    /// JSON result.
+    /// --child STRATEGY TRANSPORT BYTES FRAMES [CONNECTIONS [idle|busy [many|single]]]: one case;
+    /// prints its JSON result.
     func runChildMode() -> Never {
         guard child.count >= 4, let n = Int(child[2]), let frames = Int(child[3]) else {
-            internalUsage("--child STRATEGY TRANSPORT BYTES FRAMES [CONNECTIONS [idle|busy]]", child)
+            internalUsage("--child STRATEGY TRANSPORT BYTES FRAMES [CONNECTIONS [idle|busy [many|single]]]", child)
         }
         var c = BenchCase(strategy: child[0], transport: child[1], frameBytes: n, frames: frames)
         if child.count >= 5, let conns = Int(child[4]) { c.connections = conns }
         if child.count >= 6 { c.idle = child[5] == "idle" }
+        c.many = child.count >= 7 ? child[6] == "many" : c.connections > 1 || manyStrategies.contains(c.strategy)
         do {
             let r: CaseResult
-            if c.connections > 1 || manyStrategies.contains(c.strategy) || c.idle {
+            if c.many || c.connections > 1 || c.idle {
                 r = try runManyCase(c)
             } else if peerStrategies.contains(c.strategy) {
                 r = try runPeer(c)
@@ -198,7 +223,7 @@ struct Bench: ParsableCommand {
         if cases.isEmpty {
             throw ValidationError("no case matches --filter \(filters) and --strategy \(strategies)")
         }
-        if peers { preparePeers(log: log) }
+        if peers { preparePeers(for: Set(cases.map(\.strategy)), log: log) }
         let jsonPath = json, svgPath = svg
         let quick = quick
         let targetSeconds = seconds
@@ -215,7 +240,7 @@ struct Bench: ParsableCommand {
             var c = planned
             var runs: [CaseResult] = []
             var lastStatus: Int32 = 0
-            if c.connections == 1 && !manyStrategies.contains(c.strategy) {
+            if !c.many && c.connections == 1 {
                 // Calibration: a short run says how many frames last `caseSeconds` (start-up and the
                 // writer's start must not shape the figure).
                 guard let (status, r) = runChild(c), let r else {
@@ -275,7 +300,8 @@ func runChild(_ c: BenchCase) -> (Int32, CaseResult?)? {
     do {
         pid = try spawn(
             selfPath,
-            ["--child", c.strategy, c.transport, String(c.frameBytes), String(c.frames), String(c.connections), c.idle ? "idle" : "busy"],
+            ["--child", c.strategy, c.transport, String(c.frameBytes), String(c.frames), String(c.connections),
+             c.idle ? "idle" : "busy", c.many ? "many" : "single"],
             stdoutFD: p[1])
     } catch {
         log("spawn failed: \(error)")

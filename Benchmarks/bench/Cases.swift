@@ -10,11 +10,14 @@ struct BenchCase: Hashable, Codable {
     var connections: Int = 1
     /// The idle-memory case: every connection with a read pending, then one frame each.
     var idle: Bool = false
+    /// A many-connection case (Many.swift), even with one connection: the reader child accepts
+    /// the writer's connections and reads them with a many-connection strategy or peer.
+    var many: Bool = false
 
     var name: String {
         let base = "\(strategy)/\(transport)/\(sizeLabel(frameBytes))"
         if idle { return base + "/idle\(connections)" }
-        return connections > 1 || manyStrategies.contains(strategy) ? base + "/x\(connections)" : base
+        return many || connections > 1 ? base + "/x\(connections)" : base
     }
 }
 

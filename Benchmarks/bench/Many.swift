@@ -1,4 +1,5 @@
 @_spi(Testing) import ExactIO
+import ExactIOBenchCeiling
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -13,19 +14,66 @@ import SystemPackage
 // Many connections at once (IOLoop and AsyncExactReader; README "Many connections"): the reader child listens,
 // a writer process connects CONNECTIONS times and sends each connection FRAMES/CONNECTIONS
 // frames (non-blocking writes, whichever connection can take bytes), the child accepts them all
-// and then reads every frame with one strategy:
+// and then reads every frame with one strategy. Every strategy and peer reads the same accepted
+// descriptors from the same writer, and counts and checks every frame.
+//   c-uring-recv                the one-thread C ceiling (Benchmarks/ceiling/many.c): one
+//                               IORING_OP_RECV of up to 256 KiB per connection into that
+//                               connection's own buffer, re-armed per completion; one
+//                               io_uring_submit_and_wait per turn reaps the batch of completions
+//   c-epoll                     C, one thread: level-triggered epoll_wait, then one read(2) of up
+//                               to 256 KiB per ready connection (its own buffer)
+//   c-uring-mshot               C, one thread: a multishot receive per connection from a ring of
+//                               provided 64 KiB buffers (2 per connection, 64 to 1024); frames
+//                               parsed in place in each buffer, those that straddle buffers
+//                               reassembled in the connection's carry buffer
 //   loop-uring / loop-epoll     one IOLoop, an AsyncExactReader per connection, handlers as
 //                               tasks on the global executor (a thread hop per completion)
 //   loop-uring-exec / -epoll-exec  the same, handlers on the loop's thread
 //                               (withTaskExecutorPreference: no hop, one thread for all)
+//   group-uring                 an IOLoopGroup of 2 io_uring loops, connections spread
+//                               round-robin (group.next()), handlers on their connection's loop
 //   threads                     one blocking ExactReader and one thread per connection
-//   swift-nio, py-asyncio       (--peers) the connections handed to a peer process
-// The clock starts when the first connection is readable.
+//   (--peers) the connections handed to a peer process as descriptors 3, 4, …:
+//   swift-nio-1 / swift-nio-2   SwiftNIO's LengthFieldBasedFrameDecoder on 1 / 2 event loops
+//   tokio-1 / tokio-2           tokio + tokio_util LengthDelimitedCodec: current_thread runtime /
+//                               multi-thread runtime with 2 workers (Benchmarks/peers/tokio)
+//   py-asyncio / py-uvloop      CPython asyncio readexactly on asyncio's / uvloop's event loop
+// The C rows are the ceiling: the table's ×ceiling column is each row's GB/s over the best of
+// the three in the same run (same transport, frame size and connections), and its CPU/GiB
+// column the reader's user+sys seconds per GiB read, to set against the ceiling's.
+// The clock starts when the first connection is readable (peers: when they start reading).
 
-let manyStrategies = ["loop-uring", "loop-epoll", "loop-uring-exec", "loop-epoll-exec", "threads"]
-let manyPeerStrategies = ["swift-nio", "py-asyncio"]
+/// The one-thread C ceilings (Benchmarks/ceiling/many.c).
+let manyCeilingStrategies = ["c-uring-recv", "c-epoll", "c-uring-mshot"]
+let manyStrategies = manyCeilingStrategies
+    + ["loop-uring", "loop-epoll", "loop-uring-exec", "loop-epoll-exec", "group-uring", "threads"]
+/// Peers (--peers), named with their thread count where they have one.
+let manyPeerStrategies = ["swift-nio-1", "swift-nio-2", "tokio-1", "tokio-2", "py-asyncio", "py-uvloop"]
+/// Strategies that need io_uring: left out where a ring cannot be created.
+let manyURingOnlyStrategies = ["c-uring-recv", "c-uring-mshot"]
 let manyConnectionCounts = [1, 16, 256, 1024]
 let manySizes = [64, 4 << 10, 1 << 20]
+/// Loops in `group-uring`.
+let groupLoops = 2
+
+/// The threads a many-connection strategy reads with, as the table shows them; rows are
+/// compared with peers of the same count (`manyThreadClass`).
+func manyThreadsLabel(_ s: String, connections: Int) -> String {
+    switch s {
+    case "loop-uring", "loop-epoll": "1+pool"
+    case "group-uring": String(groupLoops)
+    case "threads": String(connections)
+    case "swift-nio-2", "tokio-2": "2"
+    default: "1"
+    }
+}
+
+/// 1 for the one-loop rows (handlers on the loop or on the pool), 2 for the two-thread rows
+/// (`group-uring`, `threads` on this two-core machine, the two-thread peers): ×NIO and ×tokio
+/// compare a row with `swift-nio-N` and `tokio-N` of its class.
+func manyThreadClass(_ s: String) -> Int {
+    ["group-uring", "threads", "swift-nio-2", "tokio-2"].contains(s) ? 2 : 1
+}
 /// The idle-memory case: this many connections, each with a read pending.
 let idleConnections = 10_000
 
@@ -42,10 +90,12 @@ func makeManyCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
     var cases: [BenchCase] = []
     func add(_ s: String, _ t: String, _ n: Int, _ conns: Int) {
         let perConn = max(1, manyBodyBytes(frameBytes: n, connections: conns, quick: quick) / n / conns)
-        let c = BenchCase(strategy: s, transport: t, frameBytes: n, frames: perConn * conns, connections: conns)
+        let c = BenchCase(strategy: s, transport: t, frameBytes: n, frames: perConn * conns, connections: conns, many: true)
         if filter.isEmpty || filter.allSatisfy({ c.name.contains($0) }) { cases.append(c) }
     }
-    let strategies = manyStrategies + (peers ? manyPeerStrategies : [])
+    let uring = exio_ceiling_uring_available() != 0
+    let strategies = manyStrategies.filter { uring || !manyURingOnlyStrategies.contains($0) }
+        + (peers ? manyPeerStrategies : [])
     if quick {
         for s in strategies { add(s, "tcp", 4 << 10, 256) }
         return cases
@@ -62,7 +112,7 @@ func makeManyCases(quick: Bool, peers: Bool, filter: [String]) -> [BenchCase] {
         }
     }
     for s in ["loop-uring", "loop-epoll", "threads"] {
-        let c = BenchCase(strategy: s, transport: "unix", frameBytes: 64, frames: idleConnections, connections: idleConnections, idle: true)
+        let c = BenchCase(strategy: s, transport: "unix", frameBytes: 64, frames: idleConnections, connections: idleConnections, idle: true, many: true)
         if filter.isEmpty || filter.allSatisfy({ c.name.contains($0) }) { cases.append(c) }
     }
     return cases
@@ -132,6 +182,10 @@ func runManyWriter(transport: String, n: Int, connections: Int, frames: Int, idl
                 let at = sent[i] % blockBytes
                 let want = min(total - sent[i], chunk, blockBytes - at)
                 let w = write(fds[i], block.baseAddress! + at, want)
+                // The reader gone (a strategy failed and closed its connections): stop, do not spin.
+                if w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR {
+                    throw BenchFailure("write: errno \(errno)")
+                }
                 if w <= 0 { break }
                 sent[i] += w
             }
@@ -221,8 +275,12 @@ func runManyCase(_ c: BenchCase) throws -> CaseResult {
     let t0 = now()
     let outcome: ManyOutcome
     switch c.strategy {
+    case _ where manyCeilingStrategies.contains(c.strategy):
+        outcome = try runCeilingStrategy(c, conns)
     case "loop-uring", "loop-epoll", "loop-uring-exec", "loop-epoll-exec":
         outcome = try runLoopStrategy(c, conns)
+    case "group-uring":
+        outcome = try runGroupStrategy(c, conns)
     case "threads":
         outcome = try runThreadsStrategy(c, conns)
     default:
@@ -239,9 +297,36 @@ func runManyCase(_ c: BenchCase) throws -> CaseResult {
         peakOverFrame: Double(peak - baseline) / Double(c.frameBytes),
         cpuUserSeconds: cpu1.user - cpu0.user, cpuSystemSeconds: cpu1.sys - cpu0.sys, note: outcome.note)
     r.connections = c.connections
+    r.many = true
     r.rssPerConnection = Double(peak - baseline) / Double(c.connections)
     r.syscallsPerFrame = Double(outcome.syscalls) / Double(c.frames)
     return r
+}
+
+/// c-uring-recv, c-epoll, c-uring-mshot: Benchmarks/ceiling/many.c on this thread.
+func runCeilingStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
+    let mode: Int32 = switch c.strategy {
+    case "c-uring-recv": Int32(EXIO_MANY_URING_RECV)
+    case "c-epoll": Int32(EXIO_MANY_EPOLL)
+    default: Int32(EXIO_MANY_URING_MSHOT)
+    }
+    var st = exio_many_stats()
+    let got = conns.withUnsafeBufferPointer {
+        exio_many_run($0.baseAddress, Int32($0.count), UInt64(c.frameBytes), Int64(c.frames / c.connections), mode, &st)
+    }
+    guard got >= 0 else { throw BenchFailure("\(c.strategy): \(String(cString: strerror(Int32(-got))))") }
+    let bytes = Double(c.frames) * Double(c.frameBytes + 4)
+    var note = String(
+        format: "one thread: %lld receives (%.0f KiB each), %lld completions, %.2f %% of bytes copied",
+        st.receives, bytes / Double(max(1, st.receives)) / 1024, st.completions, Double(st.bytes_copied) / bytes * 100)
+    if mode != Int32(EXIO_MANY_EPOLL) {
+        let taskrun = st.taskrun == 2 ? "DEFER_TASKRUN" : st.taskrun == 1 ? "COOP_TASKRUN" : "default task-run"
+        note += ", ring \(taskrun)"
+    }
+    if mode == Int32(EXIO_MANY_URING_MSHOT) {
+        note += ", \(st.provided_buffers) provided 64 KiB buffers, ENOBUFS \(st.starvations), re-armed \(st.rearms)"
+    }
+    return ManyOutcome(frames: Int(got), syscalls: Int(st.syscalls), note: note)
 }
 
 /// Runs `body` on the Swift concurrency pool and waits for it (the bench's main is synchronous).
@@ -277,19 +362,10 @@ func runLoopStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
     let frames = try blockingAwait { () async throws -> Int in
         try await withThrowingTaskGroup(of: Int.self) { group in
             for fd in fds {
-                let handler: @Sendable () async throws -> Int = {
-                    let reader = try AsyncExactReader(FileDescriptor(rawValue: fd), loop: loop, options: .init(maxFrameLength: 1 << 30))
-                    var got = 0
-                    while got < perConn, let f = try await reader.readFrame() {
-                        try f.withUnsafeBytes { try checkFrame($0, n) }
-                        got += 1
-                    }
-                    return got
-                }
                 if onLoop {
-                    group.addTask(executorPreference: loop) { try await handler() }
+                    group.addTask(executorPreference: loop) { try await readConnection(fd, loop, frames: perConn, n) }
                 } else {
-                    group.addTask { try await handler() }
+                    group.addTask { try await readConnection(fd, loop, frames: perConn, n) }
                 }
             }
             return try await group.reduce(0, +)
@@ -303,6 +379,45 @@ func runLoopStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
     return ManyOutcome(
         frames: frames, syscalls: syscalls,
         note: "\(loop.backend): enters \(s.enters), reads \(s.reads), completions \(s.completions), wakeups \(s.wakeups), starvations \(s.starvations)")
+}
+
+/// One connection's frames through an AsyncExactReader on `loop`: the frames read.
+@Sendable
+func readConnection(_ fd: Int32, _ loop: IOLoop, frames perConn: Int, _ n: Int) async throws -> Int {
+    let reader = try AsyncExactReader(FileDescriptor(rawValue: fd), loop: loop, options: .init(maxFrameLength: 1 << 30))
+    var got = 0
+    while got < perConn, let f = try await reader.readFrame() {
+        try f.withUnsafeBytes { try checkFrame($0, n) }
+        got += 1
+    }
+    return got
+}
+
+/// group-uring: an IOLoopGroup of `groupLoops` io_uring loops; each connection's reader on
+/// `group.next()` and its handler on that loop's thread.
+func runGroupStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
+    let loops = try IOLoopGroup(count: groupLoops, options: .init(backend: .ioUring))
+    let perConn = c.frames / c.connections
+    let n = c.frameBytes
+    let fds = conns
+    let frames = try blockingAwait { () async throws -> Int in
+        try await withThrowingTaskGroup(of: Int.self) { group in
+            for fd in fds {
+                let loop = loops.next()
+                group.addTask(executorPreference: loop) { try await readConnection(fd, loop, frames: perConn, n) }
+            }
+            return try await group.reduce(0, +)
+        }
+    }
+    let stats = loops.loops.map(\.statistics)
+    let backends = Set(loops.loops.map { "\($0.backend)" }).sorted().joined(separator: "/")
+    try blockingAwait { await loops.shutdown() }
+    let enters = stats.reduce(0) { $0 + $1.enters }, wakeups = stats.reduce(0) { $0 + $1.wakeups }
+    let reads = stats.reduce(0) { $0 + $1.reads }, completions = stats.reduce(0) { $0 + $1.completions }
+    let starvations = stats.reduce(0) { $0 + $1.starvations }
+    return ManyOutcome(
+        frames: frames, syscalls: enters + wakeups,
+        note: "\(groupLoops) loops, \(backends): enters \(enters), reads \(reads), completions \(completions), wakeups \(wakeups), starvations \(starvations)")
 }
 
 func runThreadsStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
@@ -402,6 +517,7 @@ func runIdleCase(_ c: BenchCase, _ conns: [Int32], go: Int32) throws -> CaseResu
         peakOverFrame: 0, cpuUserSeconds: 0, cpuSystemSeconds: 0,
         note: "RSS with \(c.connections) reads pending, kernel socket buffers aside")
     r.connections = c.connections
+    r.many = true
     r.rssPerConnection = Double(measured - baseline) / Double(c.connections)
     r.idle = true
     return r
@@ -409,18 +525,8 @@ func runIdleCase(_ c: BenchCase, _ conns: [Int32], go: Int32) throws -> CaseResu
 
 /// Hands the accepted connections to a peer process (as descriptors 3, 4, …).
 func runManyPeer(_ c: BenchCase, _ conns: [Int32]) throws -> CaseResult {
-    let program: String
-    var args = [c.strategy, c.transport, String(c.frameBytes), String(c.frames), String(c.connections)]
-    switch c.strategy {
-    case "py-asyncio":
-        guard let python = findExecutable("python3") else { throw BenchFailure("python3 not found") }
-        program = python
-        args = [peersDirectory + "/asyncio_peer.py"] + args
-    case "swift-nio":
-        program = nioBinary
-    default:
-        throw BenchFailure("unknown peer \(c.strategy)")
-    }
+    let (program, prefix) = try peerProgram(c.strategy)
+    let args = prefix + [c.strategy, c.transport, String(c.frameBytes), String(c.frames), String(c.connections)]
     var p: [Int32] = [0, 0]
     guard pipe(&p) == 0 else { throw BenchFailure("pipe: errno \(errno)") }
     let pid = try spawn(program, args, passFDs: conns, stdoutFD: p[1])
@@ -429,7 +535,9 @@ func runManyPeer(_ c: BenchCase, _ conns: [Int32]) throws -> CaseResult {
     let status = waitExit(pid)
     guard status == 0 else { throw BenchFailure("\(c.strategy) exited with \(status)") }
     var r = try JSONDecoder().decode(CaseResult.self, from: Data(out))
+    guard r.frames == c.frames else { throw BenchFailure("\(c.strategy) read \(r.frames) frames, expected \(c.frames)") }
     r.connections = c.connections
+    r.many = true
     r.rssPerConnection = Double(r.peakRSSBytes - r.baselineRSSBytes) / Double(c.connections)
     return r
 }

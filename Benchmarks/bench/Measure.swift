@@ -79,14 +79,24 @@ struct CaseResult: Codable {
     /// The idle-memory case.
     var idle: Bool? = nil
     /// GB/s as a multiple of `posix-into` (the floor) and of `c-readahead` (the C ceiling) of
-    /// the same transport and frame size in the same run.
+    /// the same transport and frame size in the same run. Many-connection cases have no floor;
+    /// their ceiling is the best one-thread C row (`ceilingStrategy`: c-uring-recv, c-epoll or
+    /// c-uring-mshot) of the same transport, frame size and connections.
     var floorRatio: Double? = nil
     var ceilingRatio: Double? = nil
+    /// A many-connection case (also with one connection).
+    var many: Bool? = nil
+    /// Many-connection cases: the reader's user+sys CPU seconds per GiB of frame bodies, and as
+    /// a multiple of the ceiling row's.
+    var cpuSecondsPerGiB: Double? = nil
+    var cpuCeilingRatio: Double? = nil
+    var ceilingStrategy: String? = nil
 
     enum CodingKeys: String, CodingKey {
         case strategy, transport, frameBytes, frames, seconds, gbPerSecond, framesPerSecond, peakRSSBytes,
             baselineRSSBytes, peakOverFrame, cpuUserSeconds, cpuSystemSeconds, note, runs, gbPerSecondMin,
-            gbPerSecondMax, connections, rssPerConnection, syscallsPerFrame, idle, floorRatio, ceilingRatio
+            gbPerSecondMax, connections, rssPerConnection, syscallsPerFrame, idle, floorRatio, ceilingRatio,
+            many, cpuSecondsPerGiB, cpuCeilingRatio, ceilingStrategy
     }
 
     init(
@@ -133,6 +143,10 @@ struct CaseResult: Codable {
         idle = try c.decodeIfPresent(Bool.self, forKey: .idle)
         floorRatio = try c.decodeIfPresent(Double.self, forKey: .floorRatio)
         ceilingRatio = try c.decodeIfPresent(Double.self, forKey: .ceilingRatio)
+        many = try c.decodeIfPresent(Bool.self, forKey: .many)
+        cpuSecondsPerGiB = try c.decodeIfPresent(Double.self, forKey: .cpuSecondsPerGiB)
+        cpuCeilingRatio = try c.decodeIfPresent(Double.self, forKey: .cpuCeilingRatio)
+        ceilingStrategy = try c.decodeIfPresent(String.self, forKey: .ceilingStrategy)
     }
 }
 

@@ -15,7 +15,7 @@ func addRatios(_ results: inout [CaseResult]) {
     func rate(_ strategy: String, _ r: CaseResult) -> Double? {
         results.first { $0.strategy == strategy && $0.transport == r.transport && $0.frameBytes == r.frameBytes && $0.connections == 1 }?.gbPerSecond
     }
-    for i in results.indices where results[i].connections == 1 && results[i].idle != true {
+    for i in results.indices where results[i].connections == 1 && results[i].idle != true && results[i].many != true {
         let t = results[i].transport
         let floor = t == "tcp-to-file" ? "forward-readwrite" : t == "random" ? "c-pread" : "posix-into"
         // O_DIRECT: the ceiling is reads in flight (c-readahead-uring); positional reads: the C
@@ -23,6 +23,31 @@ func addRatios(_ results: inout [CaseResult]) {
         let ceiling = t == "direct" ? "c-readahead-uring" : t == "tcp-to-file" ? "" : t == "random" ? "c-pread" : "c-readahead"
         results[i].floorRatio = rate(floor, results[i]).map { results[i].gbPerSecond / $0 }
         results[i].ceilingRatio = rate(ceiling, results[i]).map { results[i].gbPerSecond / $0 }
+    }
+    addManyRatios(&results)
+}
+
+/// Many-connection cases: CPU seconds per GiB, and GB/s and CPU per GiB as multiples of the best
+/// one-thread C ceiling (by GB/s) of the same transport, frame size and connections.
+func addManyRatios(_ results: inout [CaseResult]) {
+    let many = results.indices.filter { results[$0].many == true && results[$0].idle != true }
+    for i in many {
+        let gib = Double(results[i].frames) * Double(results[i].frameBytes) / Double(1 << 30)
+        results[i].cpuSecondsPerGiB = gib > 0 ? (results[i].cpuUserSeconds + results[i].cpuSystemSeconds) / gib : nil
+    }
+    let groups = Dictionary(grouping: many) { "\(results[$0].transport)|\(results[$0].frameBytes)|\(results[$0].connections)" }
+    for rows in groups.values {
+        guard let best = rows.filter({ manyCeilingStrategies.contains(results[$0].strategy) })
+            .max(by: { results[$0].gbPerSecond < results[$1].gbPerSecond })
+        else { continue }
+        let ceiling = results[best]
+        for i in rows {
+            results[i].ceilingStrategy = ceiling.strategy
+            results[i].ceilingRatio = results[i].gbPerSecond / ceiling.gbPerSecond
+            if let cpu = results[i].cpuSecondsPerGiB, let base = ceiling.cpuSecondsPerGiB, base > 0 {
+                results[i].cpuCeilingRatio = cpu / base
+            }
+        }
     }
 }
 
@@ -44,7 +69,7 @@ func fmtBytes(_ b: Int) -> String {
 /// to posix-into (×floor) and to c-readahead (×ceiling), peak growth in bytes and as a multiple of the frame.
 func renderTable(_ results: [CaseResult]) -> String {
     var out = ""
-    let many = results.filter { $0.connections > 1 || manyStrategies.contains($0.strategy) || $0.idle == true }
+    let many = results.filter { $0.many == true || $0.connections > 1 || $0.idle == true }
     let results = results.filter { r in !many.contains { $0.strategy == r.strategy && $0.transport == r.transport && $0.frameBytes == r.frameBytes && $0.connections == r.connections && $0.idle == r.idle } }
     let transports = allTransports.filter { t in results.contains { $0.transport == t } }
     let strategies = (allStrategies + peerStrategies)
@@ -70,8 +95,9 @@ func renderTable(_ results: [CaseResult]) -> String {
     return out + renderManyTable(many)
 }
 
-/// The many-connection table: aggregate throughput, the ratio to SwiftNIO and to `threads`,
-/// memory per connection and syscalls per frame.
+/// The many-connection table: aggregate throughput; ratios to the best one-thread C ceiling of
+/// the block, to SwiftNIO and tokio with the same thread count, and to `threads`; reader CPU per
+/// GiB (and as a multiple of the ceiling's); memory per connection and syscalls per frame.
 func renderManyTable(_ results: [CaseResult]) -> String {
     guard !results.isEmpty else { return "" }
     var out = ""
@@ -83,21 +109,39 @@ func renderManyTable(_ results: [CaseResult]) -> String {
     }) {
         let rows = groups[key]!.sorted { (order.firstIndex(of: $0.strategy) ?? 99) < (order.firstIndex(of: $1.strategy) ?? 99) }
         let first = rows[0]
-        let nio = rows.first { $0.strategy == "swift-nio" }?.framesPerSecond
-        let threads = rows.first { $0.strategy == "threads" }?.framesPerSecond
-        out += "\n\(first.transport), \(sizeLabel(first.frameBytes)) frames × \(first.frames) over \(first.connections) connections\n"
-        out += "  strategy          GB/s  (min-max)        frames/s   ×NIO  ×threads   RSS/conn   syscalls/frame   user s   sys s\n"
+        func rate(_ strategy: String) -> Double? { rows.first { $0.strategy == strategy }?.framesPerSecond }
+        let threads = rate("threads")
+        let ceiling = rows.compactMap(\.ceilingStrategy).first.map { " (ceiling: \($0))" } ?? " (no C ceiling in this run)"
+        out += "\n\(first.transport), \(sizeLabel(first.frameBytes)) frames × \(first.frames) over \(first.connections) connections\(ceiling)\n"
+        out += "  strategy        thr      GB/s  (min-max)        frames/s  ×ceiling   ×NIO  ×tokio  ×threads  CPU s/GiB  CPU×ceil   RSS/conn  syscalls/frame   user s   sys s\n"
         for r in rows {
-            let xn = nio.map { String(format: "%5.2f", r.framesPerSecond / $0) } ?? "    -"
-            let xt = threads.map { String(format: "%6.2f", r.framesPerSecond / $0) } ?? "     -"
-            out += "  " + pad(r.strategy, 15)
+            func ratio(_ base: Double?, _ width: Int) -> String {
+                base.map { String(format: "%\(width).2f", r.framesPerSecond / $0) } ?? pad("-", width, right: true)
+            }
+            let k = manyThreadClass(r.strategy)
+            out += "  " + pad(r.strategy, 15) + " " + pad(manyThreadsLabel(r.strategy, connections: r.connections), 6)
                 + String(format: " %6.2f ", r.gbPerSecond)
                 + pad(r.gbPerSecondMin.map { String(format: "(%.2f-%.2f)", $0, r.gbPerSecondMax ?? $0) } ?? "", 14)
-                + String(format: " %10.0f  %@  %@   ", r.framesPerSecond, xn, xt)
-                + pad(fmtBytes(Int(r.rssPerConnection ?? 0)), 9, right: true)
+                + String(format: " %10.0f  ", r.framesPerSecond)
+                + (r.ceilingRatio.map { String(format: "%8.2f", $0) } ?? pad("-", 8, right: true))
+                + "  " + ratio(rate("swift-nio-\(k)"), 5) + "  " + ratio(rate("tokio-\(k)"), 6) + "  " + ratio(threads, 8)
+                + "  " + (r.cpuSecondsPerGiB.map { String(format: "%9.3f", $0) } ?? pad("-", 9, right: true))
+                + "  " + (r.cpuCeilingRatio.map { String(format: "%8.2f", $0) } ?? pad("-", 8, right: true))
+                + "  " + pad(fmtBytes(Int(r.rssPerConnection ?? 0)), 9, right: true)
                 + "   " + pad(r.syscallsPerFrame.map { String(format: "%.4f", $0) } ?? "-", 14, right: true)
                 + String(format: "   %6.2f  %6.2f\n", r.cpuUserSeconds, r.cpuSystemSeconds)
         }
+    }
+    if !groups.isEmpty {
+        out += """
+
+            thr: threads reading (1+pool: one loop, handlers on the global pool). ×ceiling: GB/s over the best \
+            one-thread C row of the block (c-uring-recv, c-epoll, c-uring-mshot). ×NIO, ×tokio: frames/s over \
+            swift-nio-N and tokio-N with N = 1 for the one-loop rows and 2 for group-uring, threads and the \
+            two-thread peers. CPU s/GiB: the reader's user+sys seconds per GiB of bodies (peers: the peer \
+            process); CPU×ceil: that over the ceiling row's.
+
+            """
     }
     let idle = results.filter { $0.idle == true }
     if !idle.isEmpty {

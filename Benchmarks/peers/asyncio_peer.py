@@ -2,7 +2,8 @@
 """bench peer: CPython's asyncio.StreamReader.readexactly over the streams on descriptors 3 ...
 
 One connection (descriptor 3), or CONNECTIONS connections (descriptors 3 .. 3+CONNECTIONS-1),
-each read by its own coroutine on one event loop, FRAMES frames in all.
+each read by its own coroutine on one event loop, FRAMES frames in all. STRATEGY py-uvloop runs
+the same code on uvloop's event loop (libuv; `pip install uvloop`), anything else on asyncio's.
 
 Reads FRAMES length-prefixed frames (4-byte big-endian length, then the body), checks each
 body's length and marks (first byte 0x11, last 0x22, middle 0x33), and prints one JSON line in
@@ -70,10 +71,28 @@ async def main(strategy, transport, n, frames, connections):
         "seconds": secs, "gbPerSecond": n * frames / secs / 1e9, "framesPerSecond": frames / secs,
         "peakRSSBytes": peak, "baselineRSSBytes": base, "peakOverFrame": (peak - base) / n,
         "cpuUserSeconds": u1 - u0, "cpuSystemSeconds": s1 - s0,
-        "note": "CPython %d.%d.%d asyncio readexactly" % sys.version_info[:3], "connections": connections,
+        "note": "CPython %d.%d.%d asyncio readexactly, %s" % (*sys.version_info[:3], loop_name()), "connections": connections,
     }))
+
+
+def loop_name():
+    loop = asyncio.get_running_loop()
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop
+        return "uvloop %s event loop" % uvloop.__version__
+    return "asyncio %s" % type(loop).__name__
 
 
 if __name__ == "__main__":
     conns = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), conns))
+    coro = main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), conns)
+    if sys.argv[1] == "py-uvloop":
+        import uvloop
+        if hasattr(asyncio, "Runner"):  # 3.11+: a loop factory, no global policy
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(coro)
+        else:
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+            asyncio.run(coro)
+    else:
+        asyncio.run(coro)

@@ -40,4 +40,41 @@ uint64_t exio_splitmix(uint64_t *state);
  * baseline of the positional-read cases. Records read, or -errno. */
 int64_t exio_pread_run(int fd, uint64_t record, int64_t count, uint64_t span, uint64_t seed);
 
+/* The many-connection ceilings (bench/Many.swift, `c-uring-recv`, `c-epoll`, `c-uring-mshot`):
+ * one thread reads `per_connection` frames of `frame_bytes` from each of the `count` connected
+ * stream sockets in `fds` (the reader child's accepted connections, from the bench's writer
+ * process), every frame's length and marks checked in place.
+ *
+ * EXIO_MANY_URING_RECV: one IORING_OP_RECV in flight per connection, of up to 256 KiB into that
+ *   connection's own buffer (a frame plus 256 KiB, page-aligned; for a frame larger than 256 KiB
+ *   only the rest of that frame), re-armed as each completion is parsed; one
+ *   io_uring_submit_and_wait(1) per turn submits the re-arms and reaps the whole batch of
+ *   completions. Ring: DEFER_TASKRUN + SINGLE_ISSUER where the kernel takes it.
+ * EXIO_MANY_EPOLL: level-triggered epoll; per epoll_wait, one read(2) of up to 256 KiB (same
+ *   buffers and sizing) per ready connection. The descriptors are made non-blocking.
+ * EXIO_MANY_URING_MSHOT: one multishot IORING_OP_RECV per connection with IOSQE_BUFFER_SELECT from
+ *   a provided-buffer ring of 64 KiB buffers (2 per connection, a power of two from 64 to 1024:
+ *   the ring is FIFO, every buffer in it gets used); each buffer is parsed in place and returned
+ *   within the turn; a frame that straddles buffers is copied into the connection's own carry
+ *   buffer (frame size) until whole. Re-armed when a completion comes without F_MORE (ENOBUFS).
+ *
+ * Returns the frames read in all (fewer than count × per_connection when a connection ended
+ * early), -EPROTO for a frame whose length or marks are wrong, or -errno. `stats` is filled. */
+enum { EXIO_MANY_URING_RECV = 0, EXIO_MANY_EPOLL = 1, EXIO_MANY_URING_MSHOT = 2 };
+
+typedef struct exio_many_stats {
+	int64_t syscalls;     /* io_uring_enter (submit-and-wait), or epoll_wait + read + epoll_ctl(DEL) */
+	int64_t completions;  /* CQEs reaped, or readiness events returned */
+	int64_t receives;     /* receives that delivered bytes */
+	int64_t bytes_copied; /* user-space copies: partial frames moved to the front (own buffers),
+	                       * straddling frames reassembled (mshot) */
+	int64_t starvations;  /* mshot: completions with -ENOBUFS (the buffer ring was empty) */
+	int64_t rearms;       /* mshot: multishot receives armed again */
+	int32_t provided_buffers; /* mshot: buffers in the provided-buffer ring */
+	int32_t taskrun;      /* the ring's task-run mode: 2 DEFER_TASKRUN + SINGLE_ISSUER, 1 COOP_TASKRUN, 0 neither */
+} exio_many_stats;
+
+int64_t exio_many_run(const int *fds, int count, uint64_t frame_bytes, int64_t per_connection, int mode,
+		      exio_many_stats *stats);
+
 #endif

@@ -1,13 +1,15 @@
 // bench peer: reads FRAMES frames from the connected sockets on descriptors 3 … 3+CONNECTIONS-1
 // (default one) with ByteToMessageHandler(LengthFieldBasedFrameDecoder(lengthFieldBitLength:
-// .fourBytes)) on one event loop, checks each body's length and marks, and prints bench's
-// CaseResult JSON line.
+// .fourBytes)), checks each body's length and marks, and prints bench's CaseResult JSON line.
+// Event loops: the number at the end of STRATEGY (`swift-nio-2`: two; `swift-nio`,
+// `swift-nio-1`: one); channels are spread over them round-robin (the group's `next()`).
 //
 // usage: NIOPeer STRATEGY TRANSPORT FRAME_BYTES FRAMES [CONNECTIONS]
 import Foundation
 import NIOCore
 import NIOExtras
 import NIOPosix
+import Synchronization
 
 func status(_ key: String) -> Int {
     guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return -1 }
@@ -36,25 +38,36 @@ guard args.count >= 5, let n = Int(args[3]), let frames = Int(args[4]) else {
     exit(2)
 }
 let connections = args.count >= 6 ? Int(args[5]) ?? 1 : 1
+let loops = max(1, args[1].split(separator: "-").last.flatMap { Int($0) } ?? 1)
+let perConnection = frames / connections
 
-/// Frames counted across every connection (all on the one event loop).
-final class Total: @unchecked Sendable {
-    var got = 0
-    var closed = 0
+/// Frames counted across every connection; each connection adds its count once, when it has
+/// read its share or closed (channels may be on different event loops).
+final class Total: Sendable {
+    let got = Atomic<Int>(0)
+    let finished = Atomic<Int>(0)
 }
 
 final class Counter: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
-    let expected: Int
     let n: Int
     let total: Total
     let done: EventLoopPromise<Int>
+    /// This connection's frames (touched on its event loop only).
+    var got = 0
+    var finished = false
 
-    init(n: Int, expected: Int, total: Total, done: EventLoopPromise<Int>) {
+    init(n: Int, total: Total, done: EventLoopPromise<Int>) {
         self.n = n
-        self.expected = expected
         self.total = total
         self.done = done
+    }
+
+    func finish() {
+        guard !finished else { return }
+        finished = true
+        let all = total.got.add(got, ordering: .relaxed).newValue
+        if total.finished.add(1, ordering: .acquiringAndReleasing).newValue == connections { done.succeed(all) }
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -67,18 +80,15 @@ final class Counter: ChannelInboundHandler, @unchecked Sendable {
             return true
         }
         if !ok { done.fail(ChannelError.inappropriateOperationForState); return }
-        total.got += 1
-        if total.got == expected { done.succeed(total.got) }
+        got += 1
+        if got == perConnection { finish() }
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
-        total.closed += 1
-        if total.closed == connections { done.succeed(total.got) }
-    }
+    func channelInactive(context: ChannelHandlerContext) { finish() }
     func errorCaught(context: ChannelHandlerContext, error: Error) { done.fail(error) }
 }
 
-let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+let group = MultiThreadedEventLoopGroup(numberOfThreads: loops)
 let promise = group.next().makePromise(of: Int.self)
 let total = Total()
 let open = ClientBootstrap(group: group)
@@ -86,7 +96,7 @@ let open = ClientBootstrap(group: group)
         channel.eventLoop.makeCompletedFuture {
             try channel.pipeline.syncOperations.addHandler(
                 ByteToMessageHandler(LengthFieldBasedFrameDecoder(lengthFieldBitLength: .fourBytes)))
-            try channel.pipeline.syncOperations.addHandler(Counter(n: n, expected: frames, total: total, done: promise))
+            try channel.pipeline.syncOperations.addHandler(Counter(n: n, total: total, done: promise))
         }
     }
 let fileHandle = FileHandle(forWritingAtPath: "/proc/self/clear_refs")
@@ -103,7 +113,7 @@ let (u1, s1) = cpu()
 let peak = status("VmHWM")
 for channel in channels { try? channel.close().wait() }
 try? group.syncShutdownGracefully()
-guard got == frames else {
+guard got == perConnection * connections else {
     FileHandle.standardError.write("NIOPeer: read \(got) of \(frames) frames\n".data(using: .utf8)!)
     exit(1)
 }
@@ -112,6 +122,6 @@ let result: [String: Any] = [
     "seconds": secs, "gbPerSecond": Double(n * frames) / secs / 1e9, "framesPerSecond": Double(frames) / secs,
     "peakRSSBytes": peak, "baselineRSSBytes": base, "peakOverFrame": Double(peak - base) / Double(n),
     "cpuUserSeconds": u1 - u0, "cpuSystemSeconds": s1 - s0,
-    "note": "SwiftNIO LengthFieldBasedFrameDecoder, 1 event loop, \(connections) connection(s)", "connections": connections,
+    "note": "SwiftNIO LengthFieldBasedFrameDecoder, \(loops) event loop(s), \(connections) connection(s)", "connections": connections,
 ]
 print(String(decoding: try JSONSerialization.data(withJSONObject: result), as: UTF8.self))
