@@ -461,3 +461,69 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
         _ = try? await waiting.value
     }
 }
+
+/// Views can outlive their loop: the last one going while connections starved for buffers
+/// used to write the wakeup to the loop's eventfd number after the loop had closed it (8 bytes
+/// into whatever the process had opened with that number since). The loop's eventfd is owned
+/// and closed once; a late wakeup writes nothing.
+func lateWakeupChild(_ backend: ExactReader.Backend) async throws {
+    var loop: IOLoop? = try IOLoop(options: .init(backend: backend))
+    let (a, b) = try socketPair(AF_UNIX)
+    var reader: AsyncExactReader? = try AsyncExactReader(a, loop: loop!)
+    try send(b, frame([1, 2, 3]))
+    var view = try await reader!.readFrame()  // a view of one of the loop's receive buffers
+    childExpect(view == ByteView([1, 2, 3]), "the frame")
+    let number = loop!.waker.descriptor
+    let pool = loop!.pool
+    await loop!.shutdown()
+    pool.starved.store(true, ordering: .releasing)  // as if connections had starved
+    reader = nil
+    loop = nil  // the loop goes; its eventfd number is free
+    // Something else of the process gets that number.
+    let (x, y) = try socketPair(AF_UNIX)
+    childExpect(dup2(x.rawValue, number) == number, "dup2 onto the old eventfd number")
+    view = nil  // the last view of the buffer goes: a wakeup, if anything
+    var pfd = pollfd(fd: y.rawValue, events: Int16(POLLIN), revents: 0)
+    let readable = poll(&pfd, 1, 100)
+    report("late wakeup (\(backend)): \(readable > 0 ? "8 bytes reached the reused number" : "nothing written")")
+    childExpect(readable == 0, "a wakeup was written to descriptor \(number) after the loop closed it")
+}
+
+extension LoopHostileTests {
+    @Test(arguments: testBackends)
+    func aLateWakeupWritesNothing(backend: ExactReader.Backend) async {
+        let uring = backend.isURing
+        printChild(await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) { [uring = uring as Bool] in
+            try await lateWakeupChild(ExactReader.Backend(uring: uring))
+        })
+    }
+
+    /// A listener whose accept ended by itself (the listener failed), and a late request to
+    /// stop it (an iterator dropped at the same time): the second release used to free the
+    /// slot again, by then a live connection's, whose completions were then dropped as stale.
+    @Test(arguments: testBackends)
+    func aLateStopOfAnEndedListenerLeavesOtherSlotsAlone(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop, seconds: 30)
+        defer { dog.cancel() }
+        let (listener, _) = try loopbackListener()
+        defer { try? listener.close() }
+        let queue = AcceptQueue(limit: 16)
+        let l = Listener(fd: try OwnedDescriptor(duplicating: listener), queue: queue)
+        loop.send(.listen(l))
+        try await Task.sleep(for: .milliseconds(50))
+        #expect(shutdown(listener.rawValue, Int32(SHUT_RDWR)) == 0)  // accept fails from now on
+        await #expect(throws: Errno.self) { _ = try await queue.next() }
+        // A connection takes the slot the listener had.
+        let (a, b) = try socketPair(AF_UNIX)
+        defer { try? a.close(); try? b.close() }
+        let reader = try AsyncExactReader(a, loop: loop, options: .init(readTimeout: .seconds(3)))
+        try send(b, frame([1]))
+        #expect(try await reader.readFrame() == ByteView([1]))
+        loop.send(.unlisten(l))  // late
+        try await Task.sleep(for: .milliseconds(50))
+        try send(b, frame([2, 2]))
+        #expect(try await reader.readFrame() == ByteView([2, 2]))
+        await loop.shutdown()
+    }
+}
