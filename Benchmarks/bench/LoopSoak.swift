@@ -15,6 +15,13 @@ import SystemPackage
 // (0 B to 4 MiB), one task per connection verifying every frame in full, views held for a
 // while, and now and then a read cancelled mid-frame (then retried: the same frame must
 // arrive whole). Runs until `soakStop`.
+//
+// The writer's shapes, per connection (k % 8): 1 trickles frames up to 1 KiB a byte per write
+// (one-byte segments); 2 ends every write one byte into the next frame (frames always
+// straddle, bytes are always buffered); the rest write up to 64 KiB at a time. One more
+// connection per loop sends over-long varints (10 to 4,000 bytes) trickled in writes of 1 to
+// 16 bytes, each followed by a good varint-prefixed frame: its reader must see every prefix
+// refused (`frameTooLarge` of UInt64.max) and every frame after one whole.
 
 final class LoopSoakResult: Sendable {
     let backend: ExactReader.Backend
@@ -59,11 +66,19 @@ func runLoopSoak(_ result: LoopSoakResult, connections: Int = 64) async {
         }
         pairs.append((fds[0], fds[1]))
     }
+    var varintPair: [Int32] = [0, 0]
+    guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &varintPair) == 0 else {
+        result.fail("socketpair: \(Errno(rawValue: errno))")
+        for (a, b) in pairs { close(a); close(b) }
+        await loop.shutdown()
+        return
+    }
     let seeds = (0..<connections).map { UInt64(1000 + $0 + (result.backend == .posix ? 5000 : 0)) }
     let writerDone = DispatchSemaphore(value: 0)
     let writeEnds = pairs.map(\.1)
+    let varintEnd = varintPair[1]
     let writer = Thread {
-        loopSoakWrite(writeEnds, seeds: seeds)
+        loopSoakWrite(writeEnds, seeds: seeds, varint: varintEnd)
         writerDone.signal()
     }
     writer.stackSize = 1 << 20
@@ -89,50 +104,148 @@ func runLoopSoak(_ result: LoopSoakResult, connections: Int = 64) async {
         }
     }
     watchdog.start()
+    let varintRead = varintPair[0]
     await withTaskGroup(of: Void.self) { group in
         for (k, pair) in pairs.enumerated() {
             let fd = pair.0
             let seed = seeds[k]
             group.addTask { await loopSoakRead(fd: fd, seed: seed, loop: loop, result: result) }
         }
+        group.addTask { await loopSoakReadVarints(fd: varintRead, loop: loop, result: result) }
     }
     readersDone.store(true, ordering: .releasing)
     writerDone.wait()
     for (a, _) in pairs { close(a) }
+    close(varintRead)
     result.statistics.withLock { $0 = loop.statistics }
     await loop.shutdown()
 }
 
-/// Writes every connection's frame sequence, round robin, up to 64 KiB per connection per turn,
-/// until the soak stops (or every reader is gone); then closes the write ends.
-func loopSoakWrite(_ fds: [Int32], seeds: [UInt64]) {
+/// Writes every connection's frame sequence, round robin, in the connection's shape (see the
+/// top of this file), and the over-long varints to `varint`, until the soak stops (or every
+/// reader is gone); then closes the write ends.
+func loopSoakWrite(_ fds: [Int32], seeds: [UInt64], varint: Int32) {
     var seqs = seeds.map { SoakSequence(seed: $0) }
+    // Per connection: bytes generated and not yet written (from `offsets`), and where each
+    // frame in them ends.
     var pending = Array(repeating: [UInt8](), count: fds.count)
+    var ends = Array(repeating: [Int](), count: fds.count)
     var offsets = Array(repeating: 0, count: fds.count)
     var indices = Array(repeating: 0, count: fds.count)
     var live = Array(repeating: true, count: fds.count)
-    while !soakStop.load(ordering: .relaxed) && live.contains(true) {
+    var varints = SoakSequence(seed: 0xBAD)
+    var varintBytes: [UInt8] = []
+    var varintOffset = 0
+    var varintLive = true
+    func generate(_ k: Int) {
+        let n = loopSoakSize(&seqs[k])
+        let i = indices[k]
+        pending[k] += Marks.header(n)
+        pending[k].reserveCapacity(pending[k].count + n)
+        for j in 0..<n { pending[k].append(SoakSequence.byte(i, j)) }
+        ends[k].append(pending[k].count)
+        indices[k] += 1
+    }
+    while !soakStop.load(ordering: .relaxed) && (live.contains(true) || varintLive) {
         for k in 0..<fds.count where live[k] {
-            if offsets[k] == pending[k].count {
-                let n = loopSoakSize(&seqs[k])
-                var bytes = Marks.header(n)
-                bytes.reserveCapacity(4 + n)
-                let i = indices[k]
-                for j in 0..<n { bytes.append(SoakSequence.byte(i, j)) }
-                pending[k] = bytes
-                offsets[k] = 0
-                indices[k] += 1
+            // Two frames ahead: a straddling write reaches into the next one.
+            while ends[k].count < 2 { generate(k) }
+            let frameEnd = ends[k][0]
+            var chunk: Int
+            switch k % 8 {
+            case 1 where frameEnd - offsets[k] <= 1028:
+                chunk = 1  // the last KiB of every frame, a byte per write
+            case 2:
+                chunk = frameEnd + 1 - offsets[k]  // the rest of this frame and the next's first byte
+            default:
+                chunk = 64 << 10
             }
-            let chunk = min(64 << 10, pending[k].count - offsets[k])
+            chunk = max(1, min(chunk, 64 << 10, pending[k].count - offsets[k]))
             let w = pending[k].withUnsafeBytes { write(fds[k], $0.baseAddress! + offsets[k], chunk) }
             if w < 0 {
                 if errno != EINTR { live[k] = false }  // its reader is gone (it reports why)
                 continue
             }
             offsets[k] += w
+            while let e = ends[k].first, e <= offsets[k] { ends[k].removeFirst() }
+            if offsets[k] >= 1 << 20 {
+                pending[k].removeFirst(offsets[k])
+                for j in ends[k].indices { ends[k][j] -= offsets[k] }
+                offsets[k] = 0
+            }
+        }
+        if varintLive {
+            if varintOffset == varintBytes.count {
+                varintBytes = loopSoakVarintRound(&varints)
+                varintOffset = 0
+            }
+            let chunk = min(1 + Int(varints.next() % 16), varintBytes.count - varintOffset)
+            let w = varintBytes.withUnsafeBytes { write(varint, $0.baseAddress! + varintOffset, chunk) }
+            if w < 0 {
+                if errno != EINTR { varintLive = false }
+            } else {
+                varintOffset += w
+            }
         }
     }
     for fd in fds { close(fd) }
+    close(varint)
+}
+
+/// One round of the varint connection: an over-long prefix (10 to 4,000 bytes with the
+/// continuation bit, then its last byte), then a good frame: a varint length and that many
+/// bytes (0 to 300; byte k of the body is k mod 251).
+func loopSoakVarintRound(_ seq: inout SoakSequence) -> [UInt8] {
+    let garbage = 10 + Int(seq.next() % 3991)
+    var bytes = [UInt8](repeating: 0x80, count: garbage)
+    bytes.append(0x01)
+    var n = Int(seq.next() % 301)
+    let length = n
+    repeat {
+        bytes.append(UInt8(n & 0x7f) | (n >= 0x80 ? 0x80 : 0))
+        n >>= 7
+    } while n > 0
+    for k in 0..<length { bytes.append(UInt8(k % 251)) }
+    return bytes
+}
+
+/// The varint connection's reader: every over-long prefix is refused, every frame after one
+/// arrives whole.
+func loopSoakReadVarints(fd: Int32, loop: IOLoop, result: LoopSoakResult) async {
+    let reader: AsyncExactReader
+    do {
+        reader = try AsyncExactReader(FileDescriptor(rawValue: fd), loop: loop)
+    } catch {
+        result.fail("AsyncExactReader (varints): \(error)")
+        return
+    }
+    defer { shutdown(fd, Int32(SHUT_RD)) }
+    var round = 0
+    do {
+        while !soakStop.load(ordering: .relaxed) && result.failure == nil {
+            do {
+                let f = try await reader.readFrame(prefix: .varint)
+                if f == nil && soakStop.load(ordering: .relaxed) { return }
+                result.fail("\(result.backend) varint round \(round): an over-long prefix was accepted (\(f.map { "\($0.count) bytes" } ?? "end"))")
+                return
+            } catch ExactReadError.frameTooLarge(let length, _) where length == .max {}
+            guard let f = try await reader.readFrame(prefix: .varint) else {
+                if !soakStop.load(ordering: .relaxed) { result.fail("\(result.backend) varint round \(round): early end") }
+                return
+            }
+            let ok = f.withUnsafeBytes { b in (0..<b.count).allSatisfy { b[$0] == UInt8($0 % 251) } }
+            guard ok else {
+                result.fail("\(result.backend) varint round \(round): the frame after the refused prefix differs")
+                return
+            }
+            result.frames.add(1, ordering: .relaxed)
+            round += 1
+        }
+    } catch ExactReadError.incomplete(_, _) where soakStop.load(ordering: .relaxed) {
+    } catch ExactReadError.frameTooLarge(_, _) where soakStop.load(ordering: .relaxed) {
+    } catch {
+        if !soakStop.load(ordering: .relaxed) { result.fail("\(result.backend) varint round \(round): \(error)") }
+    }
 }
 
 /// One connection's reader: verifies every frame; holds views for 0-31 frames; every ~40th
