@@ -17,7 +17,9 @@
 // program then picks the completion order the loop would produce — received segments of any
 // size split across recycled receive buffers, bytes that arrive just before a direct read
 // starts, partial direct reads, an errno kept behind the bytes before it, deadlines, cancelled
-// tasks, the pool running low — and the same invariants are checked.
+// tasks, the pool running low, trickles of one-byte segments (interleaved with other
+// connections' bytes in the receive buffers, so that they are coalesced) — and the same
+// invariants are checked.
 //
 // Built two ways:
 //   - normally (`swift build`): a replay tool, `fuzz-exactio FILE|DIR...`, runs inputs once;
@@ -193,6 +195,10 @@ final class LoopScript {
         case 2 where resets < 3: return .error(error())
         case 3 where program.next() < 16: return .end
         case 4: return .poolLow
+        case 5, 6:
+            // A trickle: up to 256 one-byte segments (a peer sending a byte at a time).
+            stalls = 0
+            return .segments(Array(repeating: 1, count: 1 + Int(program.next())))
         default:
             stalls = 0
             return .segments(sizes(c))
@@ -237,9 +243,12 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     let reader: any FuzzedReader
     if loopCore {
         let script = LoopScript(control)
-        reader = LoopCoreUnderTest(try LoopCoreHarness(
+        let harness = try LoopCoreHarness(
             stream: stream, stagingCapacity: staging, maxFrameLength: limit, allowAllocation: allow,
-            onWait: { script.onWait($0) }, onDirect: { script.onDirect($0, $1) }))
+            onWait: { script.onWait($0) }, onDirect: { script.onDirect($0, $1) })
+        // Segments from many connections share receive buffers: none continues the last.
+        harness.interleaveSegments = control.next() & 1 == 1
+        reader = LoopCoreUnderTest(harness)
     } else {
         let source = Source(stream: stream, program: control)
         reader = BlockingUnderTest(try ExactReader(
