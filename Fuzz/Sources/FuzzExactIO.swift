@@ -12,11 +12,11 @@
 //     statistics.bytesSkipped);
 //   - views handed out earlier never change (kept ones are re-checked after every call).
 //
-// Half of the inputs (a control bit) drive the loop reader's core instead
-// (`LoopCoreHarness`, `AsyncExactReader`'s core and driver logic run synchronously): the
-// program then picks the completion order the loop would produce — received segments of any
-// size split across recycled receive buffers, bytes that arrive just before a direct read
-// starts, partial direct reads, an errno kept behind the bytes before it, deadlines, cancelled
+// Half of the inputs (a control bit) drive the loop instead (`LoopHarness`: a real IOLoop
+// without a thread, its real LoopMachine and a real AsyncExactReader, with a scripted backend
+// in place of the kernel): the program then picks what the kernel does next and in which
+// order — received segments of any size split across recycled receive buffers, partial large
+// reads, an errno kept behind the bytes before it, deadlines, cancelled
 // tasks, the pool running low, trickles of one-byte segments (interleaved with other
 // connections' bytes in the receive buffers, so that they are coalesced) — and the same
 // invariants are checked.
@@ -147,8 +147,8 @@ final class BlockingUnderTest: FuzzedReader {
 
 /// The loop reader's core, with the program playing the loop.
 final class LoopCoreUnderTest: FuzzedReader {
-    let harness: LoopCoreHarness
-    init(_ harness: LoopCoreHarness) { self.harness = harness }
+    let harness: LoopHarness
+    init(_ harness: LoopHarness) { self.harness = harness }
     func readExactly(_ count: Int) throws -> ByteView { try harness.readExactly(count) }
     func readFrame(prefix: LengthPrefix) throws -> ByteView? { try harness.readFrame(prefix: prefix) }
     func read(upTo maxCount: Int) throws -> ByteView { try harness.read(upTo: maxCount) }
@@ -185,7 +185,7 @@ final class LoopScript {
         return resets % 2 == 0 ? .timedOut : .connectionReset
     }
 
-    func onWait(_ needed: Int) -> LoopCoreHarness.Arrival {
+    func onWait(_ needed: Int) -> LoopHarness.Arrival {
         if mustProgress { return .segments([65536]) }
         let c = program.next()
         stalls += 1
@@ -205,7 +205,7 @@ final class LoopScript {
         }
     }
 
-    func onDirect(_ capacity: Int, _ minimum: Int) -> LoopCoreHarness.DirectEvent {
+    func onLargeRead(_ capacity: Int, _ minimum: Int) -> LoopHarness.LargeReadEvent {
         if mustProgress { return .progress(capacity) }
         let c = program.next()
         stalls += 1
@@ -214,7 +214,6 @@ final class LoopScript {
         case 1: return .cancel
         case 2 where resets < 3: return .error(error())
         case 3 where program.next() < 16: return .end
-        case 4, 5: return .arrivedFirst(sizes(c))
         default:
             stalls = 0
             return .progress(1 + Int(program.next()) * 257)
@@ -243,9 +242,9 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
     let reader: any FuzzedReader
     if loopCore {
         let script = LoopScript(control)
-        let harness = try LoopCoreHarness(
+        let harness = try LoopHarness(
             stream: stream, stagingCapacity: staging, maxFrameLength: limit, allowAllocation: allow,
-            onWait: { script.onWait($0) }, onDirect: { script.onDirect($0, $1) })
+            onWait: { script.onWait($0) }, onLargeRead: { script.onLargeRead($0, $1) })
         // Segments from many connections share receive buffers: none continues the last.
         harness.interleaveSegments = control.next() & 1 == 1
         reader = LoopCoreUnderTest(harness)

@@ -97,6 +97,23 @@ enum BackendSelection {
         if type != Int32(SOCK_STREAM.rawValue) { throw .protocolWrongTypeForSocket }
     }
 
+    /// The backend to try for `requested`, after the operator's `EXACTIO_BACKEND` (it applies
+    /// to `.automatic` only): with the override that forced it, or a note that the variable was
+    /// not understood.
+    static func resolve(_ requested: ExactReader.Backend, environment: [String: String])
+        -> (wanted: ExactReader.Backend, forced: String?, note: String?)
+    {
+        guard requested == .automatic, let raw = environment[environmentVariable], !raw.isEmpty else {
+            return (requested, nil, nil)
+        }
+        switch raw.lowercased() {
+        case "posix": return (.posix, "\(environmentVariable)=\(raw)", nil)
+        case "uring", "io_uring", "iouring": return (.ioUring, "\(environmentVariable)=\(raw)", nil)
+        case "automatic", "auto": return (.automatic, nil, nil)
+        default: return (.automatic, nil, "\(environmentVariable)=\(raw) not understood (expected posix or uring): ignored")
+        }
+    }
+
     static func make(
         fd: FileDescriptor,
         options: ExactReader.Options,
@@ -113,18 +130,7 @@ enum BackendSelection {
         if syscalls != nil { return posix(nil) }
 
         if type == S_IFSOCK { try requireStreamSocket(fd) }
-        var wanted = options.backend
-        var forced: String? = nil
-        var note: String? = nil
-        if wanted == .automatic, let raw = environment[environmentVariable], !raw.isEmpty {
-            switch raw.lowercased() {
-            case "posix": wanted = .posix; forced = "\(environmentVariable)=\(raw)"
-            case "uring", "io_uring", "iouring": wanted = .ioUring; forced = "\(environmentVariable)=\(raw)"
-            case "automatic", "auto": break
-            default:
-                note = "\(environmentVariable)=\(raw) not understood (expected posix or uring): ignored"
-            }
-        }
+        let (wanted, forced, note) = resolve(options.backend, environment: environment)
         func joined(_ reason: ExactReader.FallbackReason?) -> ExactReader.FallbackReason? {
             switch (note, reason) {
             case (nil, let r): r

@@ -67,6 +67,7 @@ struct URingOps: OptionSet {
     static let pollAdd = URingOps(rawValue: Int32(CSUPPORT_OP_POLL_ADD))
     static let linkTimeout = URingOps(rawValue: Int32(CSUPPORT_OP_LINK_TIMEOUT))
     static let asyncCancel = URingOps(rawValue: Int32(CSUPPORT_OP_ASYNC_CANCEL))
+    static let accept = URingOps(rawValue: Int32(CSUPPORT_OP_ACCEPT))
 }
 
 /// The ring's sparse buffer table: one slot per registered block. Its own lock serializes the

@@ -35,3 +35,4 @@ final class Locked<Value>: @unchecked Sendable {
         return try body(&value)
     }
 }
+

@@ -75,6 +75,13 @@ func pollReadable(_ fd: FileDescriptor, timeout: Int64) -> Result<Bool, Errno> {
 
 /// CLOCK_MONOTONIC in nanoseconds (the clock ExactIOCSupport's timeouts use).
 @inline(__always)
+/// CPU time the calling thread has used, in nanoseconds.
+func threadCPUNanoseconds() -> Int64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
+    return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
+}
+
 func monotonicNanoseconds() -> Int64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)

@@ -198,7 +198,7 @@ public final class AsyncExactReader {
             case .need(.buffered(let count)):
                 try await receive(atLeast: count)
             case .need(.direct(let dst, let minimum, let slot)):
-                try await direct(dst, minimum: minimum, slot: slot)
+                try await largeRead(dst, minimum: minimum, slot: slot)
             }
         }
     }
@@ -276,7 +276,8 @@ public final class AsyncExactReader {
         }
     }
 
-    private func direct(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
+    /// A large body straight into its own memory: the loop reads it (`LoopMachine`).
+    private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
         startDeadline()
         // Bytes received before the read come first: the core copies them in when it steps.
         let (_, shutDown) = absorb()
@@ -286,29 +287,29 @@ public final class AsyncExactReader {
         if shutDown { return try core.directInterrupted(count: 0, Errno.canceled) }
         if Task.isCancelled { return try core.directInterrupted(count: 0, CancellationError()) }
         connection.state.withLock { s in
-            s.direct = DirectRequest(dst: dst, minimum: minimum, slot: slot)
+            s.largeRead = LargeReadRequest(dst: dst, minimum: minimum, slot: slot)
             s.deadline = deadline
         }
         contacted = true
-        loop.send(.direct(connection))
+        loop.send(.largeRead(connection))
         if deadline > 0 { loop.send(.deadline(connection)) }
         var cancelSent = false
         while true {
             // Once the cancellation is asked for, wait (uncancellably) for the kernel to let go
             // of the memory.
-            await connection.wait(cancellable: !cancelSent, direct: true)
+            await connection.wait(cancellable: !cancelSent, largeRead: true)
             let (done, interrupted) = connection.state.withLock { s in
-                (s.direct?.done ?? true, s.shutDown || s.timedOut)
+                (s.largeRead?.done ?? true, s.shutDown || s.timedOut)
             }
             if done { break }
             if !cancelSent && (Task.isCancelled || interrupted) {
-                loop.send(.cancelDirect(connection))
+                loop.send(.cancelLargeRead(connection))
                 cancelSent = true
             }
         }
         let (d, timedOut, shutDown2) = connection.state.withLock { s in
-            let d = s.direct
-            s.direct = nil
+            let d = s.largeRead
+            s.largeRead = nil
             let t = s.timedOut
             s.timedOut = false
             return (d, t, s.shutDown)

@@ -26,6 +26,40 @@ extension IOLoop {
     }
 }
 
+/// A listener the loop accepts connections on, for `IOLoop.connections(accepting:)`.
+final class Listener: @unchecked Sendable {
+    // @unchecked Sendable: `fd` and `queue` are immutable (the queue is thread-safe); the `var`s
+    // are touched only on the loop's thread.
+    /// The loop's own descriptor for the listener (a dup of the caller's), closed when the
+    /// listener leaves the loop's table.
+    let fd: OwnedDescriptor
+    let queue: AcceptQueue
+    var token = LoopToken()
+    /// Accepts asked of the backend whose completion has not come.
+    var inFlight = 0
+    var closing = false
+    /// The consumer has `maxPendingConnections` accepted descriptors it has not taken:
+    /// accepting waits until it takes some (the rest wait in the kernel's backlog).
+    var paused = false
+    /// A shortage (EMFILE, ENFILE, ENOBUFS, ENOMEM) stopped accepting until this time
+    /// (CLOCK_MONOTONIC ns; 0: none), and the next pause's length.
+    var retryAt: Int64 = 0
+    var backoff: Int64 = 0
+
+    /// What the backend keeps for the listener.
+    struct KernelState {
+        /// epoll: in the epoll set, and how many accepts it may still make.
+        var epollRegistered = false
+        var acceptBudget = 0
+    }
+    var kernel = KernelState()
+
+    init(fd: OwnedDescriptor, queue: AcceptQueue) {
+        self.fd = fd
+        self.queue = queue
+    }
+}
+
 /// Connections accepted on a listener by a loop (`IOLoop.connections(accepting:)`).
 public struct AcceptedConnections: AsyncSequence, Sendable {
     /// An accepted connection's descriptor, owned by the caller (close it when done).

@@ -127,7 +127,9 @@ public final class IOLoop: @unchecked Sendable {
     let framePool: MemoryPool
     let waker: Waker
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
-    private var driver: LoopDriver! = nil
+    private var driver: (any LoopDriving)! = nil
+    /// Set for a loop without a thread, run by the fuzz harness (`LoopHarness`).
+    private(set) var manual: LoopHarness? = nil
     private let inbox = Locked(Inbox())
     private let sleeping = Atomic<Bool>(false)
     private let stats = Locked(Statistics())
@@ -165,32 +167,63 @@ public final class IOLoop: @unchecked Sendable {
         try start()
     }
 
-    static func makeDriver(options: Options, pool: ReceivePool, waker: Waker) throws -> (LoopDriver, String?) {
-        var wanted = options.backend
-        var note: String? = nil
-        if wanted == .automatic, let raw = ExactReader.processEnvironment()[BackendSelection.environmentVariable], !raw.isEmpty {
-            switch raw.lowercased() {
-            case "posix": return (try EpollDriver(pool: pool, waker: waker), "io_uring not used: forced by \(BackendSelection.environmentVariable)=\(raw)")
-            case "uring", "io_uring", "iouring": wanted = .ioUring
-            case "automatic", "auto": break
-            default: note = "\(BackendSelection.environmentVariable)=\(raw) not understood (expected posix or uring): ignored"
-            }
+    /// A loop without a thread, whose machine runs a scripted backend when `harness` says (the
+    /// fuzz target: `LoopHarness`).
+    init(harness: LoopHarness, options: Options) throws {
+        try options.validate()
+        self.options = options
+        let waker = try Waker()
+        self.waker = waker
+        self.pool = try ReceivePool(count: max(16, options.receiveBufferCount), size: max(4096, options.receiveBufferSize), wake: {})
+        self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
+        self.manual = harness
+        let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
+        driver = LoopMachine(backend: harness.backend, pool: pool, waker: waker, now: { [unowned harness] in harness.now() }, count: count)
+        backend = .posix
+    }
+
+    /// One turn of a loop without a thread: the commands sent so far, buffers given back, and
+    /// the completions its backend has.
+    func runManualTurn() {
+        let commands = inbox.withLock { box -> [LoopCommand] in
+            defer { box.commands.removeAll(keepingCapacity: true) }
+            return box.commands
         }
-        if wanted == .posix { return (try EpollDriver(pool: pool, waker: waker), nil) }
+        for command in commands { driver.handle(command) }
+        driver.giveBack(pool.takeReturned())
+        driver.turn(block: false)
+    }
+
+    /// Ends a loop without a thread: its machine lets go of every connection.
+    func shutDownManually() {
+        runManualTurn()
+        driver.beginShutdown()
+        for _ in 0..<100 where !driver.isDrained { runManualTurn() }
+        driver.finishShutdown()
+    }
+
+    /// The loop's machine over the backend `options` ask for (after `EXACTIO_BACKEND`), and why
+    /// io_uring is not used, if it is not. On the loop's thread.
+    func makeDriver() throws -> (any LoopDriving, String?) {
+        let (wanted, forced, note) = BackendSelection.resolve(options.backend, environment: ExactReader.processEnvironment())
+        let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
+        func epoll(_ reason: String?) throws -> (any LoopDriving, String?) {
+            let backend = try EpollLoopBackend(pool: pool, waker: waker)
+            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), reason)
+        }
+        if wanted == .posix { return try epoll(forced.map { "io_uring not used: forced by \($0)" }) }
         #if EXACTIO_URING
-        switch URingLoopDriver.make(pool: pool, waker: waker) {
-        case .success(let d):
-            return (d, note)
+        switch URingLoopBackend.make(pool: pool, waker: waker) {
+        case .success(let backend):
+            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), note)
         case .failure(let failure):
             if wanted == .ioUring { throw failure.errno }
-            let reason = [note, failure.reason].compactMap { $0 }.joined(separator: "; ")
-            return (try EpollDriver(pool: pool, waker: waker), reason)
+            return try epoll([note, failure.reason].compactMap { $0 }.joined(separator: "; "))
         }
         #else
         if wanted == .ioUring { throw Errno.notSupported }
-        let reason = [note, "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)"]
-            .compactMap { $0 }.joined(separator: "; ")
-        return (try EpollDriver(pool: pool, waker: waker), reason)
+        return try epoll([note, "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)"]
+            .compactMap { $0 }.joined(separator: "; "))
         #endif
     }
 
@@ -203,7 +236,7 @@ public final class IOLoop: @unchecked Sendable {
             let context = Unmanaged<StartContext>.fromOpaque(arg!).takeRetainedValue()
             let loop = context.loop
             do {
-                let (driver, reason) = try IOLoop.makeDriver(options: loop.options, pool: loop.pool, waker: loop.waker)
+                let (driver, reason) = try loop.makeDriver()
                 loop.driver = driver
                 loop.backend = driver.kind
                 loop.fallbackReason = reason
@@ -338,8 +371,8 @@ public final class IOLoop: @unchecked Sendable {
         switch command {
         case .receive(let c), .deadline(let c):
             c.interrupt(shutDown: true)
-        case .direct(let c), .cancelDirect(let c):
-            c.directProgress(0, finished: true, error: .canceled)
+        case .largeRead(let c), .cancelLargeRead(let c):
+            c.largeReadProgress(0, finished: true, error: .canceled)
             c.interrupt(shutDown: true)
         case .detach(let c):
             c.fd.close()
@@ -385,10 +418,10 @@ public final class IOLoop: @unchecked Sendable {
                     shutdownWaiter = c
                     driver.beginShutdown()
                 } else {
-                    driver.handle(command, loop: self)
+                    driver.handle(command)
                 }
             }
-            driver.giveBack(pool.takeReturned(), loop: self)
+            driver.giveBack(pool.takeReturned())
             for job in jobs { job.runSynchronously(on: asUnownedTaskExecutor()) }
             if shutdownWaiter != nil && driver.isDrained { break }
 
@@ -396,7 +429,7 @@ public final class IOLoop: @unchecked Sendable {
             // enqueue after that look sees it and writes the eventfd.
             sleeping.store(true, ordering: .sequentiallyConsistent)
             let idle = inbox.withLock { $0.commands.isEmpty && $0.jobs.isEmpty }
-            driver.turn(block: idle && shutdownWaiter == nil, loop: self)
+            driver.turn(block: idle && shutdownWaiter == nil)
             sleeping.store(false, ordering: .relaxed)
             let snapshot = localStats
             stats.withLock { $0 = snapshot }
@@ -404,8 +437,7 @@ public final class IOLoop: @unchecked Sendable {
         // Drained: every request is done. The ring or epoll set is closed on this thread (a
         // SINGLE_ISSUER ring accepts registrations only from it). Commands and jobs that still
         // arrive are answered as after the end; jobs go to the global executor.
-        driver.finishShutdown(loop: self)
-        driver.close()
+        driver.finishShutdown()
         let (lateCommands, lateJobs) = inbox.withLock { box -> ([LoopCommand], [UnownedJob]) in
             box.exited = true
             defer {
@@ -443,10 +475,10 @@ extension IOLoop: TaskExecutor {
 enum LoopCommand {
     /// Start (or resume) receiving for a connection.
     case receive(LoopConnection)
-    /// Run the direct read recorded in the connection's state.
-    case direct(LoopConnection)
-    /// Cancel the direct read in flight.
-    case cancelDirect(LoopConnection)
+    /// Run the large read recorded in the connection's state.
+    case largeRead(LoopConnection)
+    /// End the large read in flight early.
+    case cancelLargeRead(LoopConnection)
     /// The reader is gone: stop everything for the connection.
     case detach(LoopConnection)
     /// Watch a connection's deadline.
@@ -463,19 +495,3 @@ enum LoopCommand {
     case shutdown(CheckedContinuation<Void, Never>)
 }
 
-/// What a loop backend does, on the loop's thread only.
-protocol LoopDriver: AnyObject {
-    var kind: ExactReader.Backend { get }
-    func handle(_ command: LoopCommand, loop: IOLoop)
-    /// Receive buffers whose last user let go.
-    func giveBack(_ bids: [UInt16], loop: IOLoop)
-    /// Submits what is queued, waits (when `block`) for something to happen or the nearest
-    /// deadline, and handles what happened.
-    func turn(block: Bool, loop: IOLoop)
-    func beginShutdown()
-    /// True once every request is done (after `beginShutdown`).
-    var isDrained: Bool { get }
-    func finishShutdown(loop: IOLoop)
-    /// Releases the ring or epoll set (on the loop's thread, after `finishShutdown`).
-    func close()
-}

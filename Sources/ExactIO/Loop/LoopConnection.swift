@@ -1,8 +1,12 @@
 import Synchronization
 import SystemPackage
 
-/// A direct read asked of the loop: at least `minimum` bytes into `dst`.
-struct DirectRequest: @unchecked Sendable {
+// One connection on a loop: the state its reader and the loop's thread share (behind one
+// lock), the loop's own state for it (what `LoopMachine` decides with), and what a kernel
+// backend keeps for it.
+
+/// A large read asked of the loop: at least `minimum` bytes into `dst`, the body's own memory.
+struct LargeReadRequest: @unchecked Sendable {
     // @unchecked Sendable: `dst` is memory of the reader that asked, which waits (and keeps it
     // valid) until the loop marks the request done; only the loop's thread writes into it.
     let dst: UnsafeMutableRawBufferPointer
@@ -17,10 +21,38 @@ struct DirectRequest: @unchecked Sendable {
     var poisoned = false
 }
 
-/// One connection on a loop: what its reader (any thread, one at a time) and the loop's
-/// thread share, behind one mutex, plus fields only the loop's thread touches.
+/// Which entry of the loop's table, and which incarnation of it: a completion whose token is
+/// not the entry's current one belongs to a connection or listener that is gone.
+struct LoopToken: Equatable {
+    var slot: Int = -1
+    var generation: UInt32 = 0
+    var isAttached: Bool { slot >= 0 }
+}
+
+/// A request's user_data (or an epoll event's data): a token and what the request is for.
+struct LoopTag: RawRepresentable {
+    enum Kind: UInt64 {
+        case receive = 1, read, cancel, accept, wake, cancelAll
+    }
+    let rawValue: UInt64
+
+    init(rawValue: UInt64) { self.rawValue = rawValue }
+
+    init(_ token: LoopToken, _ kind: Kind) {
+        rawValue = UInt64(token.generation) << 32 | UInt64(UInt32(truncatingIfNeeded: token.slot)) << 8 | kind.rawValue
+    }
+
+    /// A tag of the loop's own (its wakeup, its cancel-everything), outside any slot.
+    init(loopOwn kind: Kind) {
+        self.init(LoopToken(slot: 0xff_ffff, generation: 0), kind)
+    }
+
+    var kind: Kind? { Kind(rawValue: rawValue & 0xff) }
+    var token: LoopToken { LoopToken(slot: Int(rawValue >> 8 & 0xff_ffff), generation: UInt32(truncatingIfNeeded: rawValue >> 32)) }
+}
+
 final class LoopConnection: @unchecked Sendable {
-    // @unchecked Sendable: `state` is behind its mutex; the `var`s below it are touched only on
+    // @unchecked Sendable: `state` is behind its lock; the `var`s after it are touched only on
     // the loop's thread.
     /// The loop's own descriptor for the connection (see `OwnedDescriptor`).
     let fd: OwnedDescriptor
@@ -28,6 +60,7 @@ final class LoopConnection: @unchecked Sendable {
     let isSocket: Bool
     let maxBuffered: Int
 
+    /// What the reader and the loop share.
     struct State {
         /// Received bytes the reader has not taken yet, in order.
         var received = SegmentQueue()
@@ -38,13 +71,13 @@ final class LoopConnection: @unchecked Sendable {
         var error: Errno? = nil
         /// The reader waiting for a change.
         var waiter: CheckedContinuation<Void, Never>? = nil
-        var direct: DirectRequest? = nil
+        var largeRead: LargeReadRequest? = nil
         /// The reader's deadline (CLOCK_MONOTONIC ns, 0 = none) and whether it passed.
         var deadline: Int64 = 0
         var timedOut = false
         /// The loop shut down.
         var shutDown = false
-        /// A receive is armed (or asked for): the reader need not ask again.
+        /// A receive is armed (or owed by the loop): the reader need not ask again.
         var receiving = false
         /// How much the reader wants received ahead (its read-ahead: a page after a large frame,
         /// whose next body goes straight to its own memory; the staging capacity otherwise).
@@ -57,30 +90,50 @@ final class LoopConnection: @unchecked Sendable {
     }
     let state = Locked(State())
 
-    // Loop thread only.
-    var slot = -1
-    var generation: UInt32 = 0
-    /// A receive request is in the kernel (io_uring) or the fd is in the epoll set for reading.
-    var armed = false
-    /// The armed receive is being cancelled (backpressure, or before a direct read).
-    var disarming = false
-    var directInFlight = false
-    var directCancelSent = false
-    /// A direct read waits for the armed receive to end.
-    var directPending = false
-    /// The memory of a receive that went to memory of its own (the pool was dry), in flight.
-    var fallback: Region? = nil
-    /// The reader asked to receive while the armed receive was being cancelled.
-    var rearmWhenDisarmed = false
-    /// The byte limit of the armed receive (0: none).
-    var receiveLimit: UInt32 = 0
+    // MARK: The loop's state (its thread only; `LoopMachine` decides with it)
+
+    enum ReceivePhase {
+        case idle
+        /// A receive is in the kernel (io_uring) or the descriptor is in the epoll set.
+        case armed
+        /// The armed receive is being ended (backpressure, a large read, a detach).
+        case disarming
+        /// The receive buffers ran dry and not even memory of its own could be had: the loop
+        /// owes a receive when buffers come back (`state.receiving` stays set).
+        case starved
+    }
+    enum LargeReadPhase {
+        case idle
+        /// Asked for, waiting for the armed receive to end (the two would race for the stream).
+        case waitingForReceive
+        case inFlight
+        /// In flight, and asked to end early.
+        case canceling
+    }
+    var token = LoopToken()
+    var receive = ReceivePhase.idle
+    var largeRead = LargeReadPhase.idle
+    /// The reader asked to receive while the armed receive was being ended.
+    var rearmAfterDisarm = false
     var detached = false
-    var starved = false
     /// The deadline the loop's timer for this connection fires at (0: none armed).
     var timerAt: Int64 = 0
-    var registeredWithEpoll = false
-    /// epoll: a non-socket descriptor was set non-blocking.
-    var nonBlockingSet = false
+
+    /// What the backend keeps for the connection (its thread only).
+    struct KernelState {
+        /// The memory of its own a receive is filling (the shared buffers ran dry).
+        var ownMemory: Region? = nil
+        /// io_uring: the byte limit of the armed receive (0: none).
+        var receiveLimit: UInt32 = 0
+        /// epoll: the descriptor is in the epoll set, and for what.
+        var epollRegistered = false
+        var epollInterest: LoopTag.Kind? = nil
+        /// epoll: a large read waiting for readiness.
+        var pendingRead: (dst: UnsafeMutableRawBufferPointer, slot: Int32)? = nil
+        /// epoll: a non-socket descriptor was set non-blocking.
+        var nonBlockingSet = false
+    }
+    var kernel = KernelState()
 
     init(fd: OwnedDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int) {
         self.fd = fd
@@ -89,16 +142,25 @@ final class LoopConnection: @unchecked Sendable {
         self.maxBuffered = maxBuffered
     }
 
-    // MARK: - The loop's side
+    func tag(_ kind: LoopTag.Kind) -> UInt64 {
+        LoopTag(token, kind).rawValue
+    }
+
+    /// Nothing of the connection is in the kernel any more.
+    var isIdleInKernel: Bool {
+        (receive == .idle || receive == .starved) && (largeRead == .idle || largeRead == .waitingForReceive)
+    }
+
+    // MARK: - The loop's side of the shared state
 
     /// Appends received bytes and wakes the reader. Returns true when the connection should
-    /// stop receiving (backpressure).
-    func deliver(_ segment: Segment) -> Bool {
+    /// stop receiving: backpressure, or the reader has what it wants ahead.
+    func enqueue(_ segment: Segment) -> Bool {
         let (waiter, full) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool) in
             s.copied += s.received.append(segment)
             let w = s.waiter
             s.waiter = nil
-            return (w, s.held >= maxBuffered)
+            return (w, s.held >= maxBuffered || s.received.bytes >= s.wanted)
         }
         waiter?.resume()
         return full
@@ -106,43 +168,30 @@ final class LoopConnection: @unchecked Sendable {
 
     /// Records the end of receiving: end of stream (`error` nil), or an error.
     func finishReceiving(eof: Bool, error: Errno?) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+        wake { s in
             if eof { s.eof = true }
             if let error { s.error = error }
             s.receiving = false
-            let w = s.waiter
-            s.waiter = nil
-            return w
         }
-        waiter?.resume()
     }
 
-    /// The receive stopped without news (cancelled for backpressure or before a direct read,
+    /// The receive stopped without news (cancelled for backpressure or before a large read,
     /// or ended at its byte limit): the reader must ask again if it wants more. A reader that
     /// already waits is woken to do so: it may have looked at `receiving` just before it was
-    /// cleared, and would otherwise wait for a receive nobody armed (a hang, seen under load).
-    /// (Ran out of buffers is not this: the loop re-arms starved connections itself.)
+    /// cleared, and would otherwise wait for a receive nobody armed.
     func receivingStopped() {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            s.receiving = false
-            let w = s.waiter
-            s.waiter = nil
-            return w
-        }
-        waiter?.resume()
+        wake { $0.receiving = false }
     }
 
-    /// Records progress of the direct read; `finished` completes it.
-    func directProgress(_ bytes: Int, finished: Bool, error: Errno?, retry: Bool = false) {
+    /// Records progress of the large read; `finished` completes it.
+    func largeReadProgress(_ bytes: Int, finished: Bool, error: Errno?, retry: Bool = false) {
         let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
-            guard s.direct != nil else { return nil }
-            s.direct!.got += bytes
-            if finished {
-                s.direct!.done = true
-                s.direct!.error = error
-                s.direct!.retry = retry
-            }
+            guard s.largeRead != nil else { return nil }
+            s.largeRead!.got += bytes
             guard finished else { return nil }
+            s.largeRead!.done = true
+            s.largeRead!.error = error
+            s.largeRead!.retry = retry
             let w = s.waiter
             s.waiter = nil
             return w
@@ -159,32 +208,24 @@ final class LoopConnection: @unchecked Sendable {
     }
 
     /// The loop's kernel interface failed for good: the reader's call fails with `error`. A
-    /// direct read in flight is given up with its memory (the kernel may still write it).
-    func fail(_ error: Errno, directInFlight: Bool) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+    /// large read in flight is given up with its memory (the kernel may still write it).
+    func fail(_ error: Errno, readInFlight: Bool) {
+        wake { s in
             s.error = s.error ?? error
             s.receiving = false
-            if s.direct != nil && !s.direct!.done {
-                s.direct!.done = true
-                s.direct!.error = error
-                s.direct!.poisoned = directInFlight
+            if s.largeRead != nil && !s.largeRead!.done {
+                s.largeRead!.done = true
+                s.largeRead!.error = error
+                s.largeRead!.poisoned = readInFlight
             }
-            let w = s.waiter
-            s.waiter = nil
-            return w
         }
-        waiter?.resume()
     }
 
     /// Wakes the reader for a shutdown.
     func interrupt(shutDown: Bool) {
-        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+        wake { s in
             if shutDown { s.shutDown = true }
-            let w = s.waiter
-            s.waiter = nil
-            return w
         }
-        waiter?.resume()
     }
 
     enum Expiry {
@@ -211,23 +252,34 @@ final class LoopConnection: @unchecked Sendable {
         return expiry
     }
 
-    /// The user_data of this connection's requests of `kind`.
-    func tag(_ kind: LoopTag.Kind) -> UInt64 {
-        LoopTag(slot: slot, generation: generation, kind: kind).rawValue
+    /// Changes the shared state and wakes the waiting reader.
+    private func wake(_ change: (inout State) -> Void) {
+        let waiter = state.withLock { s -> CheckedContinuation<Void, Never>? in
+            change(&s)
+            let w = s.waiter
+            s.waiter = nil
+            return w
+        }
+        waiter?.resume()
     }
 
     // MARK: - The reader's side
 
-    /// Waits until the loop reports something (data, end, error, a finished direct read, a
-    /// deadline, a shutdown). With `cancellable`, a cancelled task also ends the wait.
-    /// With `direct`, only what ends or interrupts the direct read counts (received bytes,
-    /// the end or an error are the loop's to resolve first: it sends the read back with `retry`
-    /// then). Counting them would spin the reader, and with the loop as its executor, the loop
-    /// too, which then never resolves them.
-    func wait(cancellable: Bool, direct: Bool = false) async {
+    /// Waits until the loop reports something (data, end, error, a finished large read, a
+    /// deadline, a shutdown). With `cancellable`, a cancelled task also ends the wait. With
+    /// `largeRead`, only what ends or interrupts the large read counts (received bytes, the
+    /// end or an error are the loop's to resolve first: it sends the read back with `retry`
+    /// then). Counting them would spin the reader, and with the loop as its executor, the
+    /// loop too, which then never resolves them.
+    func wait(cancellable: Bool, largeRead: Bool = false) async {
+        if let manual = loop.manual {
+            // A loop without a thread (the fuzz harness): it runs until there is news.
+            manual.runUntilNews(for: self, cancellable: cancellable, largeRead: largeRead)
+            return
+        }
         if cancellable {
             await withTaskCancellationHandler {
-                await suspend(cancellable: true, direct: direct)
+                await suspend(cancellable: true, largeRead: largeRead)
             } onCancel: {
                 let w = state.withLock { s -> CheckedContinuation<Void, Never>? in
                     let w = s.waiter
@@ -237,41 +289,31 @@ final class LoopConnection: @unchecked Sendable {
                 w?.resume()
             }
         } else {
-            await suspend(cancellable: false, direct: direct)
+            await suspend(cancellable: false, largeRead: largeRead)
         }
     }
 
-    private func suspend(cancellable: Bool, direct: Bool) async {
+    /// Whether the reader has something to look at (the condition `wait` waits for).
+    func hasNews(cancellable: Bool, largeRead: Bool) -> Bool {
+        state.withLock { s in LoopConnection.news(s, largeRead: largeRead) } || (cancellable && Task.isCancelled)
+    }
+
+    static func news(_ s: State, largeRead: Bool) -> Bool {
+        largeRead
+            ? (s.largeRead?.done ?? true) || s.shutDown || s.timedOut
+            // Also news: the receive stopped since the reader last looked (it must re-arm).
+            : !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
+                || (s.largeRead?.done ?? false) || (!s.receiving && s.largeRead == nil)
+    }
+
+    private func suspend(cancellable: Bool, largeRead: Bool) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { s -> Bool in
-                // Also news: the receive stopped since the reader last looked (it must re-arm).
-                let news = direct
-                    ? (s.direct?.done ?? true) || s.shutDown || s.timedOut
-                    : !s.received.isEmpty || s.eof || s.error != nil || s.shutDown || s.timedOut
-                        || (s.direct?.done ?? false) || (!s.receiving && s.direct == nil)
-                if news || (cancellable && Task.isCancelled) { return true }
+                if LoopConnection.news(s, largeRead: largeRead) || (cancellable && Task.isCancelled) { return true }
                 s.waiter = c
                 return false
             }
             if now { c.resume() }
         }
     }
-}
-
-/// A request's user_data: which entry of the loop's table, which incarnation, what for.
-struct LoopTag: RawRepresentable {
-    enum Kind: UInt64 {
-        case receive = 1, direct, cancel, accept, wake, cancelAll
-    }
-    let rawValue: UInt64
-
-    init(rawValue: UInt64) { self.rawValue = rawValue }
-
-    init(slot: Int, generation: UInt32, kind: Kind) {
-        rawValue = UInt64(generation) << 32 | UInt64(UInt32(truncatingIfNeeded: slot)) << 8 | kind.rawValue
-    }
-
-    var kind: Kind? { Kind(rawValue: rawValue & 0xff) }
-    var slot: Int { Int(rawValue >> 8 & 0xff_ffff) }
-    var generation: UInt32 { UInt32(truncatingIfNeeded: rawValue >> 32) }
 }

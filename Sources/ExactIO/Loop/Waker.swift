@@ -48,6 +48,13 @@ final class Waker: Sendable {
         }
     }
 
+    /// Sleeps until the loop is woken or `milliseconds` pass (a loop whose kernel interface
+    /// failed waits here for its shutdown).
+    func wait(milliseconds: Int32) {
+        var pfd = pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)
+        if poll(&pfd, 1, milliseconds) > 0 { drain() }
+    }
+
     func close() {
         fd.withLock { fd in
             guard fd >= 0 else { return }
