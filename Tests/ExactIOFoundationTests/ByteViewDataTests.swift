@@ -58,3 +58,20 @@ import Testing
         #expect(view.utf8String == String(decoding: [9, 8, 7], as: UTF8.self))
     }
 }
+
+/// `ByteView(_:)` from Foundation's `Data` (issue 16, item 2): small `Data` values are stored
+/// inline, and lend a temporary copy of their bytes.
+@Suite struct ByteViewFromDataTests {
+    @Test(arguments: [0, 1, 4, 9, 13, 14, 15, 16, 64, 5000])
+    func aViewOfDataHasItsBytes(count: Int) {
+        let bytes = (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 37 &+ 11) }
+        let data = Data(bytes)
+        let slice = Data(bytes + [1, 2, 3]).dropFirst(3)
+        var wrong = 0
+        for _ in 0..<2_000 {
+            if ByteView(data).array != bytes { wrong += 1 }
+            if ByteView(slice).array != Array(slice) { wrong += 1 }
+        }
+        #expect(wrong == 0, "wrong bytes in \(wrong) of 4000 views of \(count)-byte Data")
+    }
+}
