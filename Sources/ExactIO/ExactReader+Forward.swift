@@ -12,7 +12,9 @@ import SystemPackage
 
 /// `forward(exactly:to:)` stopped before all its bytes were written. The stream stays
 /// consistent: the first `forwarded` bytes went to the destination, and every byte after them
-/// is still the reader's (buffered or unread), so the next call reads from there.
+/// is still the reader's (buffered or unread), so the next call reads from there. (One
+/// exception: bytes taken from the source that no memory could be found to put back; then
+/// `underlying` is that allocation's `Errno`, and every later call of the reader throws it.)
 public struct ForwardError: Error, Sendable, CustomStringConvertible {
     /// Bytes written to the destination before the failure.
     public let forwarded: Int
@@ -50,13 +52,16 @@ extension ExactReader {
     /// so is the rest of a call whose descriptor would block after all.
     ///
     /// - Returns: `count`.
-    /// - Throws: `ForwardError` with the bytes written so far and the cause. Bytes taken from
-    ///   the source but not written (in the pipe when the destination failed) are put back in
-    ///   the reader, so that its next read starts right after the last forwarded byte.
+    /// - Throws: `ForwardError`, always (never a bare `Errno`), with the bytes written so far
+    ///   and the cause. Bytes taken from the source but not written (in the pipe when the
+    ///   destination failed) are put back in the reader, so that its next read starts right
+    ///   after the last forwarded byte. The one exception: when there is no memory to put them
+    ///   back (`Errno.noMemory`), they are lost, and every later call of the reader throws that
+    ///   error.
     @discardableResult
     public func forward(exactly count: Int, to destination: FileDescriptor) throws -> Int {
         precondition(count >= 0, "forward(exactly:to:): count must not be negative (got \(count))")
-        if let e = core.brokenError { throw e }
+        if let e = core.brokenError { throw ForwardError(forwarded: 0, expected: count, underlying: e) }
         if lent != nil { pinLent() }
         let timeout = options.timeoutNanoseconds
         let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
@@ -86,7 +91,26 @@ extension ExactReader {
             // staging (a DMA into registered memory, then the write).
             return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
         }
-        let pipe = try splicePipe()
+        let pipe: SplicePipe
+        do {
+            pipe = try splicePipe()
+        } catch {
+            throw fail(error)  // no pipe (EMFILE, ENFILE): nothing was taken from the source
+        }
+        /// Puts the pipe's bytes back in the reader (see `putBack`), or throws the `ForwardError`
+        /// saying why it could not.
+        func putBackOrFail(_ n: Int) throws(ForwardError) {
+            do {
+                try putBack(n, from: pipe.read)
+            } catch {
+                // No memory for them: the `n` bytes are lost to the stream. The pipe goes (a
+                // later call starts with an empty one), and every later call of the reader
+                // throws this error rather than read on as if nothing was missing.
+                forwardPipe = nil
+                core.brokenError = error
+                throw fail(error)
+            }
+        }
         // Bytes taken from the source that the io_uring path left in the pipe (it stopped at a
         // descriptor that would block): written first by the poll-driven path below.
         var inPipe = 0
@@ -116,7 +140,7 @@ extension ExactReader {
                     // below waits for it, starting with the bytes left in the pipe.
                     inPipe = r.inPipe
                 } else {
-                    if r.inPipe > 0 { try putBack(r.inPipe, from: pipe.read) }
+                    if r.inPipe > 0 { try putBackOrFail(r.inPipe) }
                     if !(e == .invalidArgument && r.moved == 0 && r.inPipe == 0) { throw fail(e) }
                     // Refused (a descriptor without splice support): the paths below decide.
                 }
@@ -158,12 +182,12 @@ extension ExactReader {
                 case .failure(let e) where e == .invalidArgument && !splicedOut:
                     // splice refuses this destination: the pipe's bytes go back to the
                     // reader and the rest is copied through staging.
-                    try putBack(inPipe, from: pipe.read)
+                    try putBackOrFail(inPipe)
                     return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
                 case .failure(let e):
                     // The pipe's bytes were taken from the stream but not written: they go
                     // back to the reader, in front of whatever comes next.
-                    try putBack(inPipe, from: pipe.read)
+                    try putBackOrFail(inPipe)
                     throw fail(e)
                 }
             }

@@ -249,3 +249,105 @@ import Testing
         #expect(intact, "the destination got the body after the filler (\(got.count) bytes, expected \(filler + body.count))")
     }
 }
+
+/// Every failure of `forward(exactly:to:)` is a `ForwardError` with the bytes written so far
+/// (issue 20: a failure to create its pipe, or to take the pipe's bytes back, was a bare `Errno`).
+@Suite struct ForwardErrorTests {
+    @Test(arguments: testBackends)
+    func noDescriptorForThePipeIsAForwardErrorWithTheStagedBytesCounted(backend: ExactReader.Backend) async {
+        let uring = backend.isURing
+        printChild(await #expect(processExitsWith: .success, observing: [\.standardErrorContent]) { [uring = uring as Bool] in
+            try forwardWithoutDescriptorsChild(ExactReader.Backend(uring: uring))
+        })
+    }
+}
+
+extension ForwardErrorTests {
+    /// The destination closes with bytes in the pipe, and there is no memory to take them back:
+    /// a `ForwardError` (not a bare `Errno`) saying so, and the reader, which lost those bytes,
+    /// throws that error from then on instead of reading on past the gap.
+    @Test(arguments: testBackends)
+    func noMemoryToPutThePipesBytesBackIsAForwardErrorAndEndsTheReader(backend: ExactReader.Backend) throws {
+        let body = pattern(2_000_000, seed: 33)
+        let (ch, writer) = try ForwardWaitTests.source(body)
+        let (sinkRead, sinkWrite) = try socketPair(AF_UNIX)
+        let sink = Writer {
+            var buf = [UInt8](repeating: 0, count: 100_000)
+            var got = 0
+            while got < buf.count {
+                let n = buf.withUnsafeMutableBytes { read(sinkRead.rawValue, $0.baseAddress! + got, $0.count - got) }
+                if n <= 0 { break }
+                got += n
+            }
+            try sinkRead.close()
+        }
+        let r = try ExactReader(ch.read, options: options(backend))
+        r.pool.allocationFilter = { _ in false }  // every new block of memory is refused
+        do {
+            try r.forward(exactly: body.count, to: sinkWrite)
+            Issue.record("forward succeeded into a closed socket")
+        } catch let e as ForwardError {
+            #expect(e.underlying as? Errno == .noMemory, "\(e)")
+            #expect(e.forwarded >= 100_000 && e.forwarded < body.count)
+        } catch {
+            Issue.record("forward threw \(type(of: error)), not a ForwardError: \(error)")
+        }
+        #expect(throws: Errno.noMemory) { try r.readExactly(1) }
+        #expect(throws: ForwardError.self) { try r.forward(exactly: 1, to: sinkWrite) }
+        try sinkWrite.close()
+        ch.close()
+        sink.join()
+        writer.join()
+    }
+}
+
+/// In a child process: a reader with bytes staged, then no descriptor left (RLIMIT_NOFILE, and
+/// every number under it taken): forward writes the staged bytes, cannot make its pipe, and
+/// throws `ForwardError(forwarded: staged, underlying: EMFILE)`; once descriptors are free again,
+/// the rest of the stream is read where forward stopped.
+func forwardWithoutDescriptorsChild(_ backend: ExactReader.Backend) throws {
+    let head = frame(pattern(10, seed: 31))
+    let body = pattern(300_000, seed: 32)
+    let (source, peer) = try socketPair(AF_UNIX)
+    let writer = Writer {
+        defer { try? peer.close() }
+        try (head + body).withUnsafeBytes { try writeAll(peer, $0) }
+    }
+    let (out, path) = try tempFile(containing: [])
+    defer { unlink(path) }
+    let reader = try ExactReader(source, options: options(backend))
+    guard try reader.readFrame() == ByteView(pattern(10, seed: 31)) else { exit(80) }
+    // Exhaust the descriptor table: a low limit, then every free number under it.
+    var limit = rlimit(rlim_cur: 256, rlim_max: 256)
+    guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { exit(81) }
+    var taken: [Int32] = []
+    while true {
+        let fd = dup(0)
+        if fd < 0 { break }
+        taken.append(fd)
+    }
+    guard errno == EMFILE else { exit(82) }
+    var forwarded = -1
+    do {
+        try reader.forward(exactly: body.count, to: out)
+        exit(83)
+    } catch let e as ForwardError {
+        guard e.underlying as? Errno == .tooManyOpenFiles, e.expected == body.count else {
+            report("unexpected ForwardError: \(e)")
+            exit(84)
+        }
+        forwarded = e.forwarded
+    } catch {
+        report("forward threw \(type(of: error)), not a ForwardError: \(error)")
+        exit(85)
+    }
+    for fd in taken { close(fd) }
+    let written = try Array(Data(contentsOf: URL(fileURLWithPath: path)))
+    guard forwarded > 0, forwarded < body.count, written == Array(body[0..<forwarded]) else {
+        report("forwarded \(forwarded), file holds \(written.count) bytes")
+        exit(86)
+    }
+    guard try reader.readExactly(body.count - forwarded) == ByteView(body[forwarded...]) else { exit(87) }
+    writer.join()
+    report("forward without a descriptor for its pipe (\(backend)): ForwardError(forwarded: \(forwarded), EMFILE); the stream went on from there")
+}
