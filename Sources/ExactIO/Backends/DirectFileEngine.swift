@@ -150,14 +150,16 @@ final class DirectFileEngine: IOEngine {
                     offset: position, deadline: deadline)
                 merge(r, into: &result)
                 position += Int64(r.count)
-                if r.count < a { atEnd = true }
                 let n = min(r.count, room)
                 p.copyMemory(from: bounce, byteCount: n)
                 result.copied += n
                 done += n
                 bounceStart = n
                 bounceEnd = r.count
+                // The error first: a short read that failed is not the end of the file (taken
+                // for it, a failed tail read made the next read a silent end of stream).
                 if r.error != nil { break }
+                if r.count < a { atEnd = true }
             }
         }
         result.count = done
