@@ -125,4 +125,23 @@ import Testing
         let same = Array(out) == Array(file[1...])  // a Bool: a failing array comparison prints 12 KB
         #expect(same, "the bytes are the file's from byte 1")
     }
+
+    /// The first block's read at creation (a start inside a block, or the probe) fails: the
+    /// engine is not created, and its bounce block is freed once (the initializer freed it and
+    /// then the deinitializer, which Swift runs for a class initializer that throws after every
+    /// stored property is set, freed it again: a double free, on the path `wrap` takes for a
+    /// filesystem that refuses aligned reads).
+    @Test(arguments: [Int64(1), 0])
+    func aFailedFirstReadIsThrownFromTheInitializer(start: Int64) throws {
+        let file = pattern(3 * 4096, seed: 43)
+        for _ in 0..<100 {
+            let inner = ScriptedFile(file) { offset, _ in offset == 0 ? .invalidArgument : nil }
+            #expect(throws: Errno.invalidArgument) {
+                _ = try DirectFileEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: 4096, start: start, probe: true)
+            }
+            // Memory the allocator hands out next must be intact (a double free corrupts it).
+            let probe = [UInt8](repeating: 7, count: 4096)
+            #expect(probe.allSatisfy { $0 == 7 })
+        }
+    }
 }

@@ -54,10 +54,9 @@ final class DirectFileEngine: IOEngine {
             let r = inner.read(
                 into: UnsafeMutableRawBufferPointer(start: bounce, count: alignment), atLeast: 1, slot: -1,
                 offset: position, deadline: 0)
-            if let e = r.error {
-                free(b)
-                throw e
-            }
+            // `bounce` is freed by deinit, which runs when this initializer throws (every
+            // stored property is set by now): freeing it here too was a double free.
+            if let e = r.error { throw e }
             if skip > 0 {
                 position += Int64(r.count)
                 if r.count < alignment { atEnd = true }
