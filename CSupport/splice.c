@@ -29,7 +29,7 @@ static int reap(csupport_ring *ring, uint64_t tag_a, int *a, uint64_t tag_b, int
 			continue;
 		if (ret < 0) {
 			if (++failures >= WAIT_ATTEMPTS) {
-				ring->broken = true;
+				csupport_ring_mark_broken(ring);
 				return -ENOTRECOVERABLE;
 			}
 			continue;
