@@ -27,7 +27,8 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .library(name: "ExactIO", targets: ["ExactIO"]),
-        // ByteView as Foundation's Data (no copy) and ContiguousBytes: a product of its own, so
+        // ByteView as Foundation's Data (withData: lent, no copy; data: one copy) and
+        // ContiguousBytes: a product of its own, so
         // that the core library does not link Foundation.
         .library(name: "ExactIOFoundation", targets: ["ExactIOFoundation"]),
     ],

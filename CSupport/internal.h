@@ -25,8 +25,11 @@ struct csupport_ring {
 	 * the child must not submit, register or unregister anything on it. */
 	unsigned generation;
 	/* Set when a request may still be in flight after the ring failed to confirm its end
-	 * (a wait that kept failing): nothing may be submitted any more. */
-	bool broken;
+	 * (a wait that kept failing): nothing may be submitted any more. Atomic: it is read by
+	 * csupport_ring_check from any thread (a view released on another thread unregisters its
+	 * buffer: register.c), while the ring's owner may set it. Set with
+	 * csupport_ring_mark_broken, read with csupport_ring_is_broken. */
+	atomic_bool broken;
 	/* Tag of the next operation (user_data); operations are numbered so that a completion is
 	 * only ever taken by the operation it belongs to. */
 	uint64_t next_tag;
@@ -36,6 +39,18 @@ struct csupport_ring {
 	/* Test seam (debug.c): csupport_read_multi handles completions in reverse order. */
 	atomic_int shuffle_completions;
 };
+
+/* The ring's `broken` flag (see struct csupport_ring): set once, never cleared. Release/acquire,
+ * so a thread that sees it set also sees what the ring's owner did before setting it. */
+static inline void csupport_ring_mark_broken(csupport_ring *ring)
+{
+	atomic_store_explicit(&ring->broken, true, memory_order_release);
+}
+
+static inline bool csupport_ring_is_broken(const csupport_ring *ring)
+{
+	return atomic_load_explicit(&ring->broken, memory_order_acquire);
+}
 
 /* The current fork generation: incremented in every child created by fork(). */
 unsigned csupport_fork_generation(void);

@@ -128,7 +128,7 @@ static int cancel_and_drain(csupport_ring *ring, struct csupport_op *op)
 		if (ret == 0 || ret == -EINTR)
 			continue;
 		if (++failures >= DRAIN_ATTEMPTS) {
-			ring->broken = true;
+			csupport_ring_mark_broken(ring);
 			return -ENOTRECOVERABLE;
 		}
 	}

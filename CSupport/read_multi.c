@@ -109,7 +109,7 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
 			if (error == 0)
 				error = ret;
 			if (++failures >= DRAIN_ATTEMPTS) {
-				ring->broken = true;
+				csupport_ring_mark_broken(ring);
 				free(c);
 				return -ENOTRECOVERABLE;
 			}

@@ -32,7 +32,7 @@ int csupport_ring_check(const csupport_ring *ring)
 		return -EINVAL;
 	if (ring->generation != csupport_fork_generation())
 		return -EBADFD;
-	if (ring->broken)
+	if (csupport_ring_is_broken(ring))
 		return -ENOTRECOVERABLE;
 	return 0;
 }

@@ -4,7 +4,8 @@
  * linked in one submission (one io_uring_enter per chunk). A short first splice (the source had
  * fewer bytes, or ended) breaks the link: the second is cancelled and what the first moved is
  * drained from the pipe by a splice of its own. Every request completes before the call
- * returns.
+ * returns. Nothing here waits for readiness: a descriptor that would block (EAGAIN) ends the
+ * call, with the bytes still in the pipe counted in res->in_pipe, and the caller waits.
  */
 #include <fcntl.h>
 
@@ -28,7 +29,7 @@ static int reap(csupport_ring *ring, uint64_t tag_a, int *a, uint64_t tag_b, int
 			continue;
 		if (ret < 0) {
 			if (++failures >= WAIT_ATTEMPTS) {
-				ring->broken = true;
+				csupport_ring_mark_broken(ring);
 				return -ENOTRECOVERABLE;
 			}
 			continue;
@@ -126,8 +127,16 @@ int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, 
 				res->in_pipe = in_pipe;
 				return ret;
 			}
-			if (rc == -EINTR || rc == -EAGAIN)
+			if (rc == -EINTR)
 				continue;
+			if (rc == -EAGAIN) {
+				/* The destination would block (O_NONBLOCK, or a socket's send
+				 * timeout): the caller waits for it with poll(2) and moves the
+				 * pipe's bytes itself. Resubmitting here would spin, as a splice
+				 * in io_uring's worker never waits on a non-blocking descriptor. */
+				res->in_pipe = in_pipe;
+				return rc;
+			}
 			if (rc <= 0) {
 				res->in_pipe = in_pipe;
 				return rc < 0 ? rc : -EPIPE;

@@ -185,7 +185,10 @@ struct csupport_splice_res {
  * Forwarding with IORING_OP_SPLICE (splice.c): per chunk, source -> pipe and pipe ->
  * destination linked in one submission. Returns 0 when all `len` bytes were moved, 0 with
  * moved < len at end of stream, or -errno (res->in_pipe then says how many bytes the pipe
- * still holds; the caller reads them back). The kernel may run a splice in the calling
+ * still holds; the caller reads them back or writes them on). -EAGAIN: a descriptor would
+ * block (O_NONBLOCK, or a socket timeout); it is never retried here (a splice in io_uring's
+ * worker does not wait on such a descriptor, so retrying would spin): the caller waits for
+ * readiness (poll) and goes on, the pipe's bytes first. The kernel may run a splice in the calling
  * thread's context: a destination that closed then raises SIGPIPE there, so the caller blocks
  * SIGPIPE around the call.
  */

@@ -35,11 +35,17 @@ public struct ByteView: @unchecked Sendable {
     /// view keeps the whole block it points into alive (see the README, "What a kept view
     /// costs"). Like `Array`, it traps if the system has no memory left for the copy.
     public init(_ bytes: some Sequence<UInt8>) {
-        if let contiguous = bytes.withContiguousStorageIfAvailable({ UnsafeRawBufferPointer($0) }) {
+        // The copy is made inside the closure: the buffer is lent only while it runs (small
+        // strings' `utf8`, substrings and inline `Data` lend a temporary copy on the stack).
+        var lentCount = 0
+        if let copy = bytes.withContiguousStorageIfAvailable({ lent -> Result<ByteView, Errno> in
+            lentCount = lent.count
+            return Result { () throws(Errno) in try ByteView(copying: UnsafeRawBufferPointer(lent)) }
+        }) {
             do {
-                try self.init(copying: contiguous)
+                try self = copy.get()
             } catch {
-                fatalError("ByteView: no memory for a copy of \(contiguous.count) bytes")
+                fatalError("ByteView: no memory for a copy of \(lentCount) bytes")
             }
             return
         }

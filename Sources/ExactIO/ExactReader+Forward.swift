@@ -12,7 +12,9 @@ import SystemPackage
 
 /// `forward(exactly:to:)` stopped before all its bytes were written. The stream stays
 /// consistent: the first `forwarded` bytes went to the destination, and every byte after them
-/// is still the reader's (buffered or unread), so the next call reads from there.
+/// is still the reader's (buffered or unread), so the next call reads from there. (One
+/// exception: bytes taken from the source that no memory could be found to put back; then
+/// `underlying` is that allocation's `Errno`, and every later call of the reader throws it.)
 public struct ForwardError: Error, Sendable, CustomStringConvertible {
     /// Bytes written to the destination before the failure.
     public let forwarded: Int
@@ -42,14 +44,24 @@ extension ExactReader {
     /// closed is `Errno.brokenPipe` — never a SIGPIPE (blocked for the calling thread during
     /// each write).
     ///
+    /// A non-blocking source or destination is waited for the same way (POLLIN, POLLOUT), and
+    /// so is a blocking socket whose `SO_RCVTIMEO` or `SO_SNDTIMEO` runs out: the call never
+    /// fails with EAGAIN and never spins. On io_uring, a call without a deadline whose two
+    /// descriptors are blocking moves its bytes with IORING_OP_SPLICE; a non-blocking one (whose
+    /// splice in io_uring's worker would return EAGAIN at once) is moved with `splice(2)`, and
+    /// so is the rest of a call whose descriptor would block after all.
+    ///
     /// - Returns: `count`.
-    /// - Throws: `ForwardError` with the bytes written so far and the cause. Bytes taken from
-    ///   the source but not written (in the pipe when the destination failed) are put back in
-    ///   the reader, so that its next read starts right after the last forwarded byte.
+    /// - Throws: `ForwardError`, always (never a bare `Errno`), with the bytes written so far
+    ///   and the cause. Bytes taken from the source but not written (in the pipe when the
+    ///   destination failed) are put back in the reader, so that its next read starts right
+    ///   after the last forwarded byte. The one exception: when there is no memory to put them
+    ///   back (`Errno.noMemory`), they are lost, and every later call of the reader throws that
+    ///   error.
     @discardableResult
     public func forward(exactly count: Int, to destination: FileDescriptor) throws -> Int {
         precondition(count >= 0, "forward(exactly:to:): count must not be negative (got \(count))")
-        if let e = core.brokenError { throw e }
+        if let e = core.brokenError { throw ForwardError(forwarded: 0, expected: count, underlying: e) }
         if lent != nil { pinLent() }
         let timeout = options.timeoutNanoseconds
         let deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
@@ -79,24 +91,59 @@ extension ExactReader {
             // staging (a DMA into registered memory, then the write).
             return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
         }
-        let pipe = try splicePipe()
+        let pipe: SplicePipe
+        do {
+            pipe = try splicePipe()
+        } catch {
+            throw fail(error)  // no pipe (EMFILE, ENFILE): nothing was taken from the source
+        }
+        /// Puts the pipe's bytes back in the reader (see `putBack`), or throws the `ForwardError`
+        /// saying why it could not.
+        func putBackOrFail(_ n: Int) throws(ForwardError) {
+            do {
+                try putBack(n, from: pipe.read)
+            } catch {
+                // No memory for them: the `n` bytes are lost to the stream. The pipe goes (a
+                // later call starts with an empty one), and every later call of the reader
+                // throws this error rather than read on as if nothing was missing.
+                forwardPipe = nil
+                core.brokenError = error
+                throw fail(error)
+            }
+        }
+        // Bytes taken from the source that the io_uring path left in the pipe (it stopped at a
+        // descriptor that would block): written first by the poll-driven path below.
+        var inPipe = 0
+        // Whether a splice has written to the destination (it takes splices).
+        var splicedOut = false
         #if EXACTIO_URING
-        if deadline == 0, let uring = engine as? URingEngine,
+        // IORING_OP_SPLICE runs each splice in a kernel worker, which never waits for a
+        // non-blocking descriptor: it returns EAGAIN. Those, and calls with a deadline, take the
+        // poll(2)-driven splice(2) path below, which waits for readiness.
+        if deadline == 0, !Self.isNonBlocking(fileDescriptor), !Self.isNonBlocking(destination),
+           let uring = engine as? URingEngine,
            let r = Self.withSIGPIPEBlocked({
                uring.splice(
                    to: destination.rawValue, pipeRead: pipe.read, pipeWrite: pipe.write, capacity: pipe.capacity,
                    count: count - forwarded)
            })
         {
-            // io_uring: IORING_OP_SPLICE, source -> pipe -> destination linked per chunk. (With a
-            // deadline, the poll(2)-driven splice(2) path below keeps it.)
+            // io_uring: IORING_OP_SPLICE, source -> pipe -> destination linked per chunk.
             forwarded += r.moved
+            splicedOut = r.moved > 0
             core.statistics.bytesDelivered &+= r.moved
             core.statistics.reads &+= r.submissions
             if let e = r.error {
-                if r.inPipe > 0 { try putBack(r.inPipe, from: pipe.read) }
-                if !(e == .invalidArgument && r.moved == 0 && r.inPipe == 0) { throw fail(e) }
-                // Refused (a descriptor without splice support): the paths below decide.
+                if e == .resourceTemporarilyUnavailable {
+                    // A blocking descriptor that would block all the same (made non-blocking
+                    // meanwhile, or a socket's SO_RCVTIMEO / SO_SNDTIMEO ran out): the path
+                    // below waits for it, starting with the bytes left in the pipe.
+                    inPipe = r.inPipe
+                } else {
+                    if r.inPipe > 0 { try putBackOrFail(r.inPipe) }
+                    if !(e == .invalidArgument && r.moved == 0 && r.inPipe == 0) { throw fail(e) }
+                    // Refused (a descriptor without splice support): the paths below decide.
+                }
             } else if forwarded < count {
                 core.sawEOF = true
                 throw fail(ExactReadError.incomplete(partial: ByteView(), expected: count - forwarded))
@@ -105,42 +152,43 @@ extension ExactReader {
             }
         }
         #endif
-        var splicedOut = false
         while forwarded < count {
-            let want = min(count - forwarded, pipe.capacity)
-            let r = spliceIn(want, into: pipe.write, deadline: deadline)
-            switch r {
-            case .failure(let e):
-                if e == .invalidArgument {
-                    // splice refuses this source (one without splice support; nothing was
-                    // taken from it): copy through staging instead.
-                    return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
-                }
-                throw fail(e)
-            case .success(0):
-                core.sawEOF = true
-                throw fail(ExactReadError.incomplete(partial: ByteView(), expected: count - forwarded))
-            case .success(let got):
-                var inPipe = got
-                while inPipe > 0 {
-                    let out = spliceOut(inPipe, from: pipe.read, to: destination, deadline: deadline)
-                    switch out {
-                    case .success(let n):
-                        splicedOut = true
-                        inPipe -= n
-                        forwarded += n
-                        core.statistics.bytesDelivered &+= n
-                    case .failure(let e) where e == .invalidArgument && !splicedOut:
-                        // splice refuses this destination: the pipe's bytes go back to the
-                        // reader and the rest is copied through staging.
-                        try putBack(inPipe, from: pipe.read)
+            if inPipe == 0 {
+                let want = min(count - forwarded, pipe.capacity)
+                let r = spliceIn(want, into: pipe.write, deadline: deadline)
+                switch r {
+                case .failure(let e):
+                    if e == .invalidArgument {
+                        // splice refuses this source (one without splice support; nothing was
+                        // taken from it): copy through staging instead.
                         return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
-                    case .failure(let e):
-                        // The pipe's bytes were taken from the stream but not written: they go
-                        // back to the reader, in front of whatever comes next.
-                        try putBack(inPipe, from: pipe.read)
-                        throw fail(e)
                     }
+                    throw fail(e)
+                case .success(0):
+                    core.sawEOF = true
+                    throw fail(ExactReadError.incomplete(partial: ByteView(), expected: count - forwarded))
+                case .success(let got):
+                    inPipe = got
+                }
+            }
+            while inPipe > 0 {
+                let out = spliceOut(inPipe, from: pipe.read, to: destination, deadline: deadline)
+                switch out {
+                case .success(let n):
+                    splicedOut = true
+                    inPipe -= n
+                    forwarded += n
+                    core.statistics.bytesDelivered &+= n
+                case .failure(let e) where e == .invalidArgument && !splicedOut:
+                    // splice refuses this destination: the pipe's bytes go back to the
+                    // reader and the rest is copied through staging.
+                    try putBackOrFail(inPipe)
+                    return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)
+                case .failure(let e):
+                    // The pipe's bytes were taken from the stream but not written: they go
+                    // back to the reader, in front of whatever comes next.
+                    try putBackOrFail(inPipe)
+                    throw fail(e)
                 }
             }
         }
@@ -254,6 +302,13 @@ extension ExactReader {
         cexactio_sigpipe_block(&guardState)
         defer { cexactio_sigpipe_restore(&guardState) }
         return body()
+    }
+
+    /// Whether `fd` is in non-blocking mode (O_NONBLOCK); false when fcntl fails (the splice
+    /// then reports the descriptor's error).
+    static func isNonBlocking(_ fd: FileDescriptor) -> Bool {
+        let flags = fcntl(fd.rawValue, F_GETFL)
+        return flags >= 0 && flags & O_NONBLOCK != 0
     }
 
     func splicePipe() throws(Errno) -> SplicePipe {

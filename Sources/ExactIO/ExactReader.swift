@@ -257,6 +257,12 @@ public final class ExactReader {
     ///   (`partial` is a copy of the bytes that arrived, which are also at the start of
     ///   `buffer`); `Errno` on a system failure (the bytes read so far stay buffered in the
     ///   reader for the next read, and `buffer`'s content is then unspecified).
+    ///
+    /// - Important: After `Errno.notRecoverable` (`ENOTRECOVERABLE`: the io_uring ring failed
+    ///   while a read into `buffer` was in flight and could not confirm that read had ended),
+    ///   the kernel may still write into `buffer`, at any later time. Do not reuse, free or
+    ///   unmap `buffer` for as long as the process lives: leak it on purpose (memory the reader
+    ///   owns is quarantined the same way). The reader throws that error from then on.
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws {
         guard buffer.count > 0, let base = buffer.baseAddress else { return }
         let slot = registeredSlot(containing: base, count: buffer.count)

@@ -54,10 +54,9 @@ final class DirectFileEngine: IOEngine {
             let r = inner.read(
                 into: UnsafeMutableRawBufferPointer(start: bounce, count: alignment), atLeast: 1, slot: -1,
                 offset: position, deadline: 0)
-            if let e = r.error {
-                free(b)
-                throw e
-            }
+            // `bounce` is freed by deinit, which runs when this initializer throws (every
+            // stored property is set by now): freeing it here too was a double free.
+            if let e = r.error { throw e }
             if skip > 0 {
                 position += Int64(r.count)
                 if r.count < alignment { atEnd = true }
@@ -150,14 +149,16 @@ final class DirectFileEngine: IOEngine {
                     offset: position, deadline: deadline)
                 merge(r, into: &result)
                 position += Int64(r.count)
-                if r.count < a { atEnd = true }
                 let n = min(r.count, room)
                 p.copyMemory(from: bounce, byteCount: n)
                 result.copied += n
                 done += n
                 bounceStart = n
                 bounceEnd = r.count
+                // The error first: a short read that failed is not the end of the file (taken
+                // for it, a failed tail read made the next read a silent end of stream).
                 if r.error != nil { break }
+                if r.count < a { atEnd = true }
             }
         }
         result.count = done
