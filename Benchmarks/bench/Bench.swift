@@ -91,6 +91,11 @@ struct Bench: ParsableCommand {
         valueName: "minutes"))
     var soak: Double?
 
+    @Option(name: .customLong("probe"), help: ArgumentHelp(
+        "Run defect probe <name> of issue 16 instead of benchmarking (repeatable; 'all' runs every probe, 'list' describes them): each probe and backend in a fresh child process with a hard time limit; prints a markdown table (and --json FILE).",
+        valueName: "name"))
+    var probes: [String] = []
+
     // Internal modes: the bench's own child processes.
     @Option(parsing: .upToNextOption, help: .private) var child: [String] = []
     @Option(parsing: .upToNextOption, help: .private) var writer: [String] = []
@@ -99,6 +104,8 @@ struct Bench: ParsableCommand {
     @Option(help: .private) var port: UInt16?
     @Option(help: .private) var path: String?
     @Flag(help: .private) var idle = false
+    @Option(name: .customLong("probe-child"), parsing: .upToNextOption, help: .private) var probeChild: [String] = []
+    @Option(name: .customLong("probe-helper"), parsing: .upToNextOption, help: .private) var probeHelper: [String] = []
 
     func validate() throws {
         if let repeats, repeats < 1 {
@@ -127,6 +134,9 @@ struct Bench: ParsableCommand {
         if !soakWriter.isEmpty { runSoakWriterMode() }
         if !manyWriter.isEmpty { runManyWriterMode() }
         if !child.isEmpty { runChildMode() }
+        if !probeHelper.isEmpty { runProbeHelperMode(probeHelper) }
+        if !probeChild.isEmpty { runProbeChildMode(probeChild) }
+        if !probes.isEmpty { Glibc.exit(runProbes(probes, jsonPath: json)) }
         if let soak {
             #if DEBUG
             log("WARNING: debug build; use swift run -c release bench --soak")
