@@ -18,6 +18,26 @@
 
 #include "include/ExactIOCSupport.h"
 
+/*
+ * The user_data of the blocking calls' requests: the high bits say what a request is, the low
+ * 40 bits number the operation (ring->next_tag), so a completion is only ever taken by the
+ * operation it belongs to. (The event loop's requests carry the Swift loop's own tags and never
+ * share a ring with these.)
+ */
+#define CSUPPORT_TAG_TIMEOUT (1ull << 62) /* a linked timeout (op.c) */
+#define CSUPPORT_TAG_CANCEL (1ull << 61)  /* an ASYNC_CANCEL of a request in flight (op.c) */
+#define CSUPPORT_TAG_IGNORE (1ull << 60)  /* a NOP whose completion nobody waits for */
+#define CSUPPORT_TAG_MULTI (1ull << 59)   /* a chunk of csupport_read_multi */
+#define CSUPPORT_TAG_SPLICE (1ull << 58)  /* a splice of csupport_splice */
+#define CSUPPORT_TAG_NUMBER ((1ull << 40) - 1)
+
+/* How many failed waits a call tolerates (EINTR excluded) before the ring is declared broken
+ * (a request that cannot be confirmed finished must not have its memory reused). */
+#define CSUPPORT_WAIT_ATTEMPTS 64
+
+/* The largest single read request (the kernel caps a read at 2 GiB - 4 KiB). */
+#define CSUPPORT_MAX_REQUEST (1u << 30)
+
 struct csupport_ring {
 	struct io_uring ring;
 	/* The fork generation the ring was created in (see csupport_fork_generation). A ring

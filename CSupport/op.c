@@ -8,14 +8,6 @@
  */
 #include "op.h"
 
-/* The high bits of a tag say what the SQE is. */
-#define TAG_TIMEOUT (1ull << 62)
-#define TAG_CANCEL (1ull << 61)
-#define TAG_IGNORE (1ull << 60)
-#define TAG_MASK (TAG_IGNORE - 1)
-
-/* How many failed waits a drain tolerates (EINTR excluded) before the ring is declared broken. */
-#define DRAIN_ATTEMPTS 64
 
 static struct io_uring_sqe *get_sqe(struct io_uring *r)
 {
@@ -42,14 +34,14 @@ static void neutralize_pending(struct io_uring *r)
 		struct io_uring_sqe *sqe = &sq->sqes[i & *sq->kring_mask];
 
 		io_uring_prep_nop(sqe);
-		sqe->user_data = TAG_IGNORE;
+		sqe->user_data = CSUPPORT_TAG_IGNORE;
 	}
 }
 
 void csupport_op_begin(csupport_ring *ring, struct csupport_op *op, int64_t deadline_ns)
 {
 	memset(op, 0, sizeof(*op));
-	op->tag = ring->next_tag++ & TAG_MASK;
+	op->tag = ring->next_tag++ & CSUPPORT_TAG_NUMBER;
 	op->deadline_ns = deadline_ns;
 }
 
@@ -75,10 +67,10 @@ static void dispatch(struct csupport_op *op, struct io_uring_cqe *cqe)
 	if (tag == op->tag) {
 		op->main_done = true;
 		op->res = cqe->res;
-	} else if (tag == (op->tag | TAG_TIMEOUT)) {
+	} else if (tag == (op->tag | CSUPPORT_TAG_TIMEOUT)) {
 		op->timeout_done = true;
 		op->timeout_res = cqe->res;
-	} else if (tag == (op->tag | TAG_CANCEL)) {
+	} else if (tag == (op->tag | CSUPPORT_TAG_CANCEL)) {
 		op->cancel_done = true;
 	}
 }
@@ -116,7 +108,7 @@ static int cancel_and_drain(csupport_ring *ring, struct csupport_op *op)
 
 		if (sqe) {
 			io_uring_prep_cancel64(sqe, op->tag, 0);
-			sqe->user_data = op->tag | TAG_CANCEL;
+			sqe->user_data = op->tag | CSUPPORT_TAG_CANCEL;
 			op->cancel_sent = true;
 		}
 	}
@@ -127,7 +119,7 @@ static int cancel_and_drain(csupport_ring *ring, struct csupport_op *op)
 			ret = wait_one(ring, op);
 		if (ret == 0 || ret == -EINTR)
 			continue;
-		if (++failures >= DRAIN_ATTEMPTS) {
+		if (++failures >= CSUPPORT_WAIT_ATTEMPTS) {
 			csupport_ring_mark_broken(ring);
 			return -ENOTRECOVERABLE;
 		}
@@ -172,7 +164,7 @@ int csupport_op_run(csupport_ring *ring, struct csupport_op *op, struct io_uring
 		ts.tv_nsec = left % 1000000000;
 		sqe->flags |= IOSQE_IO_LINK;
 		io_uring_prep_link_timeout(tsqe, &ts, 0);
-		tsqe->user_data = op->tag | TAG_TIMEOUT;
+		tsqe->user_data = op->tag | CSUPPORT_TAG_TIMEOUT;
 		op->has_timeout = true;
 	}
 

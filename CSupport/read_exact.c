@@ -6,7 +6,6 @@
 #include "op.h"
 
 /* Largest single request: the kernel caps one read at INT_MAX & PAGE_MASK anyway. */
-#define CSUPPORT_MAX_REQUEST (1u << 30)
 
 /* Blocks until fd is readable (for non-blocking descriptors that returned -EAGAIN). */
 static int wait_readable(csupport_ring *ring, int fd, int64_t deadline, struct csupport_read_res *res)

@@ -7,8 +7,6 @@
  */
 #include "internal.h"
 
-#define TAG_MULTI (1ull << 59)
-#define DRAIN_ATTEMPTS 64
 
 struct chunk_state {
 	size_t got;
@@ -39,7 +37,7 @@ static bool queue_chunk(csupport_ring *ring, const struct csupport_multi_req *re
 	} else {
 		io_uring_prep_read(sqe, req->fd, dst, len, (__u64)req->offset + off);
 	}
-	sqe->user_data = TAG_MULTI | (base + i);
+	sqe->user_data = CSUPPORT_TAG_MULTI | (base + i);
 	c[i].queued = true;
 	res->reads++;
 	return true;
@@ -75,7 +73,7 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
 	depth = req->depth == 0 ? 1 : req->depth;
 	if (depth > r->sq.ring_entries)
 		depth = r->sq.ring_entries;
-	base = ring->next_tag & ((1ull << 40) - 1);
+	base = ring->next_tag & CSUPPORT_TAG_NUMBER;
 	ring->next_tag += n;
 	/* Chunks at or past `limit` are not (re)submitted: the file ended before them, or an
 	 * error made their bytes useless. */
@@ -108,7 +106,7 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
 			 * flight completed (they write into the caller's memory). */
 			if (error == 0)
 				error = ret;
-			if (++failures >= DRAIN_ATTEMPTS) {
+			if (++failures >= CSUPPORT_WAIT_ATTEMPTS) {
 				csupport_ring_mark_broken(ring);
 				free(c);
 				return -ENOTRECOVERABLE;
@@ -124,9 +122,9 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
 				uint64_t tag = cqe->user_data;
 				int cres = cqe->res;
 
-				if ((tag & TAG_MULTI) == 0 || (tag & ~TAG_MULTI) < base || (tag & ~TAG_MULTI) >= base + n)
+				if ((tag & CSUPPORT_TAG_MULTI) == 0 || (tag & ~CSUPPORT_TAG_MULTI) < base || (tag & ~CSUPPORT_TAG_MULTI) >= base + n)
 					continue; /* an ignorable NOP left by an earlier operation */
-				i = (size_t)((tag & ~TAG_MULTI) - base);
+				i = (size_t)((tag & ~CSUPPORT_TAG_MULTI) - base);
 				c[i].queued = false;
 				inflight--;
 				if (cres == -EINTR || cres == -EAGAIN)

@@ -11,8 +11,6 @@
 
 #include "internal.h"
 
-#define TAG_SPLICE (1ull << 58)
-#define WAIT_ATTEMPTS 64
 
 /* Waits until the completions tagged `tag_a` (and `tag_b`, if non-zero) arrived; their results
  * in *a and *b. Foreign completions (ignorable NOPs of earlier operations) are dropped. */
@@ -28,7 +26,7 @@ static int reap(csupport_ring *ring, uint64_t tag_a, int *a, uint64_t tag_b, int
 		if (ret == -EINTR)
 			continue;
 		if (ret < 0) {
-			if (++failures >= WAIT_ATTEMPTS) {
+			if (++failures >= CSUPPORT_WAIT_ATTEMPTS) {
 				csupport_ring_mark_broken(ring);
 				return -ENOTRECOVERABLE;
 			}
@@ -48,7 +46,7 @@ static int reap(csupport_ring *ring, uint64_t tag_a, int *a, uint64_t tag_b, int
 
 static uint64_t next_tag(csupport_ring *ring)
 {
-	return TAG_SPLICE | (ring->next_tag++ & ((1ull << 40) - 1));
+	return CSUPPORT_TAG_SPLICE | (ring->next_tag++ & CSUPPORT_TAG_NUMBER);
 }
 
 int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, struct csupport_splice_res *res)
@@ -72,7 +70,7 @@ int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, 
 		if (!a || !b) {
 			if (a) {
 				io_uring_prep_nop(a);
-				a->user_data = 1ull << 60; /* ignorable */
+				a->user_data = CSUPPORT_TAG_IGNORE;
 			}
 			return -EBUSY;
 		}

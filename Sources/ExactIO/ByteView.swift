@@ -1,3 +1,5 @@
+// ByteView: the read-only, zero-copy result of every read, and what it conforms to.
+
 /// An immutable, read-only view of bytes that a reader delivered, in the memory they landed in.
 ///
 /// A `ByteView` is a `RandomAccessCollection` of `UInt8` indexed from `0` to `count`. It keeps
@@ -201,11 +203,4 @@ extension ByteView {
     }
 }
 
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage

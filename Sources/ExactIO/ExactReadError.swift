@@ -1,3 +1,5 @@
+// The errors of the reading logic itself (system failures are swift-system's Errno).
+
 /// Errors of the reading logic itself. System failures are thrown as swift-system's `Errno`.
 public enum ExactReadError: Error, Sendable, Equatable {
     /// The stream ended before `expected` bytes arrived. `partial` holds every byte that did

@@ -1,5 +1,7 @@
 import SystemPackage
 
+// Why io_uring, or part of it, is not used by a reader: the step that failed and its errno.
+
 extension ExactReader {
     /// Why io_uring, or part of it, is not used, as values a program can act on: the step that
     /// failed, its errno when there is one, and the sentence `fallbackReason` shows.

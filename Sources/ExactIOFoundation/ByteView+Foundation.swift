@@ -1,6 +1,8 @@
 import ExactIO
 import Foundation
 
+// ByteView as Foundation's Data (a copy, or lent without one) and ContiguousBytes.
+
 extension ByteView {
     /// The bytes as a new `Data` of its own: one copy.
     ///

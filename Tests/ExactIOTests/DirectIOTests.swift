@@ -185,7 +185,7 @@ import Testing
         var o = options(.ioUring)
         o.queueDepth = depth
         let r = try ExactReader(fd, options: o)
-        let uring = try #require((r.directEngine?.inner ?? r.engine) as? URingEngine)
+        let uring = try #require((r.oDirectEngine?.inner ?? r.engine) as? URingEngine)
         uring.shuffleCompletions(true)
         #expect(try r.readExactly(100) == ByteView(bytes[0..<100]))
         #expect(try r.readExactly(6 << 20) == ByteView(bytes[100..<(100 + (6 << 20))]))

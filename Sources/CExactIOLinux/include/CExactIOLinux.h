@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * CExactIOLinux: the Linux system interfaces Swift's Glibc module does not expose (epoll,
- * eventfd, accept4), for the event loop's epoll backend and its wakeups. Declarations only,
- * plus prefixed wrappers for what needs _GNU_SOURCE.
+ * CExactIOLinux: the Linux system interfaces Swift's Glibc module does not expose, or that need
+ * _GNU_SOURCE: epoll and eventfd (the loop's epoll backend and its wakeups), accept4, splice
+ * and pipe sizing (`forward`), the SIGPIPE guard around writes, O_DIRECT flags and statx's
+ * direct-I/O alignment. Declarations, plus prefixed wrappers where _GNU_SOURCE is needed.
  */
 #ifndef CEXACTIO_LINUX_H
 #define CEXACTIO_LINUX_H

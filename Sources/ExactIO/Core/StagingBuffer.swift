@@ -1,5 +1,8 @@
 import SystemPackage
 
+// The blocking reader's buffer: one staging region read into with read-ahead, whose consumed
+// bytes stay valid for the views that reference them (StagingChunk owners).
+
 /// The read-ahead buffer: bytes the kernel delivered that no read has consumed yet.
 ///
 /// This is the I/O-free core of a reader: it knows what is buffered and which memory the next

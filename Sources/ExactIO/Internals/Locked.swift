@@ -1,10 +1,5 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
+
+// Locked: a value behind a pthread mutex (seen by ThreadSanitizer, unlike futex-based Mutex).
 
 /// A value behind a pthread mutex, for state shared between a reader, its views and a loop.
 ///

@@ -1,11 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
+
+// Thin wrappers of the system calls the engines and the loop share (scriptable for the POSIX
+// engine's fault tests), the clocks, and errno conversion.
 
 /// The system calls the POSIX backend makes, as a value, so that fault tests can script short
 /// reads, EINTR, EAGAIN, errors and EOF without a kernel doing it (swift-system's

@@ -1,11 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
+
+// AsyncExactReader: the reader core driven by the event loop; what it asks of the loop and how
+// it waits (its half of LoopConnection's shared state).
 
 /// The async twin of `ExactReader`: exactly n bytes, or length-prefixed frames, from a socket
 /// or pipe served by an `IOLoop`, with the same names, errors and memory and copy contract.
@@ -52,7 +48,7 @@ public final class AsyncExactReader {
     ///   - fd: A stream socket or a pipe/FIFO, blocking or not. Regular files are refused
     ///     (`Errno.notSupported`): read them with `ExactReader`.
     ///   - loop: The loop that serves it.
-    ///   - options: Staging capacity (which sets the direct-read threshold), frame limit, read
+    ///   - options: Staging capacity (which sets the large-read threshold), frame limit, read
     ///     timeout; `backend` is ignored (the loop's is used).
     /// - Throws: `InvalidOptionError`; `Errno` as for `ExactReader.init` (a datagram socket is
     ///   `Errno.protocolWrongTypeForSocket`); `Errno.canceled` when the loop was shut down.
@@ -71,7 +67,7 @@ public final class AsyncExactReader {
         let capacity = try Block.roundedCapacity(options.stagingCapacity)
         self.core = ReaderCore(
             buffer: SegmentBuffer(nominalCapacity: capacity), pool: loop.framePool,
-            maxFrameLength: options.maxFrameLength, directThreshold: max(1, capacity / 4),
+            maxFrameLength: options.maxFrameLength, largeReadThreshold: max(1, capacity / 4),
             lengthAdjustment: options.lengthAdjustment, lengthIncludesPrefix: options.lengthIncludesPrefix)
         options.logger?.debug(
             "ExactIO async reader created",
@@ -197,7 +193,7 @@ public final class AsyncExactReader {
                 return value
             case .need(.buffered(let count)):
                 try await receive(atLeast: count)
-            case .need(.direct(let dst, let minimum, let slot)):
+            case .need(.largeRead(let dst, let minimum, let slot)):
                 try await largeRead(dst, minimum: minimum, slot: slot)
             }
         }
@@ -282,10 +278,10 @@ public final class AsyncExactReader {
         // Bytes received before the read come first: the core copies them in when it steps.
         let (_, shutDown) = absorb()
         if core.buffer.buffered > 0 { return }
-        if let error = takePendingError() { return try core.directCompleted(EngineResult(error: error), minimum: minimum) }
-        if core.sawEOF { return try core.directCompleted(EngineResult(), minimum: minimum) }
-        if shutDown { return try core.directInterrupted(count: 0, Errno.canceled) }
-        if Task.isCancelled { return try core.directInterrupted(count: 0, CancellationError()) }
+        if let error = takePendingError() { return try core.largeReadCompleted(EngineResult(error: error), minimum: minimum) }
+        if core.sawEOF { return try core.largeReadCompleted(EngineResult(), minimum: minimum) }
+        if shutDown { return try core.largeReadInterrupted(count: 0, Errno.canceled) }
+        if Task.isCancelled { return try core.largeReadInterrupted(count: 0, CancellationError()) }
         connection.state.withLock { s in
             s.largeRead = LargeReadRequest(dst: dst, minimum: minimum, slot: slot)
             s.deadline = deadline
@@ -316,13 +312,13 @@ public final class AsyncExactReader {
         }
         guard let d else { return }
         if d.retry { return }  // bytes arrived before the read started: the core takes them first
-        if timedOut { return try core.directInterrupted(count: d.got, Errno.timedOut) }
+        if timedOut { return try core.largeReadInterrupted(count: d.got, Errno.timedOut) }
         if shutDown2 && (d.error == .canceled || d.error == nil && d.got < minimum) {
-            return try core.directInterrupted(count: d.got, Errno.canceled)
+            return try core.largeReadInterrupted(count: d.got, Errno.canceled)
         }
         if cancelSent && (d.error == .canceled || d.got < minimum) {
-            return try core.directInterrupted(count: d.got, CancellationError())
+            return try core.largeReadInterrupted(count: d.got, CancellationError())
         }
-        try core.directCompleted(EngineResult(count: d.got, error: d.error, reads: 1, destinationPoisoned: d.poisoned), minimum: minimum)
+        try core.largeReadCompleted(EngineResult(count: d.got, error: d.error, reads: 1, destinationPoisoned: d.poisoned), minimum: minimum)
     }
 }

@@ -1,12 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Synchronization
 import SystemPackage
+
+// Accepting on a loop: the AcceptedConnections sequence, the queue of accepted descriptors its
+// consumer has not taken (bounded), and the loop's Listener.
 
 extension IOLoop {
     /// The connections accepted on `listener`, as they come: multishot accept on io_uring,

@@ -1,13 +1,8 @@
-import CExactIOLinux
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Synchronization
 import SystemPackage
+
+// IOLoop: the loop's thread, its inbox of commands and jobs (it is a TaskExecutor too),
+// statistics and shutdown. The decisions are LoopMachine's; the kernel is a LoopBackend's.
 
 /// One thread that serves any number of connections: one io_uring ring (provided-buffer
 /// receive, multishot, one `io_uring_enter` per turn for every submission and completion), or
@@ -101,7 +96,7 @@ public final class IOLoop: @unchecked Sendable {
     public struct Statistics: Sendable, Hashable {
         /// Waits in the kernel: `io_uring_enter` or `epoll_wait` calls.
         public var enters = 0
-        /// Read requests submitted (io_uring: receives armed and direct reads) or `read(2)`
+        /// Read requests submitted (io_uring: receives armed and large reads) or `read(2)`
         /// calls (epoll).
         public var reads = 0
         /// Completions (io_uring) or readiness events (epoll) handled.

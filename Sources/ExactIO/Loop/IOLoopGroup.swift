@@ -1,12 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Synchronization
 import SystemPackage
+
+// IOLoopGroup: one loop per core, and SO_REUSEPORT listeners to spread connections.
 
 /// Several loops, one per core: the scaling story of `IOLoop`.
 ///

@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
 
 // The fuzz target's loop: a real `IOLoop` without a thread, its real `LoopMachine`, a real

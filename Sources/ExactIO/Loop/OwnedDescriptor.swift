@@ -1,12 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Synchronization
 import SystemPackage
+
+// OwnedDescriptor: the loop's own duplicate of a descriptor it registers, closed once.
 
 /// A descriptor the loop owns: a duplicate of the caller's (close-on-exec), closed exactly
 /// once. Every request and registration the loop makes for a connection or listener names

@@ -1,3 +1,5 @@
+// TimerHeap: the loop's deadlines and back-offs, nearest first.
+
 /// Timers ordered by when they fire, nearest first: a binary min-heap, so that a loop turn
 /// costs O(1) to find its wait and O(log n) per timer that fires, however many are armed
 /// (9,000 idle readers with a `readTimeout` cost a busy connection on the same loop nothing).

@@ -1,14 +1,9 @@
 #if canImport(CExactIOLinux)
 import CExactIOLinux
 #endif
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
+
+// Waker: the loop's eventfd, owned and closed once.
 
 /// The loop's eventfd, owned here and closed once. Any thread may `wake()` the loop (a reader
 /// with work for it, the last view of a receive buffer going while connections starve for

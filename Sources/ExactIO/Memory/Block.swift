@@ -1,11 +1,6 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
+
+// Block: one allocation (mapped or heap) with what is resident and where it is registered.
 
 /// A slot in an io_uring ring's registered-buffer table, held by the block registered in it.
 struct RegisteredSlot: Hashable, Sendable {

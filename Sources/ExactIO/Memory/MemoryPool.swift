@@ -1,6 +1,9 @@
 import Synchronization
 import SystemPackage
 
+// MemoryPool: a reader's blocks (staging, frames), reused while warm, registered within the
+// budget, and the registrar protocol the io_uring table implements.
+
 /// Registers and unregisters memory in a ring's buffer table. Implemented by the io_uring
 /// backend (`URingRegistrar`, which has its own lock); the POSIX backend has none.
 protocol BlockRegistrar: AnyObject, Sendable {
@@ -114,7 +117,7 @@ final class MemoryPool: Sendable {
 
     /// Returns a block that nothing references any more. Kept for the next frame within the
     /// retention bound; otherwise unregistered and unmapped (outside the lock).
-    func give(_ block: consuming Block) {
+    func giveBack(_ block: consuming Block) {
         var parts: Block.Parts? = block.disown()
         var evicted: [Block.Parts] = []
         let registrar: (any BlockRegistrar)? = state.withLock { s in

@@ -1,3 +1,5 @@
+// Region: the owner of a block while it is in use; gives it back to its pool on release.
+
 /// The owner of one `Block` while it is in use: a staging buffer, a frame, or a view's memory.
 ///
 /// Views (`ByteView`) and the reader hold `Region`s by reference; when the last reference goes,
@@ -61,7 +63,7 @@ final class Region: @unchecked Sendable {
         if isQuarantined {
             _ = block.disown()  // leaked on purpose: the kernel may still write into it
         } else if let pool {
-            pool.give(block)
+            pool.giveBack(block)
         }  // else: dropping the block frees it
     }
 }

@@ -1,11 +1,6 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Synchronization
+
+// RegistrationBudget: pinned memory and rings across the process (RLIMIT_MEMLOCK's share).
 
 /// Registered (pinned) memory and io_uring rings across the whole process.
 ///

@@ -1,10 +1,5 @@
 #if canImport(CExactIOLinux)
 import CExactIOLinux
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
 
 // The loop's epoll backend, where io_uring is unavailable: level-triggered readiness, then

@@ -1,10 +1,5 @@
 #if EXACTIO_URING
 import ExactIOCSupport
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import SystemPackage
 
 // The loop's io_uring backend: one ring (SINGLE_ISSUER with DEFER_TASKRUN where the kernel

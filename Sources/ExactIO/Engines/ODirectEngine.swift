@@ -1,11 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
+
+// O_DIRECT files: aligned reads at explicit offsets straight into the reader's memory, a bounce
+// block for unaligned heads and tails, and when a reader may use it.
 
 /// Reads a regular file opened with `O_DIRECT` as a stream: every request the kernel sees is
 /// aligned (file offset, length and memory address, to `alignment`), at explicit offsets from
@@ -18,7 +14,7 @@ import SystemPackage
 /// one-block bounce buffer and is copied (counted in `EngineResult.copied`); the block's other
 /// bytes stay in the bounce buffer for the next read. The file's last, partial block is read
 /// like any other (the kernel returns the bytes up to the end).
-final class DirectFileEngine: IOEngine {
+final class ODirectEngine: IOEngine {
     let inner: any IOEngine
     let fd: FileDescriptor
     let alignment: Int
@@ -35,7 +31,9 @@ final class DirectFileEngine: IOEngine {
     /// reader for a frame's read: its region's free tail; used once, then 0). Lets the frame's
     /// last partial block be read whole with the body, in the same request.
     var overreadRoom = 0
-    /// The largest read that may take its last block whole (see `read`).
+    /// The largest read that may take its last block whole (see `read`). Larger ones read the
+    /// last block apart: a single 512 MiB READ_FIXED ending in a region's free tail made a
+    /// virtio-blk kernel (6.18) fault in __blk_rq_map_sg (commit a07b5fb).
     static let overreadLimit = 2 << 20
 
     /// `start`: the descriptor's position when the reader was created; its aligned-down
@@ -102,10 +100,7 @@ final class DirectFileEngine: IOEngine {
             let p = base + done
             let room = dst.count - done
             let tail = room % a
-            // Only for requests under 2 MiB: on this project's VM (Linux 6.18, virtio-blk), one
-            // READ_FIXED of 512 MiB ending in the frame region's free tail made the kernel fault
-            // in __blk_rq_map_sg (a general protection fault, reproducible). Larger reads keep
-            // the separate one-block tail read, which never did.
+            // Only for requests under `overreadLimit`: larger ones keep the one-block tail read.
             if Int(bitPattern: p) % a == 0 && tail > 0 && spare >= a - tail && room < Self.overreadLimit {
                 // In phase, and the memory after the destination may take the rest of its last
                 // block: body and last block in one request; the bytes past the destination
@@ -178,13 +173,13 @@ final class DirectFileEngine: IOEngine {
 #if canImport(CExactIOLinux)
 import CExactIOLinux
 
-extension DirectFileEngine {
-    /// The engine for `fd` given `options`: `engine` itself, or a `DirectFileEngine` over it for
+extension ODirectEngine {
+    /// The engine for `fd` given `options`: `engine` itself, or a `ODirectEngine` over it for
     /// a regular file read with O_DIRECT (opened with it, or `Options.directIO`). The reason,
     /// when O_DIRECT was wanted and is not used (the descriptor then reads through the page
     /// cache: O_DIRECT is turned off on it if it was on).
     static func wrap(_ engine: any IOEngine, fd: FileDescriptor, fileType: mode_t, options: ExactReader.Options)
-        -> (engine: any IOEngine, direct: DirectFileEngine?, reason: String?)
+        -> (engine: any IOEngine, direct: ODirectEngine?, reason: String?)
     {
         guard fileType == S_IFREG || fileType == S_IFBLK else {
             return (engine, nil, options.directIO ? "O_DIRECT not used: not a regular file or block device" : nil)
@@ -199,7 +194,7 @@ extension DirectFileEngine {
             }
             turnedOn = true
         }
-        func refuse(_ why: String) -> (engine: any IOEngine, direct: DirectFileEngine?, reason: String?) {
+        func refuse(_ why: String) -> (engine: any IOEngine, direct: ODirectEngine?, reason: String?) {
             _ = cexactio_set_direct(fd.rawValue, 0)
             return (engine, nil, "O_DIRECT not used: \(why); reading through the page cache"
                 + (turnedOn ? "" : " (O_DIRECT turned off on the descriptor)"))
@@ -219,7 +214,7 @@ extension DirectFileEngine {
         do {
             // The first block is read now: a filesystem that takes the flag but refuses aligned
             // reads (EINVAL) is found here, not in the middle of a frame.
-            let d = try DirectFileEngine(inner: engine, fd: fd, alignment: alignment, start: Int64(start), probe: true)
+            let d = try ODirectEngine(inner: engine, fd: fd, alignment: alignment, start: Int64(start), probe: true)
             return (d, d, nil)
         } catch {
             return refuse("the first aligned read failed: \(BackendSelection.describe(error))")

@@ -5,11 +5,11 @@ import SystemPackage
 import Testing
 @testable import ExactIO
 
-/// `DirectFileEngine` over a scripted engine: what an error between its block reads does
+/// `ODirectEngine` over a scripted engine: what an error between its block reads does
 /// (issue 16, item 12: a failed tail read was taken for the end of the file, so the next read
 /// returned a silent end of stream where the file goes on).
-@Suite struct DirectEngineFaultTests {
-    /// A "file" in memory read at explicit offsets (as `DirectFileEngine` reads), failing the
+@Suite struct ODirectEngineFaultTests {
+    /// A "file" in memory read at explicit offsets (as `ODirectEngine` reads), failing the
     /// requests `fail` picks with its errno, once each.
     final class ScriptedFile: IOEngine {
         let bytes: [UInt8]
@@ -28,7 +28,7 @@ import Testing
         func read(
             into dst: UnsafeMutableRawBufferPointer, atLeast minimum: Int, slot: Int32, offset: Int64, deadline: Int64
         ) -> EngineResult {
-            precondition(offset >= 0, "DirectFileEngine reads at explicit offsets")
+            precondition(offset >= 0, "ODirectEngine reads at explicit offsets")
             if let e = fail(offset, dst.count) {
                 requests.append((offset, dst.count, true))
                 return EngineResult(count: 0, error: e, reads: 1)
@@ -42,7 +42,7 @@ import Testing
         }
     }
 
-    /// Block-aligned memory of `count` bytes (O_DIRECT's rule; `DirectFileEngine` reads whole
+    /// Block-aligned memory of `count` bytes (O_DIRECT's rule; `ODirectEngine` reads whole
     /// blocks straight into memory in phase with the file offset).
     static func aligned(_ count: Int) -> UnsafeMutableRawBufferPointer {
         UnsafeMutableRawBufferPointer(start: aligned_alloc(4096, (count + 4095) / 4096 * 4096), count: count)
@@ -64,7 +64,7 @@ import Testing
             }
             return nil
         }
-        let engine = try DirectFileEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: a, start: 0)
+        let engine = try ODirectEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: a, start: 0)
         let dst = Self.aligned(file.count)
         defer { dst.deallocate() }
         let first = engine.read(into: dst, atLeast: dst.count, slot: -1, offset: -1, deadline: 0)
@@ -102,7 +102,7 @@ import Testing
         }
         // Starting at byte 1: the first block is read at creation and its bytes from 1 on are
         // kept; every later read lands out of phase (memory aligned, file offset not).
-        let engine = try DirectFileEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: a, start: 1)
+        let engine = try ODirectEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: a, start: 1)
         let out = Self.aligned(file.count - 1)
         defer { out.deallocate() }
         var got = 0
@@ -137,7 +137,7 @@ import Testing
         for _ in 0..<100 {
             let inner = ScriptedFile(file) { offset, _ in offset == 0 ? .invalidArgument : nil }
             #expect(throws: Errno.invalidArgument) {
-                _ = try DirectFileEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: 4096, start: start, probe: true)
+                _ = try ODirectEngine(inner: inner, fd: FileDescriptor(rawValue: -1), alignment: 4096, start: start, probe: true)
             }
             // Memory the allocator hands out next must be intact (a double free corrupts it).
             let probe = [UInt8](repeating: 7, count: 4096)

@@ -1,11 +1,7 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
+
+// Choosing a reader's engine when it is created: the descriptor's type, EXACTIO_BACKEND,
+// io_uring or read(2), registration, and the fallback reasons that say why.
 
 /// What backend selection produced: an engine, the pool it reads into, and why any part of
 /// io_uring was given up.

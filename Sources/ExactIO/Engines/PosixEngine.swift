@@ -1,5 +1,7 @@
 import SystemPackage
 
+// The POSIX engine: read(2)/pread(2) with poll(2) for readiness, where io_uring is not used.
+
 /// `read(2)` through swift-system, for when io_uring is unavailable or not wanted.
 final class PosixEngine: IOEngine {
     let fd: FileDescriptor

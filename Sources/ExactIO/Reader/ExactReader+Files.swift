@@ -1,10 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import SystemPackage
 
 // Files: positional reads, and bodies larger than memory in chunks.
@@ -32,7 +25,7 @@ extension ExactReader {
         guard fileType == S_IFREG || fileType == S_IFBLK else { throw Errno.illegalSeek }
         if let e = core.brokenError { throw e }
         if count == 0 { return ByteView() }
-        if let d = directEngine { return try readDirect(count, at: offset, alignment: d.alignment, inner: d.inner) }
+        if let d = oDirectEngine { return try readDirect(count, at: offset, alignment: d.alignment, inner: d.inner) }
         if count < Self.positionalPoolThreshold { return try readRecord(count, at: offset) }
         // Resident and registered (within the budget): READ_FIXED, and pooled blocks come back
         // warm for the next read of this size.

@@ -1,12 +1,8 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 import Synchronization
 import SystemPackage
+
+// ReceivePool: the loop's receive buffers, shared by its connections, and ReceiveBuffer, the
+// owner of one while its bytes are in use.
 
 /// The loop's receive memory, shared by all its connections: `count` buffers of `size` bytes
 /// in one mapping (pages are committed when the kernel first writes them). On io_uring they are

@@ -1,14 +1,10 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 #if canImport(CExactIOLinux)
 import CExactIOLinux
 #endif
 import SystemPackage
+
+// forward(exactly:to:): the next bytes of the stream to another descriptor with splice, and
+// ForwardError.
 
 /// `forward(exactly:to:)` stopped before all its bytes were written. The stream stays
 /// consistent: the first `forwarded` bytes went to the destination, and every byte after them
@@ -86,7 +82,7 @@ extension ExactReader {
         }
         // 2. The rest, source → pipe → destination.
         #if canImport(CExactIOLinux)
-        if directEngine != nil {
+        if oDirectEngine != nil {
             // O_DIRECT reads at the reader's own offsets, not the descriptor's position: through
             // staging (a DMA into registered memory, then the write).
             return try forwardByCopy(count, to: destination, deadline: deadline, already: forwarded)

@@ -1,5 +1,8 @@
 import SystemPackage
 
+// The engine protocol: what the blocking reader asks of a backend (fill a destination range),
+// and what one call did (EngineResult).
+
 /// What one engine call did: bytes, the error that ended it (if any), and what it cost.
 struct EngineResult {
     /// Bytes read (valid data, also when `error` is set).

@@ -1,5 +1,8 @@
 import SystemPackage
 
+// The loop reader's buffer: received segments in stream order (SegmentQueue, also the loop's
+// queue of a connection's received bytes), as the core's CoreBuffer.
+
 /// Received bytes in memory someone else chose: a receive buffer of the loop's pool (a
 /// provided buffer the kernel picked), a region adopted after a failed large read, or a
 /// queue's coalescing arena.
@@ -203,7 +206,7 @@ struct SegmentQueue {
 ///
 /// A small frame that lies inside one segment is a view of it (no copy); one that spans
 /// segments is copied once into memory of its own (counted in `bytesCopied`). Large bodies
-/// go straight into their own memory (the core's direct reads), never through here.
+/// go straight into their own memory (the core's large reads), never through here.
 struct SegmentBuffer: CoreBuffer {
     private(set) var queue = SegmentQueue()
     let nominalCapacity: Int

@@ -1,15 +1,11 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#elseif canImport(Darwin)
-import Darwin
-#endif
 #if canImport(CExactIOLinux)
 import CExactIOLinux
 #endif
 import Logging
 import SystemPackage
+
+// ExactReader: the blocking reader (a driver of ReaderCore), its reads, caller memory, and
+// lending staged bytes in place.
 
 /// Reads exactly n bytes, or length-prefixed frames, from a socket, pipe or file, with one
 /// copy of each byte (the kernel's) and a peak memory of n, and returns read-only views of
@@ -66,10 +62,10 @@ public final class ExactReader {
     var forwardPipe: SplicePipe? = nil
     #endif
     /// The O_DIRECT engine, when the reader reads a file with O_DIRECT (`engine` is it then).
-    let directEngine: DirectFileEngine?
+    let oDirectEngine: ODirectEngine?
     /// Whether the reader reads its file with `O_DIRECT` (from the device into its aligned,
     /// registered memory, bypassing the page cache).
-    public var isDirectIO: Bool { directEngine != nil }
+    public var isDirectIO: Bool { oDirectEngine != nil }
     /// Why `O_DIRECT` was wanted (`Options.directIO`, or a descriptor opened with it) and is not
     /// used, e.g. "O_DIRECT not used: the filesystem does not support direct I/O …; reading
     /// through the page cache". Nil when it is used or was not wanted.
@@ -117,14 +113,14 @@ public final class ExactReader {
         self.fileType = fileType
         #if canImport(CExactIOLinux)
         let wrapped = syscalls == nil
-            ? DirectFileEngine.wrap(setup.engine, fd: fd, fileType: fileType, options: options)
+            ? ODirectEngine.wrap(setup.engine, fd: fd, fileType: fileType, options: options)
             : (engine: setup.engine, direct: nil, reason: nil)
         self.engine = wrapped.engine
-        self.directEngine = wrapped.direct
+        self.oDirectEngine = wrapped.direct
         self.directIOFallbackReason = wrapped.reason
         #else
         self.engine = setup.engine
-        self.directEngine = nil
+        self.oDirectEngine = nil
         self.directIOFallbackReason = options.directIO ? "O_DIRECT not used: not supported on this platform" : nil
         #endif
         self.pool = setup.pool
@@ -133,9 +129,9 @@ public final class ExactReader {
         let staging = try StagingBuffer(pool: setup.pool, capacity: options.stagingCapacity)
         self.core = ReaderCore(
             buffer: staging, pool: setup.pool, maxFrameLength: options.maxFrameLength,
-            directThreshold: max(1, staging.nominalCapacity / 4),
+            largeReadThreshold: max(1, staging.nominalCapacity / 4),
             lengthAdjustment: options.lengthAdjustment, lengthIncludesPrefix: options.lengthIncludesPrefix)
-        if let d = directEngine {
+        if let d = oDirectEngine {
             core.alignment = d.alignment
             core.phase = d.phase
         }
@@ -315,7 +311,7 @@ public final class ExactReader {
     ///   more than the machine's physical memory (faulting it in would summon the OOM killer).
     public func reserve(_ byteCount: Int) throws {
         precondition(byteCount >= 0, "reserve: byteCount must not be negative (got \(byteCount))")
-        guard byteCount >= core.directThreshold else { return }  // small reads use staging
+        guard byteCount >= core.largeReadThreshold else { return }  // small reads use staging
         let physical = Int(clamping: sysconf(Int32(_SC_PHYS_PAGES))) &* Block.pageSize
         if physical > 0 && byteCount > physical { throw Errno.noMemory }
         let (needed, overflow) = byteCount.addingReportingOverflow(ReaderCore<StagingBuffer>.frontRoom)
@@ -406,21 +402,21 @@ public final class ExactReader {
         deadline = timeout > 0 ? monotonicNanoseconds() + timeout : 0
         do {
             while true {
-                if let d = directEngine { core.phase = d.phase }
+                if let d = oDirectEngine { core.phase = d.phase }
                 switch try step(&core) {
                 case .done(let value):
                     return value
                 case .need(.buffered(let count)):
                     try fill(atLeast: count)
-                case .need(.direct(let dst, let minimum, let slot)):
-                    if let logger = options.logger { Self.logDirectRead(logger, dst.count, minimum, slot) }
-                    if let d = directEngine {
+                case .need(.largeRead(let dst, let minimum, let slot)):
+                    if let logger = options.logger { Self.logLargeRead(logger, dst.count, minimum, slot) }
+                    if let d = oDirectEngine {
                         d.overreadRoom = core.overreadRoom
                         core.overreadRoom = 0
                     }
                     let r = engineRead(into: dst, atLeast: minimum, slot: slot)
                     core.statistics.bytesCopied &+= r.copied
-                    try core.directCompleted(r, minimum: minimum)
+                    try core.largeReadCompleted(r, minimum: minimum)
                 }
             }
         } catch {
@@ -430,7 +426,7 @@ public final class ExactReader {
     }
 
     @inline(never)
-    static func logDirectRead(_ logger: Logger, _ count: Int, _ minimum: Int, _ slot: Int32) {
+    static func logLargeRead(_ logger: Logger, _ count: Int, _ minimum: Int, _ slot: Int32) {
         logger.trace(
             "ExactIO large read into the frame's memory",
             metadata: ["exactio.bytes": "\(count)", "exactio.minimum": "\(minimum)", "exactio.fixed": "\(slot >= 0)"])
@@ -462,7 +458,7 @@ public final class ExactReader {
     func fill(atLeast need: Int) throws(Errno) {
         if core.buffer.buffered >= need || core.sawEOF { return }
         let missing = need - core.buffer.buffered
-        if let d = directEngine { core.buffer.alignEmpty(phase: d.phase, alignment: d.alignment) }
+        if let d = oDirectEngine { core.buffer.alignEmpty(phase: d.phase, alignment: d.alignment) }
         core.statistics.bytesCopied += try core.buffer.makeRoom(forAppending: missing)
         let tail = core.buffer.writable
         let ahead = min(tail.count, max(missing, core.readAhead))

@@ -1,43 +1,7 @@
 import SystemPackage
 
-/// How a frame's body length is encoded before the body.
-public enum LengthPrefix: Sendable, Hashable {
-    /// Byte order of a fixed-width length.
-    public enum Endianness: Sendable, Hashable {
-        case bigEndian
-        case littleEndian
-    }
-
-    /// One byte.
-    case uint8
-    /// Two bytes.
-    case uint16(Endianness)
-    /// Four bytes (the default prefix is `.uint32(.bigEndian)`).
-    case uint32(Endianness)
-    /// Eight bytes.
-    case uint64(Endianness)
-    /// Unsigned LEB128 (protobuf's varint): 7 bits per byte, low groups first, at most 10
-    /// bytes for 64 bits.
-    case varint
-
-    /// Bytes of a fixed-width prefix; nil for `.varint`.
-    var width: Int? {
-        switch self {
-        case .uint8: 1
-        case .uint16: 2
-        case .uint32: 4
-        case .uint64: 8
-        case .varint: nil
-        }
-    }
-
-    var endianness: Endianness {
-        switch self {
-        case .uint16(let e), .uint32(let e), .uint64(let e): e
-        case .uint8, .varint: .bigEndian
-        }
-    }
-}
+// Length-prefixed frames on the blocking reader: readFrame, and the borrowing withNextFrame
+// and forEachFrame.
 
 extension ExactReader {
     /// Reads one length-prefixed frame: the length, then exactly that many bytes.
@@ -59,7 +23,8 @@ extension ExactReader {
     ///     buffered, without being copied again), so a retry reads it whole.
     public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) throws -> ByteView? {
         // The fast path (the whole frame is staged) stays small: the slow one is out of line.
-        let staged = prefix == .uint32(.bigEndian) ? core.stagedFrame(UInt32BigEndianDecoder()) : core.stagedFrame(AnyPrefixDecoder(prefix: prefix))
+        let staged = prefix == .uint32(.bigEndian)
+            ? core.stagedFrame(FixedWidthPrefix<UInt32>(bigEndian: true)) : core.stagedFrame(AnyPrefix(prefix: prefix))
         if let view = staged { return view }
         return try readFrameSlowly(prefix)
     }
@@ -146,10 +111,9 @@ extension ExactReader {
         // One loop per common prefix, with the prefix a constant in it: the decoding is a load
         // and a byte swap, not a switch per frame.
         switch prefix {
-        case .uint32(.bigEndian): return try frameLoop(prefix, UInt32BigEndianDecoder(), body)
-        case .uint32(.littleEndian): return try frameLoop(prefix, UInt32LittleEndianDecoder(), body)
-        case .varint: return try frameLoop(prefix, VarintDecoder(), body)
-        default: return try frameLoop(prefix, AnyPrefixDecoder(prefix: prefix), body)
+        case .uint32(let e): return try frameLoop(prefix, FixedWidthPrefix<UInt32>(bigEndian: e == .bigEndian), body)
+        case .varint: return try frameLoop(prefix, VarintPrefix(), body)
+        default: return try frameLoop(prefix, AnyPrefix(prefix: prefix), body)
         }
     }
 

@@ -1,5 +1,7 @@
 import Logging
 
+// ExactReader.Options, its validation, and Statistics.
+
 extension ExactReader {
     /// Which I/O backend a reader uses.
     public enum Backend: Sendable, Hashable, CustomStringConvertible {
@@ -168,7 +170,8 @@ extension ExactReader {
         /// Reads served entirely from staging (or a received buffer) without a syscall or a
         /// copy: the fast path, including frames and bytes lent to closures in place.
         public var stagedViews = 0
-        /// Reads that went straight into their final memory after the staged prefix.
+        /// Large reads: reads that went straight into their final memory after the staged
+        /// prefix.
         public var directReads = 0
         /// Bytes discarded by `skip`.
         public var bytesSkipped = 0
