@@ -88,7 +88,10 @@ struct SegmentQueue {
     private mutating func copyIntoArena(_ segment: Segment) -> Bool {
         let n = segment.count
         if arena == nil || arena!.capacity - arenaEnd < n {
-            guard let fresh = try? Region.standalone(capacity: max(Self.arenaCapacity, n)) else { return false }
+            // 4 KiB first, twice the last one after (up to 64 KiB): a queue that coalesces a few
+            // small segments pays for a page, one that keeps trickling for larger arenas.
+            let next = min(Self.arenaCapacity, 2 * (arena?.capacity ?? 2048))
+            guard let fresh = try? Region.standalone(capacity: max(next, n)) else { return false }
             arena = fresh
             arenaEnd = 0
         }
@@ -105,28 +108,22 @@ struct SegmentQueue {
         return true
     }
 
-    /// Moves the bytes that sit in the loop's shared receive buffers into memory of their own
-    /// (one copy of those bytes only), so that a partial frame or an idle reader's queue does
-    /// not keep receive buffers out of the pool. Returns the bytes copied, or nil when memory
-    /// for the copy could not be had (nothing changes then).
+    /// Moves the bytes that sit in the loop's shared receive buffers into memory of their own,
+    /// so that a partial frame or an idle reader's queue does not keep receive buffers out of
+    /// the pool: every unconsumed byte, copied once into one region of their exact size (one
+    /// segment: the frame they start goes on from there). Returns the bytes copied, or nil
+    /// when memory for the copy could not be had (nothing changes then).
     mutating func detachFromReceiveBuffers() -> Int? {
         guard live.contains(where: { $0.owner is ReceiveBuffer }) else { return 0 }
-        let old = Array(live)
-        var rebuilt = SegmentQueue()
-        rebuilt.arena = arena
-        rebuilt.arenaEnd = arenaEnd
-        var copied = 0
-        for s in old {
-            guard s.owner is ReceiveBuffer else {
-                rebuilt.segments.append(s)
-                rebuilt.bytes += s.count
-                continue
-            }
-            guard rebuilt.copyIntoArena(s) else { return nil }
-            copied += s.count
+        let n = bytes
+        guard let region = try? Region.standalone(capacity: n) else { return nil }
+        var done = 0
+        for s in live {
+            (region.base + done).copyMemory(from: s.base + s.start, byteCount: s.count)
+            done += s.count
         }
-        self = rebuilt
-        return copied
+        reset(to: Segment(owner: region, base: region.base, start: 0, end: n))
+        return n
     }
 
     /// The first segment with unconsumed bytes (`count > 0`).
@@ -169,8 +166,7 @@ struct SegmentQueue {
         return out
     }
 
-    /// Replaces everything with `segment` alone (`adopt`), or with `segment` in front of the
-    /// unconsumed segments (`unconsume`).
+    /// Replaces everything with `segment` alone (`adopt`, `detachFromReceiveBuffers`).
     mutating func reset(to segment: Segment) {
         segments.removeAll(keepingCapacity: true)
         head = 0
@@ -178,6 +174,7 @@ struct SegmentQueue {
         bytes = segment.count
     }
 
+    /// Puts `segment` in front of the unconsumed segments (`unconsume`).
     mutating func push(front segment: Segment) {
         let rest = segments[head...]
         segments = [segment] + rest

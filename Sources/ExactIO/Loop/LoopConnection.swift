@@ -153,17 +153,17 @@ final class LoopConnection: @unchecked Sendable {
 
     // MARK: - The loop's side of the shared state
 
-    /// Appends received bytes and wakes the reader. Returns true when the connection should
-    /// stop receiving: backpressure, or the reader has what it wants ahead.
-    func enqueue(_ segment: Segment) -> Bool {
-        let (waiter, full) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool) in
+    /// Appends received bytes and wakes the reader. Returns whether the connection holds its
+    /// backpressure bound, and whether the reader has what it wants ahead.
+    func enqueue(_ segment: Segment) -> (full: Bool, enough: Bool) {
+        let (waiter, full, enough) = state.withLock { s -> (CheckedContinuation<Void, Never>?, Bool, Bool) in
             s.copied += s.received.append(segment)
             let w = s.waiter
             s.waiter = nil
-            return (w, s.held >= maxBuffered || s.received.bytes >= s.wanted)
+            return (w, s.held >= maxBuffered, s.received.bytes >= s.wanted)
         }
         waiter?.resume()
-        return full
+        return (full, enough)
     }
 
     /// Records the end of receiving: end of stream (`error` nil), or an error.

@@ -281,6 +281,7 @@ final class ScriptedLoopBackend: LoopBackend {
     var free: [UInt16] = []
 
     var kind: ExactReader.Backend { .posix }
+    var limitsReceives: Bool { false }
     var inFlight: Int { queued.count }
     var hasSynthetic: Bool { !queued.isEmpty }
 

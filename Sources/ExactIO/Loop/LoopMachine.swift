@@ -226,7 +226,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 if end != .more { receiveEnded(c) }
                 return
             }
-            let full = c.enqueue(segment)
+            let (held, enough) = c.enqueue(segment)
+            // Stop at the backpressure bound, or once the reader has what it wants ahead unless
+            // the kernel ends the receive there by itself (its byte limit).
+            let full = held || (enough && !backend.limitsReceives)
             if end == .more {
                 if full { disarm(c) }
                 return

@@ -40,6 +40,7 @@ final class EpollLoopBackend: LoopBackend {
     }
 
     var kind: ExactReader.Backend { .posix }
+    var limitsReceives: Bool { false }
     var inFlight: Int { synthetic.count }
 
     func close() {

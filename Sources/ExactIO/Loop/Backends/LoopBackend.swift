@@ -10,6 +10,8 @@ import SystemPackage
 /// What a backend does, on the loop's thread only.
 protocol LoopBackend: AnyObject {
     var kind: ExactReader.Backend { get }
+    /// Whether `armReceive`'s limit ends a receive in the kernel (else the machine ends it).
+    var limitsReceives: Bool { get }
 
     /// Receives on `c` until the receive ends: bytes come back as `.received` completions, the
     /// last one with `more == false`. `limit` > 0: the receive may end once it took that many

@@ -75,6 +75,7 @@ final class URingLoopBackend: LoopBackend {
     }
 
     var kind: ExactReader.Backend { .ioUring }
+    var limitsReceives: Bool { receiveLimits }
 
     func close() {
         // Unregistered on the loop's thread: a SINGLE_ISSUER ring takes registrations only
