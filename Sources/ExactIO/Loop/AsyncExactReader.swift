@@ -202,7 +202,7 @@ public final class AsyncExactReader {
     /// Takes what the loop received (without waiting), and asks it to receive when it does not.
     /// An error the loop met is kept in `core.pendingError`, after the bytes that came before it.
     @discardableResult
-    private func absorb() -> (timedOut: Bool, shutDown: Bool) {
+    private func absorb(arm armIfIdle: Bool = true) -> (timedOut: Bool, shutDown: Bool) {
         // While an error waits to be thrown, nothing more is received (the end of stream that
         // follows a reset must not overtake the reset).
         let errorWaiting = core.pendingError != nil
@@ -216,7 +216,7 @@ public final class AsyncExactReader {
             s.error = nil
             let timedOut = s.timedOut
             s.timedOut = false
-            let arm = !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
+            let arm = armIfIdle && !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
             if arm { s.receiving = true }
             return (segments, copied, s.eof, error, timedOut, s.shutDown, arm)
         }
@@ -276,7 +276,9 @@ public final class AsyncExactReader {
     private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
         startDeadline()
         // Bytes received before the read come first: the core copies them in when it steps.
-        let (_, shutDown) = absorb()
+        // Not arming a receive: the body goes to its own memory (a receive now would only be
+        // ended again for the read, and take the body's first bytes through a buffer).
+        let (_, shutDown) = absorb(arm: false)
         if core.buffer.buffered > 0 { return }
         if let error = takePendingError() { return try core.largeReadCompleted(EngineResult(error: error), minimum: minimum) }
         if core.sawEOF { return try core.largeReadCompleted(EngineResult(), minimum: minimum) }

@@ -235,8 +235,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 return
             }
             // The receive ended with these bytes (a single-shot receive, a byte limit, a
-            // receive into memory of its own): go on unless the reader has enough.
-            if wasDisarming || full || c.largeRead == .waitingForReceive || stopping {
+            // receive into memory of its own): go on unless the reader has enough (it asks
+            // again when it wants more: after a large frame's prefix, its body goes to its own
+            // memory, not through receives).
+            if wasDisarming || held || enough || c.largeRead == .waitingForReceive || stopping {
                 c.receivingStopped()
                 receiveEnded(c)
             } else {

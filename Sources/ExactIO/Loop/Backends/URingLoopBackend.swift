@@ -124,7 +124,14 @@ final class URingLoopBackend: LoopBackend {
     }
 
     func read(_ c: LoopConnection, into dst: UnsafeMutableRawBufferPointer, slot: Int32) -> Errno? {
-        queued(csupport_queue_read(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), slot, c.tag(.read)), read: true)
+        if c.isSocket && slot < 0 {
+            // A socket's body in one request: the kernel receives until all of it arrived (or
+            // the end, an error, a cancellation, which report what did arrive).
+            return queued(
+                csupport_queue_recv(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), Int32(MSG_WAITALL | MSG_NOSIGNAL), c.tag(.read)),
+                read: true)
+        }
+        return queued(csupport_queue_read(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), slot, c.tag(.read)), read: true)
     }
 
     func cancelRead(_ c: LoopConnection) {
