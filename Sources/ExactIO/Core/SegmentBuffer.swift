@@ -130,8 +130,20 @@ struct SegmentQueue {
     var first: Segment { segments[head] }
 
     /// Consumes `n` bytes from the front (`n <= bytes`).
+    @inline(__always)
     mutating func consume(_ n: Int) {
         precondition(n <= bytes)
+        if n < bytes && n < segments[head].count {
+            // The common case: inside the first segment.
+            bytes -= n
+            segments[head].start &+= n
+            segments[head].freeFront = 0
+            return
+        }
+        consumeAcross(n)
+    }
+
+    private mutating func consumeAcross(_ n: Int) {
         var left = n
         bytes -= n
         while left > 0 {

@@ -99,13 +99,17 @@ public final class AsyncExactReader {
 
     /// Reads one length-prefixed frame; as `ExactReader.readFrame(prefix:)`, plus
     /// `CancellationError` when the awaiting task is cancelled (the frame is then not consumed).
-    public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) async throws -> ByteView? {
-        if let view = core.stagedFrame(prefix) { return view }  // the whole frame is received
+    nonisolated(nonsending) public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) async throws -> ByteView? {
+        // The whole frame is received: a view of it, no wait (the default prefix decoded by a
+        // loop specialised for it).
+        let staged = prefix == .uint32(.bigEndian)
+            ? core.stagedFrame(FixedWidthPrefix<UInt32>(bigEndian: true)) : core.stagedFrame(AnyPrefix(prefix: prefix))
+        if let view = staged { return view }
         return try await drive { core in try core.frame(prefix) }
     }
 
     /// Reads exactly `count` bytes; as `ExactReader.readExactly(_:)`.
-    public func readExactly(_ count: Int) async throws -> ByteView {
+    nonisolated(nonsending) public func readExactly(_ count: Int) async throws -> ByteView {
         precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
         return try await drive { core in try core.exactly(count) }
     }
@@ -113,27 +117,27 @@ public final class AsyncExactReader {
     /// Fills all of `buffer`; as `ExactReader.readExactly(into:)`. The memory must stay valid
     /// until the call returns (also when the task is cancelled: the call returns only when the
     /// kernel is done with it).
-    public func readExactly(into buffer: UnsafeMutableRawBufferPointer) async throws {
+    nonisolated(nonsending) public func readExactly(into buffer: UnsafeMutableRawBufferPointer) async throws {
         guard buffer.count > 0, buffer.baseAddress != nil else { return }
         try await drive { core in try core.into(buffer, slot: -1) }
     }
 
     /// Reads exactly `count` bytes and lends them to `body` in place; as
     /// `ExactReader.withExactly(_:_:)`.
-    public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) async throws -> R {
+    nonisolated(nonsending) public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) async throws -> R {
         let view = try await readExactly(count)
         return try view.withUnsafeBytes(body)
     }
 
     /// Reads between 1 and `maxCount` bytes; as `ExactReader.read(upTo:)`.
-    public func read(upTo maxCount: Int) async throws -> ByteView {
+    nonisolated(nonsending) public func read(upTo maxCount: Int) async throws -> ByteView {
         precondition(maxCount >= 0, "read(upTo:): maxCount must not be negative (got \(maxCount))")
         if maxCount == 0 { return ByteView() }
         return try await drive { core in try core.upTo(maxCount) }
     }
 
     /// Reads and discards `count` bytes; as `ExactReader.skip(_:)`.
-    public func skip(_ count: Int) async throws {
+    nonisolated(nonsending) public func skip(_ count: Int) async throws {
         precondition(count >= 0, "skip: count must not be negative (got \(count))")
         var left = count
         try await drive { core in try core.skip(&left) }
@@ -163,7 +167,7 @@ public final class AsyncExactReader {
             let prefix: LengthPrefix
 
             /// The next frame, nil at a clean end of stream; throws as `readFrame(prefix:)` does.
-            public mutating func next() async throws -> ByteView? {
+            nonisolated(nonsending) public mutating func next() async throws -> ByteView? {
                 try await reader.readFrame(prefix: prefix)
             }
         }
@@ -173,7 +177,7 @@ public final class AsyncExactReader {
 
     /// Runs one core operation to its end, serving its requests from the loop: received
     /// segments for `.buffered`, a read in the loop for `.direct`.
-    private func drive<T>(_ step: (inout ReaderCore<SegmentBuffer>) throws -> CoreStep<T>) async throws -> T {
+    nonisolated(nonsending) private func drive<T>(_ step: (inout ReaderCore<SegmentBuffer>) throws -> CoreStep<T>) async throws -> T {
         if let e = core.brokenError { throw e }
         // The deadline is taken when the call first has to wait (no clock read for a frame that
         // is already buffered).
@@ -246,7 +250,7 @@ public final class AsyncExactReader {
         if timeout > 0 && deadline == 0 { deadline = monotonicNanoseconds() + timeout }
     }
 
-    private func receive(atLeast count: Int) async throws {
+    nonisolated(nonsending) private func receive(atLeast count: Int) async throws {
         startDeadline()
         var watching = false
         while true {
@@ -273,7 +277,7 @@ public final class AsyncExactReader {
     }
 
     /// A large body straight into its own memory: the loop reads it (`LoopMachine`).
-    private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
+    nonisolated(nonsending) private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
         startDeadline()
         // Bytes received before the read come first: the core copies them in when it steps.
         // Not arming a receive: the body goes to its own memory (a receive now would only be

@@ -271,7 +271,7 @@ final class LoopConnection: @unchecked Sendable {
     /// end or an error are the loop's to resolve first: it sends the read back with `retry`
     /// then). Counting them would spin the reader, and with the loop as its executor, the
     /// loop too, which then never resolves them.
-    func wait(cancellable: Bool, largeRead: Bool = false) async {
+    nonisolated(nonsending) func wait(cancellable: Bool, largeRead: Bool = false) async {
         if let manual = loop.manual {
             // A loop without a thread (the fuzz harness): it runs until there is news.
             manual.runUntilNews(for: self, cancellable: cancellable, largeRead: largeRead)
@@ -306,7 +306,7 @@ final class LoopConnection: @unchecked Sendable {
                 || (s.largeRead?.done ?? false) || (!s.receiving && s.largeRead == nil)
     }
 
-    private func suspend(cancellable: Bool, largeRead: Bool) async {
+    nonisolated(nonsending) private func suspend(cancellable: Bool, largeRead: Bool) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { s -> Bool in
                 if LoopConnection.news(s, largeRead: largeRead) || (cancellable && Task.isCancelled) { return true }
