@@ -173,7 +173,7 @@ public final class IOLoop: @unchecked Sendable {
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         self.manual = harness
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
-        driver = LoopMachine(backend: harness.backend, pool: pool, waker: waker, now: { [unowned harness] in harness.now() }, count: count)
+        driver = LoopMachine(backend: harness.backend, pool: pool, framePool: framePool, waker: waker, now: { [unowned harness] in harness.now() }, count: count)
         backend = .posix
     }
 
@@ -204,13 +204,13 @@ public final class IOLoop: @unchecked Sendable {
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
         func epoll(_ reason: String?) throws -> (any LoopDriving, String?) {
             let backend = try EpollLoopBackend(pool: pool, waker: waker)
-            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), reason)
+            return (LoopMachine(backend: backend, pool: pool, framePool: framePool, waker: waker, count: count), reason)
         }
         if wanted == .posix { return try epoll(forced.map { "io_uring not used: forced by \($0)" }) }
         #if EXACTIO_URING
         switch URingLoopBackend.make(pool: pool, waker: waker) {
         case .success(let backend):
-            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), note)
+            return (LoopMachine(backend: backend, pool: pool, framePool: framePool, waker: waker, count: count), note)
         case .failure(let failure):
             if wanted == .ioUring { throw failure.errno }
             return try epoll([note, failure.reason].compactMap { $0 }.joined(separator: "; "))

@@ -118,16 +118,37 @@ final class LoopConnection: @unchecked Sendable {
     var detached = false
     /// The deadline the loop's timer for this connection fires at (0: none armed).
     var timerAt: Int64 = 0
+    /// Receives into memory of the connection's own (`LoopMachine`'s adaptive receive): set
+    /// while the connection is busy or the shared buffers ran dry; nil: the shared buffers.
+    var own: OwnReceive? = nil
+
+    /// A busy connection's receive memory: each receive lands right after the last one, so that
+    /// frames lie in one piece and are views in place; reused from its start once nothing
+    /// references it.
+    struct OwnReceive {
+        var region: Region
+        /// The region before this one, kept while its last bytes are read: the next region
+        /// when nothing references it any more (two regions a connection, warm pages).
+        var spare: Region? = nil
+        /// Bytes of `region` received so far.
+        var fill = 0
+        /// What the next receive asks for, adapted to what the last ones brought.
+        var size: Int
+        /// What the armed receive asked for.
+        var asked = 0
+    }
 
     /// What the backend keeps for the connection (its thread only).
     struct KernelState {
-        /// The memory of its own a receive is filling (the shared buffers ran dry).
-        var ownMemory: Region? = nil
+        /// The connection's own memory a receive is filling, and where.
+        var ownTarget: (region: Region, offset: Int, count: Int)? = nil
         /// io_uring: the byte limit of the armed receive (0: none).
         var receiveLimit: UInt32 = 0
-        /// epoll: the descriptor is in the epoll set, and for what.
+        /// epoll: the descriptor is in the epoll set, for what, and whether a receive is armed
+        /// (the descriptor may stay in the set between single-shot receives).
         var epollRegistered = false
         var epollInterest: LoopTag.Kind? = nil
+        var receiveArmed = false
         /// epoll: a large read waiting for readiness.
         var pendingRead: (dst: UnsafeMutableRawBufferPointer, slot: Int32)? = nil
         /// epoll: a non-socket descriptor was set non-blocking.

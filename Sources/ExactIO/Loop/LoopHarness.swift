@@ -225,11 +225,11 @@ public final class LoopHarness: @unchecked Sendable {
             backend.complete(.received(c, nil, .endOfStream))
             return
         }
-        if let own = backend.armedReceive?.own {
-            let n = min(max(sizes.first ?? 1, 1), own.capacity, stream.count - fed)
-            stream.withUnsafeBytes { own.base.copyMemory(from: $0.baseAddress! + fed, byteCount: n) }
+        if case .own(let region, let offset, let count)? = backend.armedReceive?.target {
+            let n = min(max(sizes.first ?? 1, 1), count, stream.count - fed)
+            stream.withUnsafeBytes { (region.base + offset).copyMemory(from: $0.baseAddress! + fed, byteCount: n) }
             fed += n
-            backend.complete(.received(c, .own(own, count: n), .done))
+            backend.complete(.received(c, .own(region, start: offset, count: n), .done))
             return
         }
         for size in sizes {
@@ -273,7 +273,7 @@ final class InlineExecutor: TaskExecutor {
 /// The harness's kernel: it records what the machine arms, and completes it when the harness
 /// says (cancellations complete at the next turn, as on epoll).
 final class ScriptedLoopBackend: LoopBackend {
-    private(set) var armedReceive: (connection: LoopConnection, own: Region?)? = nil
+    private(set) var armedReceive: (connection: LoopConnection, target: ReceiveTarget)? = nil
     private(set) var pendingRead: (dst: UnsafeMutableRawBufferPointer, slot: Int32)? = nil
     private var queued: [LoopCompletion] = []
     private var counters = LoopCounters()
@@ -295,9 +295,9 @@ final class ScriptedLoopBackend: LoopBackend {
         queued.append(completion)
     }
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         counters.reads += 1
-        armedReceive = (c, own)
+        armedReceive = (c, target)
         return nil
     }
 

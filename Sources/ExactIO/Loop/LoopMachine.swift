@@ -26,6 +26,8 @@ protocol LoopDriving: AnyObject {
 final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     let backend: Backend
     let pool: ReceivePool
+    /// Memory for connections that receive into their own (busy ones).
+    let framePool: MemoryPool
     let waker: Waker
     /// Counts what the machine and its backend do (the loop publishes them once per turn).
     private let count: ((inout IOLoop.Statistics) -> Void) -> Void
@@ -49,10 +51,11 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// plus accepts in flight never pass the queue's bound.
     static var acceptsInFlight: Int { 16 }
 
-    init(backend: Backend, pool: ReceivePool, waker: Waker, now: @escaping () -> Int64 = monotonicNanoseconds,
-         count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
+    init(backend: Backend, pool: ReceivePool, framePool: MemoryPool, waker: Waker,
+         now: @escaping () -> Int64 = monotonicNanoseconds, count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
         self.backend = backend
         self.pool = pool
+        self.framePool = framePool
         self.waker = waker
         self.now = now
         self.count = count
@@ -199,17 +202,95 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     // MARK: - Receiving
 
-    private func startReceive(_ c: LoopConnection, own: Region? = nil) {
+    private func startReceive(_ c: LoopConnection) {
         // At most the backpressure bound, and what the reader wants ahead: after a large frame
         // only its next prefix, not the next body (which goes to its own memory).
         let (held, wanted) = c.state.withLock { ($0.held, $0.wanted) }
-        let limit = own == nil ? max(min(c.maxBuffered - held, wanted), 4096) : 0
-        if let e = backend.armReceive(c, limit: limit, own: own) {
+        let limit = max(min(c.maxBuffered - held, wanted), 4096)
+        let target = c.own != nil ? ownTarget(c, limit: limit) ?? .shared(limit: limit) : .shared(limit: limit)
+        if let e = backend.armReceive(c, target) {
             c.finishReceiving(eof: false, error: e)
             return
         }
         c.receive = .armed
         c.state.withLock { $0.receiving = true }
+    }
+
+    // MARK: - Adaptive receive
+
+    /// Sizes of receives into a connection's own memory: 32 KiB first, doubled after one that
+    /// came back full, halved after one that brought less than a quarter; below the least, the
+    /// connection is quiet and goes back to the shared buffers.
+    static var ownReceiveSizes: (least: Int, first: Int, most: Int) { (16 << 10, 32 << 10, 64 << 10) }
+    /// The size of a connection's receive region: four receives of the largest size.
+    static var ownRegionSize: Int { 4 * ownReceiveSizes.most }
+
+    /// A shared-buffer receive that brought this much in one completion means more was
+    /// waiting: the connection is busy, and receives into memory of its own from its next
+    /// receive on (frames then lie in one piece: views in place, no straddling copies, and the
+    /// shared buffers stay for the quiet connections).
+    private var busyReceive: Int { pool.size / 2 }
+
+    /// Memory of the connection's own for its receives, or nil when none can be had.
+    private func ownRegion() -> Region? {
+        guard let block = try? framePool.take(atLeast: Self.ownRegionSize) else { return nil }
+        return Region(block: block, pool: framePool)
+    }
+
+    /// Starts receiving into memory of the connection's own (busy, or the shared buffers ran
+    /// dry). False when no memory could be had.
+    private func useOwnMemory(_ c: LoopConnection) -> Bool {
+        if c.own != nil { return true }
+        guard let region = ownRegion() else { return false }
+        c.own = LoopConnection.OwnReceive(region: region, size: Self.ownReceiveSizes.first)
+        return true
+    }
+
+    /// The next receive into the connection's own memory: right after the last one, or from
+    /// the region's start again when nothing references it any more (its pages are warm), or in
+    /// a fresh region when this one has no room. Nil (and back to the shared buffers) when no
+    /// memory could be had.
+    private func ownTarget(_ c: LoopConnection, limit: Int) -> ReceiveTarget? {
+        let want = min(c.own!.size, limit)
+        if isKnownUniquelyReferenced(&c.own!.region) {
+            c.own!.fill = 0
+        } else if c.own!.region.capacity - c.own!.fill < want {
+            // No room: the spare region if nothing references it any more, else a fresh one;
+            // this one becomes the spare while its last bytes are read.
+            let next: Region
+            if c.own!.spare != nil && isKnownUniquelyReferenced(&c.own!.spare!) {
+                next = c.own!.spare!
+            } else if let fresh = ownRegion() {
+                next = fresh
+            } else {
+                c.own = nil
+                return nil
+            }
+            c.own!.spare = c.own!.region
+            c.own!.region = next
+            c.own!.fill = 0
+        }
+        let count = min(want, c.own!.region.capacity - c.own!.fill)
+        c.own!.asked = count
+        return .own(c.own!.region, offset: c.own!.fill, count: count)
+    }
+
+    /// After a receive into the connection's own memory brought `n` bytes: the next one asks
+    /// for more, less, or the connection goes back to the shared buffers.
+    private func adapt(_ c: LoopConnection, received n: Int) {
+        guard var own = c.own else { return }
+        let sizes = Self.ownReceiveSizes
+        if n >= own.asked {
+            own.size = min(2 * own.size, sizes.most)
+        } else if n < own.asked / 4 {
+            own.size /= 2
+            if own.size < sizes.least {
+                c.own = nil  // quiet: the shared buffers again (the region goes with its bytes)
+                return
+            }
+        }
+        own.fill += n
+        c.own = own
     }
 
     private func disarm(_ c: LoopConnection) {
@@ -221,6 +302,13 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     private func received(_ c: LoopConnection, _ bytes: ReceivedBytes?, _ end: ReceiveEnd) {
         let wasDisarming = c.receive == .disarming
         if end != .more { c.receive = .idle }
+        if let bytes {
+            switch bytes {
+            case .own(let region, _, let n) where c.own?.region === region: adapt(c, received: n)
+            case .shared(let s) where s.count >= busyReceive: _ = useOwnMemory(c)
+            default: break
+            }
+        }
         if let segment = bytes.map(segment) {
             if c.detached {
                 if end != .more { receiveEnded(c) }
@@ -298,23 +386,19 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         switch bytes {
         case .shared(let segment):
             return segment
-        case .own(let region, let n):
-            if n <= pool.size / 2, let exact = try? Region.standalone(capacity: n) {
-                exact.base.copyMemory(from: region.base, byteCount: n)
-                return Segment(owner: exact, base: exact.base, start: 0, end: n)
-            }
-            return Segment(owner: region, base: region.base, start: 0, end: n)
+        case .own(let region, let start, let n):
+            return Segment(owner: region, base: region.base, start: start, end: start + n)
         }
     }
 
-    /// The receive buffers ran out while `c` receives. One receive into memory of its own keeps
+    /// The receive buffers ran out while `c` receives. Receives into memory of its own keep
     /// the connection going: waiting for buffers could wait forever when views the application
     /// keeps hold them all. When not even that can be had, the connection waits for buffers
     /// (no busy loop); `receiving` stays set meanwhile: the loop owes it a receive and arms it
     /// when buffers come back, so the reader does not ask for one in vain.
     private func starve(_ c: LoopConnection) {
-        if let own = try? Region.standalone(capacity: pool.size) {
-            startReceive(c, own: own)
+        if useOwnMemory(c) {
+            startReceive(c)
             if c.receive == .armed { return }
         }
         c.receive = .starved

@@ -91,17 +91,23 @@ final class EpollLoopBackend: LoopBackend {
 
     // MARK: Operations
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         prepare(c)
-        c.kernel.ownMemory = own
-        setInterest(c, .receive)
+        if case .own(let region, let offset, let count) = target {
+            c.kernel.ownTarget = (region, offset, count)
+        } else {
+            c.kernel.ownTarget = nil
+        }
+        c.kernel.receiveArmed = true
+        if c.kernel.epollInterest != .receive { setInterest(c, .receive) }
         return nil
     }
 
     func disarmReceive(_ c: LoopConnection) {
-        guard c.kernel.epollInterest == .receive else { return }
+        guard c.kernel.receiveArmed else { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
-        c.kernel.ownMemory = nil
+        c.kernel.ownTarget = nil
         synthetic.append(.received(c, nil, .canceled))
     }
 
@@ -120,7 +126,7 @@ final class EpollLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {
-        if c.kernel.epollInterest != .receive && c.kernel.pendingRead == nil { setInterest(c, nil) }
+        if !c.kernel.receiveArmed && c.kernel.pendingRead == nil { setInterest(c, nil) }
     }
 
     func accept(_ l: Listener, count: Int) -> (armed: Int, error: Errno?) {
@@ -200,19 +206,32 @@ final class EpollLoopBackend: LoopBackend {
         return nil
     }
 
-    /// Readiness for a connection that receives: one read, into memory of its own if it was
-    /// given some, else into the receive buffer being filled.
+    /// Readiness for a connection that receives: one read, into its own memory if the receive
+    /// targets it, else into the receive buffer being filled.
     private func receive(_ c: LoopConnection, _ out: inout [LoopCompletion]) {
-        if let own = c.kernel.ownMemory {
-            let n = readNow(c, own.base, own.capacity)
+        guard c.kernel.receiveArmed else {
+            setInterest(c, nil)  // left in the set after a single-shot receive; nothing asked
+            return
+        }
+        if let own = c.kernel.ownTarget {
+            let n = readNow(c, own.region.base + own.offset, own.count)
             if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
-            c.kernel.ownMemory = nil
-            setInterest(c, nil)
-            out.append(n > 0 ? .received(c, .own(own, count: n), .done) : ended(c, n))
+            c.kernel.ownTarget = nil
+            if n > 0 {
+                // Single-shot; the descriptor stays in the epoll set for the next one (the
+                // machine usually asks for it at once; a readiness with nothing asked removes it).
+                c.kernel.receiveArmed = false
+                out.append(.received(c, .own(own.region, start: own.offset, count: n), .done))
+            } else {
+                c.kernel.receiveArmed = false
+                setInterest(c, nil)
+                out.append(ended(c, n))
+            }
             return
         }
         if current == nil || pool.size - currentOffset < 512 {
             guard let bid = free.popLast() else {
+                c.kernel.receiveArmed = false
                 setInterest(c, nil)
                 out.append(.received(c, nil, .noBuffers))
                 return
@@ -228,6 +247,7 @@ final class EpollLoopBackend: LoopBackend {
             return
         }
         if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
         out.append(ended(c, n))
     }
