@@ -226,6 +226,14 @@ struct SegmentBuffer: CoreBuffer {
 
     var buffered: Int { queue.bytes }
 
+    /// What keeps the first buffered bytes' memory alive (nil when nothing is buffered): held
+    /// while those bytes are lent in place.
+    var firstOwner: AnyObject? {
+        guard queue.bytes > 0 else { return nil }
+        let owner: AnyObject = queue.first.owner
+        return owner
+    }
+
     /// Appends what the loop received; returns the bytes copied to keep the queue short.
     mutating func appendAll(_ more: some Sequence<Segment>) -> Int {
         var copied = 0

@@ -123,10 +123,99 @@ public final class AsyncExactReader {
     }
 
     /// Reads exactly `count` bytes and lends them to `body` in place; as
-    /// `ExactReader.withExactly(_:_:)`.
+    /// `ExactReader.withExactly(_:_:)`: when they are already received and contiguous, `body`
+    /// gets them where they are (no view, no allocation, no reference counting); otherwise they
+    /// are read as `readExactly(_:)` reads them.
+    ///
+    /// - warning: The pointer is valid only inside `body`; do not escape it or write through
+    ///   it. The bytes are consumed even when `body` throws.
     nonisolated(nonsending) public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) async throws -> R {
+        precondition(count >= 0, "withExactly: count must not be negative (got \(count))")
+        if count <= core.buffer.buffered {
+            // Safety: `owner` keeps the received memory (a receive buffer is given back to the
+            // kernel when its last holder goes) until `body` returns.
+            let owner = core.buffer.firstOwner
+            if let bytes = core.takeStaged(count) { return try withExtendedLifetime(owner) { try body(bytes) } }
+        }
         let view = try await readExactly(count)
         return try view.withUnsafeBytes(body)
+    }
+
+    // MARK: - Borrowing frames
+
+    /// Reads the next length-prefixed frame and lends its body to `body` as a `RawSpan`; as
+    /// `ExactReader.withNextFrame(prefix:_:)`: when the frame is already received in one piece
+    /// (the common case for small frames), no view, allocation, copy or reference counting.
+    ///
+    /// - Returns: What `body` returned, or nil at a clean end of stream before a frame.
+    /// - Throws: What `readFrame(prefix:)` throws (the frame is then not consumed, and `body`
+    ///   is not called), or what `body` throws (the frame is consumed).
+    nonisolated(nonsending) public func withNextFrame<R>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> R
+    ) async throws -> R? {
+        if let lent = try lendStagedFrame(AnyPrefix(prefix: prefix), body) { return lent.value }
+        guard let view = try await readFrame(prefix: prefix) else { return nil }
+        return try view.withUnsafeBytes { p in try body(RawSpan(_unsafeBytes: p)) }
+    }
+
+    /// Calls `body` with each frame of the stream in turn, as `withNextFrame(prefix:_:)` lends
+    /// it, until the stream ends cleanly between frames: every frame already received is lent
+    /// in place, one after the other, before the reader waits again.
+    ///
+    /// - Returns: The number of frames `body` was called with.
+    /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    @discardableResult
+    nonisolated(nonsending) public func forEachFrame(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Void
+    ) async throws -> Int {
+        try await forEachFrame(prefix: prefix) { (frame: RawSpan) throws -> Bool in
+            try body(frame)
+            return true
+        }
+    }
+
+    /// `forEachFrame(prefix:_:)` while `body` returns true: false stops after that frame (the
+    /// rest stays unread). As for `ExactReader`, the closure must say it returns `Bool`.
+    @_disfavoredOverload
+    @discardableResult
+    nonisolated(nonsending) public func forEachFrame(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Bool
+    ) async throws -> Int {
+        switch prefix {
+        case .uint32(let e): return try await frameLoop(prefix, FixedWidthPrefix<UInt32>(bigEndian: e == .bigEndian), body)
+        case .varint: return try await frameLoop(prefix, VarintPrefix(), body)
+        default: return try await frameLoop(prefix, AnyPrefix(prefix: prefix), body)
+        }
+    }
+
+    nonisolated(nonsending) private func frameLoop<D: PrefixDecoder>(
+        _ prefix: LengthPrefix, _ decoder: D, _ body: (RawSpan) throws -> Bool
+    ) async throws -> Int {
+        var frames = 0
+        while true {
+            while let lent = try lendStagedFrame(decoder, body) {
+                frames += 1
+                if !lent.value { return frames }
+            }
+            guard let view = try await readFrame(prefix: prefix) else { return frames }
+            frames += 1
+            if !(try view.withUnsafeBytes { p in try body(RawSpan(_unsafeBytes: p)) }) { return frames }
+        }
+    }
+
+    /// The next frame lent in place when it is received in one piece: `body`'s result (boxed,
+    /// so that an optional result is not mistaken for "no frame"), or nil.
+    private func lendStagedFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
+        guard core.buffer.buffered > 0 else { return nil }
+        // Safety: `owner` keeps the frame's received memory (a receive buffer goes back to the
+        // kernel when its last holder goes) until `body` returns; the bytes are consumed.
+        let owner = core.buffer.firstOwner
+        guard let bytes = core.takeStagedFrame(decoder) else { return nil }
+        return Lent(value: try withExtendedLifetime(owner) { try body(RawSpan(_unsafeBytes: bytes)) })
+    }
+
+    private struct Lent<T> {
+        let value: T
     }
 
     /// Reads between 1 and `maxCount` bytes; as `ExactReader.read(upTo:)`.
