@@ -231,6 +231,8 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// shared buffers stay for the quiet connections).
     private var busyReceive: Int { pool.size / 2 }
 
+    let adaptiveReceive = getenv("EXACTIO_NO_ADAPTIVE") == nil
+
     /// Memory of the connection's own for its receives, or nil when none can be had.
     private func ownRegion() -> Region? {
         guard let block = try? framePool.take(atLeast: Self.ownRegionSize) else { return nil }
@@ -305,7 +307,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         if let bytes {
             switch bytes {
             case .own(let region, _, let n) where c.own?.region === region: adapt(c, received: n)
-            case .shared(let s) where s.count >= busyReceive: _ = useOwnMemory(c)
+            case .shared(let s) where s.count >= busyReceive && adaptiveReceive: _ = useOwnMemory(c)
             default: break
             }
         }
