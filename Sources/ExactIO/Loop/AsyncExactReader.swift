@@ -38,6 +38,8 @@ public final class AsyncExactReader {
     // access overlaps another (each core step is synchronous; awaits happen between steps).
     @exclusivity(unchecked) var core: ReaderCore<SegmentBuffer>
     let connection: LoopConnection
+    /// `statistics.bytesCopied` when the reader last took what the loop received.
+    @exclusivity(unchecked) private var copiedAtLastLook = 0
     /// The deadline of the call in progress (CLOCK_MONOTONIC ns), 0 for none.
     @exclusivity(unchecked) private var deadline: Int64 = 0
     private var contacted = false
@@ -300,8 +302,14 @@ public final class AsyncExactReader {
         // follows a reset must not overtake the reset).
         let errorWaiting = core.pendingError != nil
         let wanted = core.readAhead
+        // Frames that straddled receive buffers were copied since the last look: this
+        // connection's frames would rather lie in memory of its own (the loop's adaptive
+        // receive).
+        let straddled = core.statistics.bytesCopied - copiedAtLastLook >= LoopConnection.straddleCopies
+        copiedAtLastLook = core.statistics.bytesCopied
         let (segments, copied, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
             s.wanted = wanted
+            if straddled { s.framesStraddle = true }
             let segments = s.received.takeAll()
             let copied = s.copied
             s.copied = 0

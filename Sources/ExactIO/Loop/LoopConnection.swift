@@ -79,6 +79,9 @@ final class LoopConnection: @unchecked Sendable {
         var shutDown = false
         /// A receive is armed (or owed by the loop): the reader need not ask again.
         var receiving = false
+        /// The reader copied frames that straddled receive buffers: its receives should go to
+        /// memory of its own (`LoopMachine`'s adaptive receive).
+        var framesStraddle = false
         /// How much the reader wants received ahead (its read-ahead: a page after a large frame,
         /// whose next body goes straight to its own memory; the staging capacity otherwise).
         var wanted = Int.max
@@ -121,6 +124,11 @@ final class LoopConnection: @unchecked Sendable {
     /// Receives into memory of the connection's own (`LoopMachine`'s adaptive receive): set
     /// while the connection is busy or the shared buffers ran dry; nil: the shared buffers.
     var own: OwnReceive? = nil
+    /// The last shared-buffer receive brought half a buffer or more at once.
+    var busy = false
+    /// Bytes of straddling frames a reader copies between two looks that make its receives
+    /// go to memory of its own (with `busy`; see `LoopMachine.startReceive`).
+    static let straddleCopies = 16 << 10
 
     /// A busy connection's receive memory: each receive lands right after the last one, so that
     /// frames lie in one piece and are views in place; reused from its start once nothing

@@ -205,7 +205,11 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     private func startReceive(_ c: LoopConnection) {
         // At most the backpressure bound, and what the reader wants ahead: after a large frame
         // only its next prefix, not the next body (which goes to its own memory).
-        let (held, wanted) = c.state.withLock { ($0.held, $0.wanted) }
+        let (held, wanted, straddle) = c.state.withLock { s in
+            defer { s.framesStraddle = false }
+            return (s.held, s.wanted, s.framesStraddle)
+        }
+        if straddle && c.busy { _ = useOwnMemory(c) }
         let limit = max(min(c.maxBuffered - held, wanted), 4096)
         let target = c.own != nil ? ownTarget(c, limit: limit) ?? .shared(limit: limit) : .shared(limit: limit)
         if let e = backend.armReceive(c, target) {
@@ -225,13 +229,12 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// The size of a connection's receive region: four receives of the largest size.
     static var ownRegionSize: Int { 4 * ownReceiveSizes.most }
 
-    /// A shared-buffer receive that brought this much in one completion means more was
-    /// waiting: the connection is busy, and receives into memory of its own from its next
-    /// receive on (frames then lie in one piece: views in place, no straddling copies, and the
-    /// shared buffers stay for the quiet connections).
+    /// A connection receives into memory of its own when it is busy (a shared-buffer receive
+    /// brought half a buffer at once: more was waiting) and its frames straddle the shared
+    /// buffers (its reader copied at least `straddleCopies` bytes of such frames since it last
+    /// looked): its frames then lie in one piece, views in place. Small frames that rarely
+    /// straddle stay in the shared buffers, which cost no page of a connection's own.
     private var busyReceive: Int { pool.size / 2 }
-
-    let adaptiveReceive = getenv("EXACTIO_NO_ADAPTIVE") == nil
 
     /// Memory of the connection's own for its receives, or nil when none can be had.
     private func ownRegion() -> Region? {
@@ -307,7 +310,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         if let bytes {
             switch bytes {
             case .own(let region, _, let n) where c.own?.region === region: adapt(c, received: n)
-            case .shared(let s) where s.count >= busyReceive && adaptiveReceive: _ = useOwnMemory(c)
+            case .shared(let s): c.busy = s.count >= busyReceive
             default: break
             }
         }
