@@ -124,7 +124,7 @@ public final class IOLoop: @unchecked Sendable {
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
     private var driver: (any LoopDriving)! = nil
     /// Set for a loop without a thread, run by the fuzz harness (`LoopHarness`).
-    private(set) var manual: LoopHarness? = nil
+    private(set) weak var manual: LoopHarness? = nil
     private let inbox = Locked(Inbox())
     private let sleeping = Atomic<Bool>(false)
     private let stats = Locked(Statistics())
@@ -173,7 +173,7 @@ public final class IOLoop: @unchecked Sendable {
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         self.manual = harness
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
-        driver = LoopMachine(backend: harness.backend, pool: pool, framePool: framePool, waker: waker, now: { [unowned harness] in harness.now() }, count: count)
+        driver = LoopMachine(backend: harness.backend, pool: pool, framePool: framePool, waker: waker, now: { [clock = harness.clock] in clock.now() }, count: count)
         backend = .posix
     }
 

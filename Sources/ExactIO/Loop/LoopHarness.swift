@@ -58,7 +58,7 @@ public final class LoopHarness: @unchecked Sendable {
     private var current: ReceiveBuffer? = nil
     private var currentOffset = 0
     /// The machine's clock: real time, or past every deadline while a timeout is played.
-    private var clockPastDeadlines = false
+    let clock = HarnessClock()
 
     public init(
         stream: [UInt8], stagingCapacity: Int, maxFrameLength: Int,
@@ -89,10 +89,6 @@ public final class LoopHarness: @unchecked Sendable {
         }
     }
 
-    /// The machine's clock.
-    func now() -> Int64 {
-        clockPastDeadlines ? Int64.max / 2 : monotonicNanoseconds()
-    }
 
     // MARK: - The reader's calls
 
@@ -211,9 +207,9 @@ public final class LoopHarness: @unchecked Sendable {
 
     /// The machine's timers fire as if every deadline had passed.
     private func passDeadlines() {
-        clockPastDeadlines = true
+        clock.pastDeadlines = true
         loop.runManualTurn()
-        clockPastDeadlines = false
+        clock.pastDeadlines = false
     }
 
     /// The next stream bytes arrive for the armed receive, in segments of `sizes`, written
@@ -260,6 +256,14 @@ public final class LoopHarness: @unchecked Sendable {
         memset(loop.pool.address(bid), 0xA5, loop.pool.size)
         return ReceiveBuffer(pool: loop.pool, bid: bid)
     }
+}
+
+/// The harness loop's clock: real time, or past every deadline while the script plays a
+/// timeout. Shared with the loop's machine, which may outlive the harness by a moment.
+final class HarnessClock: @unchecked Sendable {
+    // @unchecked Sendable: used by the one thread that runs the harness's calls.
+    var pastDeadlines = false
+    func now() -> Int64 { pastDeadlines ? Int64.max / 2 : monotonicNanoseconds() }
 }
 
 /// Runs each job at once, on the thread that enqueues it (the harness's calls never suspend).
