@@ -18,6 +18,7 @@ extension IOLoop {
     ///
     /// - Parameters:
     ///   - options: The loop's options.
+    ///   - isolation: The actor `body` runs on: the caller's, by default.
     ///   - body: Runs with the loop; what it returns is returned.
     /// - Throws: What `init(options:)` throws, or what `body` throws (after the shutdown).
     public static func withLoop<Result>(

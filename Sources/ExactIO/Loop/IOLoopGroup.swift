@@ -59,6 +59,7 @@ public final class IOLoopGroup: Sendable {
     /// - Parameters:
     ///   - count: Loops in the group; default one per online core.
     ///   - options: Every loop's options.
+    ///   - isolation: The actor `body` runs on: the caller's, by default.
     ///   - body: Runs with the group; what it returns is returned.
     /// - Throws: What `IOLoop.init(options:)` throws (the loops already made are shut down
     ///   first), or what `body` throws (after the shutdown).
