@@ -39,9 +39,10 @@ import SystemPackage
 /// `loop.withConnection(fd) { reader, writer in … }`, closes it at its end). The handler is
 /// called for every accepted connection, also while the server is being cancelled.
 ///
-/// **Graceful shutdown** (`ServiceGroup`'s graceful shutdown, e.g. on SIGTERM, or
-/// `gracefulShutdown()` in the task that runs the server): the server stops accepting at
-/// once, and running handlers get `Configuration.gracePeriod` to finish. A handler sees the
+/// **Graceful shutdown** (the `ServiceGroup`'s, on one of its signals such as SIGTERM or on
+/// `triggerGracefulShutdown()`): the server stops accepting at once and closes its listeners
+/// (connections still in their backlog are refused), and running handlers get
+/// `Configuration.gracePeriod` to finish. A handler sees the
 /// shutdown through `Connection.isShuttingDown`, through `Connection.frames(from:prefix:)`
 /// (which ends at the next frame boundary: a frame that has begun to arrive is read whole, a
 /// connection waiting for its next frame ends at once), or through swift-service-lifecycle's
@@ -232,14 +233,15 @@ public final class ExactIOServer: Service, Sendable {
             s = .running
             return l
         }
+        let run = ServerRun(server: self, metrics: ServerMetrics(configuration))
         defer {
-            release(listeners)
+            // Listeners handed to the acceptors are closed by them, as accepting stops.
+            release(run.served.load(ordering: .relaxed) ? [] : listeners)
             state.withLock { $0 = .finished }
         }
         var loopOptions = configuration.loopOptions
         if loopOptions.logger == nil { loopOptions.logger = configuration.logger }
         let logger = configuration.logger
-        let run = ServerRun(server: self, metrics: ServerMetrics(configuration))
         try await IOLoopGroup.withLoopGroup(count: configuration.loopCount, options: loopOptions) { group in
             logger?.debug(
                 "ExactIO server started",
@@ -279,6 +281,8 @@ public final class ExactIOServer: Service, Sendable {
 private final class ServerRun: Sendable {
     let server: ExactIOServer
     let stop = StopSignal()
+    /// The listeners were handed to the acceptors, which close them when accepting stops.
+    let served = Atomic<Bool>(false)
     let metrics: ServerMetrics
     /// A listener that failed for good (thrown by `run()` at the end).
     let failure = Mutex<(any Error)?>(nil)
@@ -292,6 +296,7 @@ private final class ServerRun: Sendable {
 
     /// Accepts on every listener until the stop, then drains; reports metrics meanwhile.
     func serve(_ group: IOLoopGroup, _ listeners: [FileDescriptor]) async {
+        served.store(true, ordering: .relaxed)
         await withDiscardingTaskGroup { tasks in
             if let interval = server.configuration.metricsInterval {
                 tasks.addTask { [metrics] in
@@ -341,6 +346,10 @@ private final class ServerRun: Sendable {
                 }
             }
             stop.fire()  // the other listeners stop too: the server is ending
+            // Accepting stopped: the listener goes now, so that connections in its backlog are
+            // refused at once (not when the handlers are done), and a successor may bind.
+            accepting.finish()
+            try? listener.close()
             let deadline = stop.deadline(grace: server.configuration.gracePeriod)
             if await !active.waitForZero(until: deadline) {
                 let left = active.count
@@ -370,10 +379,16 @@ private final class ServerRun: Sendable {
 private final class AcceptingIterator: @unchecked Sendable {
     // @unchecked Sendable: `iterator` is used by one task at a time: `next(unless:)` waits for
     // the child task that uses it before it returns, and is not called concurrently.
-    var iterator: AcceptedConnections.Iterator
+    private var iterator: AcceptedConnections.Iterator?
 
     init(_ iterator: AcceptedConnections.Iterator) {
         self.iterator = iterator
+    }
+
+    /// Stops accepting: the loop lets go of the listener, and closes what it accepted that was
+    /// not taken.
+    func finish() {
+        iterator = nil
     }
 
     private enum Outcome: Sendable {
@@ -384,9 +399,9 @@ private final class AcceptingIterator: @unchecked Sendable {
     /// The next accepted connection, or nil when the sequence ended or `stop` fired (the
     /// accept is then abandoned: a connection it had accepted is closed).
     func next(unless stop: StopSignal) async throws -> FileDescriptor? {
-        if stop.isStopping { return nil }
+        if stop.isStopping || iterator == nil { return nil }
         return try await withThrowingTaskGroup(of: Outcome.self) { group in
-            group.addTask { .accepted(try await self.iterator.next()) }
+            group.addTask { .accepted(try await self.iterator?.next()) }
             group.addTask {
                 await stop.wait()
                 return .stopped

@@ -264,7 +264,18 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
             // The connections between frames end now; the one in a frame does not.
             #expect(await idle.isClosedByServer())
             #expect(await done.isClosedByServer())
-            try await Task.sleep(for: .milliseconds(200))
+            // The listeners are closed: new connections are refused (once the loops let go of
+            // their duplicates), while the handler in a frame goes on.
+            var refused = false
+            for _ in 0..<500 where !refused {
+                do {
+                    try Client(port: port).close()
+                    try await Task.sleep(for: .milliseconds(10))
+                } catch Errno.connectionRefused {
+                    refused = true
+                }
+            }
+            #expect(refused)
             #expect(ledger.snapshot.running == 1)
             try await busy.send(Array(last[5000...]))
             clientAcked.insert(try #require(try await busy.ack()))
