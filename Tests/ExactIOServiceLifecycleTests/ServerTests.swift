@@ -469,4 +469,45 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
             try ExactIOServer(configuration: .init(endpoint: .tcp(host: "127.0.0.1", port: port), loopCount: 2)) { _ in }
         }
     }
+
+    /// A listener that fails for good (here: shut down under the server, so that accepting
+    /// fails with EINVAL) stops the server like a graceful shutdown: accepting ends everywhere,
+    /// a handler in a frame finishes it, and run() throws the listener's error.
+    @Test(arguments: serverBackends)
+    func aFailedListenerStopsTheServerAndIsThrown(backend: ExactReader.Backend) async throws {
+        let ledger = Ledger()
+        let server = try ExactIOServer(configuration: configuration(backend), handler: ackHandler(ledger))
+        let port = try #require(server.port)
+        try await withThrowingTaskGroup(of: Void.self) { tasks in
+            tasks.addTask { try await server.run() }
+            let busy = try Client(port: port)
+            defer { busy.close() }
+            try await busy.send(frame(id: 1))
+            #expect(try await busy.ack() == 1)
+            // Half of frame 2, received by the loop (as in gracefulShutdownDrainsInFlightFrames).
+            let loop = try #require(ledger.snapshot.loopOf[1])
+            try await Task.sleep(for: .milliseconds(50))
+            let completions = loop.statistics.completions
+            let last = frame(id: 2, extra: 10_000)
+            try await busy.send(Array(last[..<5000]))
+            try await eventually { loop.statistics.completions > completions }
+            // Every listening socket on the port (the server's and the loops' duplicates).
+            var listening = 0
+            for fd in Int32(0)..<4096 {
+                var on: Int32 = 0
+                var len = socklen_t(4)
+                guard getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &on, &len) == 0, on == 1,
+                      (try? IOLoop.localPort(of: FileDescriptor(rawValue: fd))) == port else { continue }
+                shutdown(fd, Int32(SHUT_RD))
+                listening += 1
+            }
+            #expect(listening >= 1)
+            try await busy.send(Array(last[5000...]))
+            #expect(try await busy.ack() == 2)
+            #expect(await busy.isClosedByServer())
+            await #expect(throws: Errno.self) { try await tasks.next() }
+        }
+        #expect(ledger.snapshot.acked == [1, 2])
+        #expect(ledger.snapshot.cancelled == 0)
+    }
 }
