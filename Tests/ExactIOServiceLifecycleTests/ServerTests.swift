@@ -76,7 +76,7 @@ struct Client {
         let domain = path == nil ? AF_INET : AF_UNIX
         let s = socket(domain, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard s >= 0 else { throw Errno(rawValue: errno) }
-        var timeout = timeval(tv_sec: 60, tv_usec: 0)  // no test hangs on a lost ack
+        var timeout = timeval(tv_sec: 300, tv_usec: 0)  // no test hangs for good on a lost ack
         setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         let ok: Bool
         if let path {
@@ -208,7 +208,7 @@ func ackHandler(_ ledger: Ledger, maxFrameLength: Int = 1 << 20) -> @Sendable (E
 }
 
 /// Waits (polling) until `condition` holds, at most `seconds`.
-func eventually(_ seconds: Double = 60, _ condition: () -> Bool) async throws {
+func eventually(_ seconds: Double = 300, _ condition: () -> Bool) async throws {
     let deadline = ContinuousClock.now + .seconds(seconds)
     while !condition() && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
 }
@@ -217,7 +217,7 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
 
 @Suite struct ServerTests {
     func configuration(
-        _ backend: ExactReader.Backend, grace: Duration = .seconds(60), metrics: TestMetrics? = nil, loops: Int = 2
+        _ backend: ExactReader.Backend, grace: Duration = .seconds(3600), metrics: TestMetrics? = nil, loops: Int = 2
     ) -> ExactIOServer.Configuration {
         .init(
             endpoint: .tcp(host: "127.0.0.1", port: 0), loopCount: loops, loopOptions: .init(backend: backend),
@@ -267,7 +267,8 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
             // The listeners are closed: new connections are refused (once the loops let go of
             // their duplicates), while the handler in a frame goes on.
             var refused = false
-            for _ in 0..<500 where !refused {
+            let patience = ContinuousClock.now + .seconds(300)
+            while !refused && ContinuousClock.now < patience {
                 do {
                     try Client(port: port).close()
                     try await Task.sleep(for: .milliseconds(10))
@@ -281,7 +282,9 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
             clientAcked.insert(try #require(try await busy.ack()))
             #expect(await busy.isClosedByServer(), "the connection ends at the frame boundary after frame 21")
             try await tasks.next()
-            #expect(ContinuousClock.now - started < .seconds(30), "the run ended long before the 60 s grace period")
+            // Long before the hour of grace (the whole suite in parallel can starve the
+            // cooperative pool for many seconds: no tighter bound), and nothing was cancelled.
+            #expect(ContinuousClock.now - started < .seconds(600))
             let s = ledger.snapshot
             #expect(clientAcked == Set(1...21).union(101...105))
             #expect(s.acked == clientAcked)
@@ -359,7 +362,7 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
     @Test(arguments: serverBackends)
     func shutdownWithIdleConnectionsCompletes(backend: ExactReader.Backend) async throws {
         let ledger = Ledger()
-        let server = try ExactIOServer(configuration: configuration(backend, grace: .seconds(120)), handler: ackHandler(ledger))
+        let server = try ExactIOServer(configuration: configuration(backend), handler: ackHandler(ledger))
         let port = try #require(server.port)
         try await testGracefulShutdown { trigger in
             try await withThrowingTaskGroup(of: Void.self) { tasks in
@@ -371,7 +374,7 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
                 let t0 = ContinuousClock.now
                 trigger.triggerGracefulShutdown()
                 try await tasks.next()
-                #expect(ContinuousClock.now - t0 < .seconds(30))
+                #expect(ContinuousClock.now - t0 < .seconds(600), "long before the hour of grace")
                 for c in clients { #expect(await c.isClosedByServer()) }
             }
         }
@@ -400,7 +403,7 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
                 trigger.triggerGracefulShutdown()
                 try await tasks.next()
                 let took = ContinuousClock.now - t0
-                #expect(took >= .milliseconds(250) && took < .seconds(30), "\(took)")
+                #expect(took >= .milliseconds(250) && took < .seconds(600), "\(took)")
                 #expect(await stuck.isClosedByServer())
             }
         }
@@ -412,7 +415,7 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
     /// Cancelling the task that runs the server cancels the handlers at once (no grace).
     @Test func cancellingTheRunCancelsTheHandlers() async throws {
         let ledger = Ledger()
-        let server = try ExactIOServer(configuration: configuration(.automatic, grace: .seconds(120)), handler: ackHandler(ledger))
+        let server = try ExactIOServer(configuration: configuration(.automatic), handler: ackHandler(ledger))
         let port = try #require(server.port)
         let run = Task { try await server.run() }
         let stuck = try Client(port: port)
@@ -422,7 +425,7 @@ let quietLogger = Logger(label: "exactio-test") { _ in SwiftLogNoOpLogHandler() 
         let t0 = ContinuousClock.now
         run.cancel()
         try await run.value
-        #expect(ContinuousClock.now - t0 < .seconds(30))
+        #expect(ContinuousClock.now - t0 < .seconds(600), "long before the hour of grace")
         #expect(ledger.snapshot.cancelled == 1)
         #expect(await stuck.isClosedByServer())
     }
