@@ -49,7 +49,10 @@ import SystemPackage
 /// own `Task.isShuttingDownGracefully`, `withGracefulShutdownHandler` and
 /// `cancelOnGracefulShutdown()`, which work in handlers (they run in the server's task tree).
 /// When the grace period ends, the handlers still running are cancelled (their reads throw
-/// `CancellationError`); when they have returned, the loops shut down and `run()` returns.
+/// `CancellationError`); when they have returned, the loops shut down and `run()` returns (a
+/// handler that ignores cancellation holds `run()` until it returns). A frame none of whose
+/// bytes the loop had received when the shutdown began is not read: it was not acknowledged,
+/// and its peer sends it again to the next server.
 /// Cancelling the task that runs the server cancels every handler at once, with no grace.
 ///
 /// **A listener that fails for good** (its accept sequence throws) stops the server the same
