@@ -1,3 +1,4 @@
+import Logging
 import SystemPackage
 
 // The loop's decisions, written once for every kernel backend: the table of connections and
@@ -44,6 +45,8 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     private var stopping = false
     /// The kernel interface failed for good (`failForGood`): commands are answered with it.
     private(set) var failure: Errno? = nil
+    /// `IOLoop.Options.logger`: accept pauses and failures, the kernel interface failing.
+    var logger: Logger? = nil
 
     /// Accepting pauses for 10 ms after a shortage, doubling up to a second while it lasts.
     static var acceptBackoff: (first: Int64, last: Int64) { (10_000_000, 1_000_000_000) }
@@ -497,6 +500,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         let (armed, error) = backend.accept(l, count: wanted)
         l.inFlight += armed
         if let error, l.inFlight == 0 {
+            logger?.debug("ExactIO listener failed", metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(error)"])
             l.queue.finish(throwing: error)
             release(l)
         }
@@ -529,8 +533,9 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 break
             case .tooManyOpenFiles, .tooManyOpenFilesInSystem, .noBufferSpace, .noMemory:
                 // A shortage: nothing is re-armed until a pause is over.
-                if l.retryAt == 0 { retryAcceptLater(l) }
+                if l.retryAt == 0 { retryAcceptLater(l, after: e) }
             default:
+                logger?.debug("ExactIO listener failed", metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(e)"])
                 l.queue.finish(throwing: e)
                 stopAccepting(l)
             }
@@ -547,10 +552,13 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     /// Accepting on `l` stopped for a shortage: it starts again after a pause that doubles
     /// while the shortage lasts (no busy loop at the descriptor limit).
-    private func retryAcceptLater(_ l: Listener) {
+    private func retryAcceptLater(_ l: Listener, after error: Errno) {
         l.backoff = l.backoff == 0 ? Self.acceptBackoff.first : min(2 * l.backoff, Self.acceptBackoff.last)
         l.retryAt = now() + l.backoff
         timers.insert(l.retryAt, .acceptRetry(l))
+        logger?.debug(
+            "ExactIO accepting paused",
+            metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(error)", "exactio.pause_ms": "\(l.backoff / 1_000_000)"])
     }
 
     // MARK: - Timers
@@ -695,6 +703,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// requests the kernel can no longer confirm.
     func failForGood(_ error: Errno) {
         failure = error
+        logger?.error("ExactIO loop failed: its kernel interface returned an error", metadata: ["exactio.error": "\(error)"])
         for case let entry? in entries {
             switch entry {
             case .connection(let c):
