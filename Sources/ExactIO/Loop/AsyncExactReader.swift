@@ -54,7 +54,13 @@ public final class AsyncExactReader {
     ///     timeout; `backend` is ignored (the loop's is used).
     /// - Throws: `InvalidOptionError`; `Errno` as for `ExactReader.init` (a datagram socket is
     ///   `Errno.protocolWrongTypeForSocket`); `Errno.canceled` when the loop was shut down.
-    public init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
+    public convenience init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
+        try self.init(fd, loop: loop, options: options, sender: nil)
+    }
+
+    /// A reader whose connection has a send side too (`sender`: the writer's, for
+    /// `IOLoop.withConnection`; nil: a reader alone).
+    init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options, sender: LoopSender?) throws {
         try options.validate()
         let type = try BackendSelection.fileType(fd)
         if type == S_IFSOCK { try BackendSelection.requireStreamSocket(fd) }
@@ -65,7 +71,7 @@ public final class AsyncExactReader {
         self.options = options
         self.connection = LoopConnection(
             fd: try OwnedDescriptor(duplicating: fd), loop: loop, isSocket: type == S_IFSOCK,
-            maxBuffered: loop.options.maxBufferedBytesPerConnection)
+            maxBuffered: loop.options.maxBufferedBytesPerConnection, sender: sender)
         let capacity = try Block.roundedCapacity(options.stagingCapacity)
         self.core = ReaderCore(
             buffer: SegmentBuffer(nominalCapacity: capacity), pool: loop.framePool,
@@ -77,7 +83,11 @@ public final class AsyncExactReader {
     }
 
     deinit {
-        if contacted {
+        if let sender = connection.sender {
+            // Shared with a writer: the loop closes the descriptor when both are gone.
+            sender.leave()
+            loop.send(.detach(connection))
+        } else if contacted {
             loop.send(.detach(connection))  // the loop closes its descriptor when it is done
         } else {
             connection.fd.close()

@@ -118,6 +118,9 @@ public final class IOLoop: @unchecked Sendable {
         public var wakeups = 0
         /// Receives that found the buffer pool empty and waited for buffers to come back.
         public var starvations = 0
+        /// Send requests submitted (io_uring) or `sendmsg(2)` calls (epoll), for every
+        /// `AsyncExactWriter` on the loop.
+        public var sends = 0
         /// All counters at zero.
         public init() {}
     }
@@ -382,6 +385,21 @@ public final class IOLoop: @unchecked Sendable {
         send(.injectFailures(count: count, errno: errno))
     }
 
+    /// Test seam: the loop's zero-copy notifications are held back while `hold` is true (and
+    /// delivered when it is set back to false), as if the kernel kept the memory longer: the
+    /// views of zero-copy sends must stay held meanwhile. io_uring only.
+    @_spi(Testing)
+    public func holdZeroCopyNotifications(_ hold: Bool) {
+        send(.holdNotifications(hold))
+    }
+
+    /// Test seam: the loop treats zero-copy sends as absent from then on (as when the probe at
+    /// ring setup finds no SEND_ZC).
+    @_spi(Testing)
+    public func refuseZeroCopy() {
+        send(.refuseZeroCopy)
+    }
+
     /// The loop's thread (for tests that signal it).
     var threadHandle: pthread_t? { thread }
 
@@ -411,11 +429,25 @@ public final class IOLoop: @unchecked Sendable {
             c.largeReadProgress(0, finished: true, error: .canceled)
             c.interrupt(shutDown: true)
         case .detach(let c):
-            c.fd.close()
+            // A connection with a writer closes when the last of its reader and writer goes.
+            if c.sender?.everyoneLeft ?? true { c.fd.close() }
         case .listen(let l):
             l.queue.finish()
             l.fd.close()
-        case .unlisten, .resumeAccept, .injectFailures:
+        case .send(let c):
+            c.sender?.wake { s in
+                s.shutDown = true
+                if s.request != nil && !s.request!.done {
+                    s.request!.done = true
+                    s.request!.error = .canceled
+                }
+            }
+        case .detachSender(let c):
+            if c.sender?.everyoneLeft ?? true { c.fd.close() }
+        case .closeConnection(let c, let k):
+            c.fd.close()
+            k.resume()
+        case .unlisten, .resumeAccept, .injectFailures, .cancelSend, .sendDeadline, .holdNotifications, .refuseZeroCopy:
             break
         case .inspect(let reply):
             reply("(the loop has shut down)")
@@ -528,6 +560,19 @@ enum LoopCommand {
     case inspect(@Sendable (String) -> Void)
     /// Test seam: the next waits in the kernel fail.
     case injectFailures(count: Int, errno: Int32)
+    /// Send the request the writer published (`LoopSender.Shared.request`).
+    case send(LoopConnection)
+    /// End the writer's send in flight early.
+    case cancelSend(LoopConnection)
+    /// Watch the writer's deadline.
+    case sendDeadline(LoopConnection)
+    /// The writer is gone.
+    case detachSender(LoopConnection)
+    /// `withConnection` ends: reader and writer are gone; resume once the descriptor is closed.
+    case closeConnection(LoopConnection, CheckedContinuation<Void, Never>)
+    /// Test seams: hold zero-copy notifications back (or release them); treat zero-copy as absent.
+    case holdNotifications(Bool)
+    case refuseZeroCopy
     case shutdown(CheckedContinuation<Void, Never>)
 }
 

@@ -33,6 +33,8 @@ struct LoopToken: Equatable {
 struct LoopTag: RawRepresentable {
     enum Kind: UInt64 {
         case receive = 1, read, cancel, accept, wake, cancelAll
+        /// A send, and a zero-copy send (whose token names the backend's record of it).
+        case send, sendZC
     }
     let rawValue: UInt64
 
@@ -59,6 +61,9 @@ final class LoopConnection: @unchecked Sendable {
     let loop: IOLoop
     let isSocket: Bool
     let maxBuffered: Int
+    /// The send side, when the connection has a writer (`AsyncExactWriter`); a connection of
+    /// `IOLoop.withConnection` has a reader and a writer.
+    let sender: LoopSender?
 
     /// What the reader and the loop share.
     struct State {
@@ -164,11 +169,19 @@ final class LoopConnection: @unchecked Sendable {
     }
     var kernel = KernelState()
 
-    init(fd: OwnedDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int) {
+    init(fd: OwnedDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int, sender: LoopSender? = nil) {
         self.fd = fd
         self.loop = loop
         self.isSocket = isSocket
         self.maxBuffered = maxBuffered
+        self.sender = sender
+    }
+
+    /// The writer is gone too, or there is none, and nothing of its sends is in the kernel
+    /// (zero-copy notifications aside: they need the memory, not the descriptor).
+    var senderDone: Bool {
+        guard let sender else { return true }
+        return sender.gone && sender.phase == .idle
     }
 
     func tag(_ kind: LoopTag.Kind) -> UInt64 {

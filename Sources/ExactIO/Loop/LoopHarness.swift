@@ -322,6 +322,19 @@ final class ScriptedLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {}
+
+    // Sending: the scripted kernel takes every send whole at the next turn (the fuzz target
+    // drives readers only; writers run against the real backends in the tests).
+    var supportsZeroCopy: Bool { false }
+    func send(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>, zeroCopy: Bool, id: UInt32) -> Errno? {
+        counters.sends += 1
+        complete(.sent(c, count: iov.reduce(0) { $0 + $1.iov_len }, error: nil, notification: false))
+        return nil
+    }
+    func cancelSend(_ c: LoopConnection) {}
+    func holdNotifications(_ hold: Bool) {}
+    func refuseZeroCopy() {}
+
     func accept(_ l: Listener, count: Int) -> (armed: Int, error: Errno?) { (0, .notSupported) }
     func cancelAccepts(_ l: Listener) {}
     func giveBack(_ bids: [UInt16]) { free.append(contentsOf: bids) }

@@ -31,18 +31,21 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     let framePool: MemoryPool
     let waker: Waker
     /// Counts what the machine and its backend do (the loop publishes them once per turn).
-    private let count: ((inout IOLoop.Statistics) -> Void) -> Void
+    let count: ((inout IOLoop.Statistics) -> Void) -> Void
     /// The clock (CLOCK_MONOTONIC ns); the fuzz harness plays it.
     let now: () -> Int64
 
     private var entries: [LoopEntry?] = []
     private var generations: [UInt32] = []
     private var freeSlots: [Int] = []
-    private var timers = TimerHeap<LoopTimer>()
+    var timers = TimerHeap<LoopTimer>()
     /// Connections waiting for receive buffers.
     private var starved: [LoopConnection] = []
     private var completions: [LoopCompletion] = []
-    private var stopping = false
+    private(set) var stopping = false
+    /// Connections whose writer's zero-copy views wait for their notification
+    /// (LoopMachine+Send.swift); they may have left the table.
+    var holdingSenders: [ObjectIdentifier: LoopConnection] = [:]
     /// The kernel interface failed for good (`failForGood`): commands are answered with it.
     private(set) var failure: Errno? = nil
     /// `IOLoop.Options.logger`: accept pauses and failures, the kernel interface failing.
@@ -68,7 +71,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     // MARK: - The table
 
-    private func attach(_ c: LoopConnection) {
+    func attach(_ c: LoopConnection) {
         guard !c.token.isAttached else { return }
         c.token = takeSlot(.connection(c))
     }
@@ -113,13 +116,14 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         l.fd.close()
     }
 
-    /// Frees a detached connection's slot once nothing of it is in the kernel, and closes the
-    /// loop's descriptor for it.
-    private func releaseIfIdle(_ c: LoopConnection) {
-        guard c.detached, c.isIdleInKernel, case .connection(let held)? = entry(c.token), held === c else { return }
+    /// Frees a detached connection's slot once nothing of it is in the kernel (and its writer,
+    /// if it has one, is gone too), and closes the loop's descriptor for it.
+    func releaseIfIdle(_ c: LoopConnection) {
+        guard c.detached, c.isIdleInKernel, c.senderDone, case .connection(let held)? = entry(c.token), held === c else { return }
         free(c.token)
         c.token = LoopToken()
         c.fd.close()
+        c.sender?.released()
     }
 
     // MARK: - Commands
@@ -174,8 +178,9 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             backend.forget(c)
             if c.token.isAttached {
                 releaseIfIdle(c)
-            } else {
+            } else if c.senderDone {
                 c.fd.close()  // never attached: nothing of it is in the kernel
+                c.sender?.released()
             }
         case .deadline(let c):
             watch(c)
@@ -198,6 +203,20 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             reply(describe())
         case .injectFailures(let count, let errno):
             backend.injectWaitFailures(count: count, errno: errno)
+        case .send(let c):
+            startSend(c)
+        case .cancelSend(let c):
+            cancelSend(c)
+        case .sendDeadline(let c):
+            watchSend(c)
+        case .detachSender(let c):
+            detachSender(c)
+        case .closeConnection(let c, let k):
+            closeConnection(c, k)
+        case .holdNotifications(let hold):
+            backend.holdNotifications(hold)
+        case .refuseZeroCopy:
+            backend.refuseZeroCopy()
         case .shutdown:
             break  // the loop's thread handles it
         }
@@ -601,6 +620,8 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 case .expired:
                     cancelLargeRead(c)
                 }
+            case .sendDeadline(let c):
+                sendTimerFired(c, when: when, now: now)
             case .acceptRetry(let l):
                 guard l.retryAt == when else { continue }
                 l.retryAt = 0
@@ -625,6 +646,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             s.enters += counters.enters
             s.completions += counters.completions
             s.reads += counters.reads
+            s.sends += counters.sends
         }
         if let error {
             completions.removeAll(keepingCapacity: true)
@@ -644,6 +666,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             readCompleted(c, count: n, error: error)
         case .accepted(let l, let result):
             accepted(l, result)
+        case .sent(let c, let n, let error, let notification):
+            sendCompleted(c, count: n, error: error, notification: notification)
+        case .sendReleased(let c, let id):
+            sendReleased(c, id: id)
         }
     }
 
@@ -657,6 +683,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             switch entry {
             case .connection(let c):
                 c.interrupt(shutDown: true)
+                stopSending(c)
                 disarm(c)
                 if c.receive == .starved { unstarve(c) }
                 if c.largeRead == .inFlight {
@@ -677,15 +704,18 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     func finishShutdown() {
         for case let entry? in entries {
             switch entry {
-            // Descriptors of connections whose reader is gone close now; the others close when
-            // their reader goes.
-            case .connection(let c) where c.detached: c.fd.close()
+            // Descriptors of connections whose reader (and writer) is gone close now; the others
+            // close when the last of them goes.
+            case .connection(let c) where c.detached && (c.sender?.gone ?? true):
+                c.fd.close()
+                c.sender?.released()
             case .connection: break
             case .listener(let l):
                 l.queue.finish()
                 l.fd.close()
             }
         }
+        quarantineHeldViews()
         // Forget every connection and listener (their objects hold the loop: a cycle otherwise).
         entries.removeAll()
         generations.removeAll()
@@ -707,6 +737,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         for case let entry? in entries {
             switch entry {
             case .connection(let c):
+                failSending(c, error)
                 c.fail(error, readInFlight: c.largeRead == .inFlight || c.largeRead == .canceling)
                 c.receive = .idle
                 c.largeRead = .idle
@@ -716,6 +747,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 l.queue.finish(throwing: error)
             }
         }
+        quarantineHeldViews()
     }
 
     /// `command` after a failure: nothing reaches the kernel.
@@ -725,7 +757,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             c.fail(error, readInFlight: false)
         case .detach(let c):
             c.detached = true
-            if !c.token.isAttached { c.fd.close() }  // else: at shutdown
+            if !c.token.isAttached && c.senderDone { c.fd.close() }  // else: at shutdown
         case .listen(let l):
             l.queue.finish(throwing: error)
             l.fd.close()
@@ -733,7 +765,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             l.queue.finish()
         case .inspect(let reply):
             reply("(the loop failed: \(error))\n" + describe())
-        case .cancelLargeRead, .resumeAccept, .injectFailures, .shutdown:
+        case .send, .detachSender, .closeConnection:
+            answerFailedSend(command, error)
+        case .cancelLargeRead, .resumeAccept, .injectFailures, .shutdown, .cancelSend, .sendDeadline, .holdNotifications,
+             .refuseZeroCopy:
             break
         }
     }
@@ -747,7 +782,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 let s = c.state.withLock { s in
                     "queued \(s.received.bytes) in \(s.received.count) segments, receiving \(s.receiving) eof \(s.eof) waiter \(s.waiter != nil) large read \(s.largeRead.map { "\($0.got)/\($0.minimum) done \($0.done)" } ?? "-")"
                 }
-                lines.append("conn \(c.token.slot): receive \(c.receive) large read \(c.largeRead) rearm \(c.rearmAfterDisarm) detached \(c.detached); \(s)")
+                lines.append("conn \(c.token.slot): receive \(c.receive) large read \(c.largeRead) rearm \(c.rearmAfterDisarm) detached \(c.detached); \(s)\(describeSender(c))")
             case .listener(let l):
                 lines.append("listener \(l.token.slot): in flight \(l.inFlight) paused \(l.paused) closing \(l.closing) retryAt \(l.retryAt)")
             }
@@ -763,4 +798,6 @@ enum LoopTimer {
     case deadline(LoopConnection)
     /// Accepting again after a shortage (`Listener.retryAt`).
     case acceptRetry(Listener)
+    /// A writer's deadline (`LoopSender.timerAt`).
+    case sendDeadline(LoopConnection)
 }
