@@ -174,6 +174,18 @@ let package = Package(
             path: "Examples/FrameInspect",
             swiftSettings: swiftSettings
         ),
+        .executableTarget(
+            name: "exactio-ingest",
+            dependencies: [
+                "ExactIO",
+                "ExactIOServiceLifecycle",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Examples/IngestServer",
+            swiftSettings: swiftSettings
+        ),
         // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.
         .target(
             name: "ExactIOBenchCeiling",
