@@ -20,8 +20,10 @@ extension ByteView {
         }
     }
 
-    /// Calls `body` with the bytes as a `Data` over the view's memory, without a copy, for
-    /// Foundation-based APIs (`JSONDecoder`, `PropertyListDecoder`, `FileHandle.write`).
+    /// Calls `body` with the bytes as a `Data` over the view's memory, for Foundation-based
+    /// APIs (`JSONDecoder`, `PropertyListDecoder`, `FileHandle.write`): no copy for views of 15
+    /// bytes and more; Foundation stores 14 bytes or fewer inline, so a view that short is
+    /// copied (into the `Data` value itself, no allocation).
     ///
     /// Reading the `Data` reads the view's memory in place. Mutating a copy of it inside
     /// `body` (`var d = data; d[0] = 0`) makes Foundation copy the bytes first, so the view and

@@ -17,17 +17,35 @@ import Testing
             .filter { !$0.isEmpty }
     }
 
+    /// Every swift block of every article and of the README is in a snippets file (the
+    /// library's in `DocSnippets.swift`, the server product's in `ServerSnippets.swift`), where it
+    /// compiles; `import` lines aside. The README's manifest block is checked against
+    /// Package.swift instead (its products exist).
     @Test func everyArticleBlockIsHere() throws {
         let catalogue = Self.root.appendingPathComponent("Sources/ExactIO/ExactIO.docc")
-        let snippets = Self.normalized(try String(
-            contentsOf: Self.root.appendingPathComponent("Tests/ExactIOTests/DocSnippets.swift"), encoding: .utf8))
+        let snippets = try [
+            "Tests/ExactIOTests/DocSnippets.swift", "Tests/ExactIOServiceLifecycleTests/ServerSnippets.swift",
+        ].flatMap { Self.normalized(try String(contentsOf: Self.root.appendingPathComponent($0), encoding: .utf8)) }
         let articles = try FileManager.default.contentsOfDirectory(atPath: catalogue.path).filter { $0.hasSuffix(".md") }
-        #expect(articles.count >= 6)
+        #expect(articles.count >= 10)
+        var documents = try articles.map { ($0, try String(contentsOf: catalogue.appendingPathComponent($0), encoding: .utf8)) }
+        documents.append(("README.md", try String(contentsOf: Self.root.appendingPathComponent("README.md"), encoding: .utf8)))
+        let manifest = try String(contentsOf: Self.root.appendingPathComponent("Package.swift"), encoding: .utf8)
         var blocks = 0
-        for article in articles {
-            let text = try String(contentsOf: catalogue.appendingPathComponent(article), encoding: .utf8)
+        for (article, text) in documents {
             for part in text.components(separatedBy: "```swift\n").dropFirst() {
                 let code = Self.normalized(String(part.prefix { _ in true }.components(separatedBy: "```")[0]))
+                    .filter { !$0.hasPrefix("import ") }
+                if code.first == "// Package.swift" {
+                    // The dependency snippet: each product it names is one of ours.
+                    let products = code.joined().components(separatedBy: ".product(name: \"").dropFirst()
+                        .map { String($0.prefix { $0 != "\"" }) }
+                    #expect(!products.isEmpty)
+                    for product in products {
+                        #expect(manifest.contains(".library(name: \"\(product)\""), "README names a product Package.swift lacks: \(product)")
+                    }
+                    continue
+                }
                 blocks += 1
                 // The block's lines appear consecutively in the snippets file.
                 let found = snippets.indices.contains { i in
@@ -36,7 +54,7 @@ import Testing
                 #expect(found, "\(article): a swift block is not in DocSnippets.swift:\n\(code.joined(separator: "\n"))")
             }
         }
-        #expect(blocks >= 8)
+        #expect(blocks >= 12)
     }
 
     @Test func theReaderSnippetsDoWhatTheArticlesSay() throws {
@@ -141,5 +159,57 @@ import Testing
         server.cancel()
         try await server.value
         #expect(sizes.withLock { $0.sorted() } == [7, 7, 7, 7, 300, 300, 300, 300])
+    }
+
+    /// Serving.md: every frame acknowledged in order, then the half-close.
+    @Test func theReplySnippetAcknowledgesEveryFrame() async throws {
+        var pair: [Int32] = [0, 0]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &pair) == 0)
+        let client = FileDescriptor(rawValue: pair[1])
+        let serverEnd = FileDescriptor(rawValue: pair[0])
+        defer { try? client.close() }
+        let sizes = Locked<[Int]>([])
+        try await IOLoop.withLoop { loop in
+            let server = Task {
+                try await DocSnippets().acknowledgeEachFrame(serverEnd, loop: loop) { frame in
+                    sizes.withLock { $0.append(frame.count) }
+                }
+            }
+            try send(client, frame(pattern(10)) + frame(pattern(70_000)) + frame([]))
+            // The client's side on the loop too: a blocking read here could hold one of the
+            // cooperative pool's threads that the server's task needs.
+            let reader = try AsyncExactReader(client, loop: loop)
+            var acks: [UInt64] = []
+            for _ in 0..<3 {
+                acks.append(try await reader.readExactly(8).withUnsafeBytes { UInt64(bigEndian: $0.loadUnaligned(as: UInt64.self)) })
+            }
+            #expect(acks == [1, 2, 3])
+            _ = shutdown(client.rawValue, Int32(SHUT_WR))
+            try await server.value
+            #expect(try await reader.readFrame() == nil)  // the server's half-close: a clean end
+        }
+        #expect(sizes.withLock { $0 } == [10, 70_000, 0])
+    }
+
+    /// Serving.md: frames relayed byte for byte, each with its prefix.
+    @Test func theRelaySnippetSendsFramesOn() async throws {
+        let bodies = [pattern(1), pattern(300_000, seed: 3), pattern(64), []]
+        var sinkPair: [Int32] = [0, 0]
+        try #require(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &sinkPair) == 0)
+        let far = FileDescriptor(rawValue: sinkPair[1])
+        let near = FileDescriptor(rawValue: sinkPair[0])
+        defer { try? far.close() }
+        let (source, writer) = try stream(.unix, bodies.flatMap(frame))
+        defer { writer.join(); source.close() }
+        let sourceFD = source.read
+        let relayed = try await IOLoop.withLoop { loop in
+            let relay = Task { try await DocSnippets().relayFrames(from: sourceFD, to: near, loop: loop) }
+            let reader = try AsyncExactReader(far, loop: loop)
+            var received: [[UInt8]] = []
+            for _ in bodies { received.append(try #require(try await reader.readFrame()).array) }
+            #expect(received == bodies)
+            return try await relay.value
+        }
+        #expect(relayed == bodies.count)
     }
 }

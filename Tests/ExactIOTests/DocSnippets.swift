@@ -150,4 +150,30 @@ struct DocSnippets {
     func greeting(_ frame: ByteView) -> String {
         frame.utf8String
     }
+
+    // Serving.md
+    func acknowledgeEachFrame(_ connection: FileDescriptor, loop: IOLoop, store: (ByteView) async throws -> Void) async throws {
+        try await loop.withConnection(connection) { reader, writer in
+            var count: UInt64 = 0
+            for try await frame in reader.frames() {
+                try await store(frame)
+                count += 1
+                try await writer.write(copying: withUnsafeBytes(of: count.bigEndian) { Array($0) })
+            }
+            try await writer.finish()  // half-close: the peer reads the end of the stream
+        }
+    }
+
+    // Serving.md
+    func relayFrames(from source: FileDescriptor, to sink: FileDescriptor, loop: IOLoop) async throws -> Int {
+        let reader = try AsyncExactReader(source, loop: loop)
+        return try await loop.withConnection(sink) { _, writer in
+            var relayed = 0
+            for try await frame in reader.frames() {
+                try await writer.writeFrame(frame)  // the prefix and the body in one sendmsg, no copy
+                relayed += 1
+            }
+            return relayed
+        }
+    }
 }
