@@ -209,10 +209,13 @@ public final class AsyncExactReader {
         }
     }
 
-    /// Takes what the loop received (without waiting), and asks it to receive when it does not.
-    /// An error the loop met is kept in `core.pendingError`, after the bytes that came before it.
+    /// Takes what the loop received (without waiting), and asks it to receive when it does not
+    /// (`arm`; not before a large read, whose bytes the read itself brings: a receive armed then
+    /// would take the body's next bytes into the shared buffers first, to be copied, over and
+    /// over). An error the loop met is kept in `core.pendingError`, after the bytes that came
+    /// before it.
     @discardableResult
-    private func absorb() -> (timedOut: Bool, shutDown: Bool) {
+    private func absorb(arm mayArm: Bool = true) -> (timedOut: Bool, shutDown: Bool) {
         // While an error waits to be thrown, nothing more is received (the end of stream that
         // follows a reset must not overtake the reset).
         let errorWaiting = core.pendingError != nil
@@ -226,7 +229,7 @@ public final class AsyncExactReader {
             s.error = nil
             let timedOut = s.timedOut
             s.timedOut = false
-            let arm = !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
+            let arm = mayArm && !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
             if arm { s.receiving = true }
             return (segments, copied, s.eof, error, timedOut, s.shutDown, arm)
         }
@@ -286,7 +289,7 @@ public final class AsyncExactReader {
     private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
         startDeadline()
         // Bytes received before the read come first: the core copies them in when it steps.
-        let (_, shutDown) = absorb()
+        let (_, shutDown) = absorb(arm: false)
         if core.buffer.buffered > 0 { return }
         if let error = takePendingError() { return try core.largeReadCompleted(EngineResult(error: error), minimum: minimum) }
         if core.sawEOF { return try core.largeReadCompleted(EngineResult(), minimum: minimum) }

@@ -99,6 +99,9 @@ final class EpollLoopBackend: LoopBackend {
     func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
         prepare(c)
         c.kernel.ownMemory = own
+        // Each read at most the limit (the machine stops the receive once the reader has
+        // enough): after a large frame only its next prefix, not the start of the next body.
+        c.kernel.receiveLimit = UInt32(clamping: max(limit, 0))
         setInterest(c, .receive)
         return nil
     }
@@ -285,7 +288,8 @@ final class EpollLoopBackend: LoopBackend {
             currentOffset = 0
         }
         let buffer = current!
-        let n = readNow(c, buffer.base + currentOffset, pool.size - currentOffset)
+        let room = pool.size - currentOffset
+        let n = readNow(c, buffer.base + currentOffset, c.kernel.receiveLimit > 0 ? min(room, Int(c.kernel.receiveLimit)) : room)
         if n > 0 {
             out.append(.received(c, .shared(Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)), .more))
             currentOffset += n
