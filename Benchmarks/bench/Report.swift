@@ -25,12 +25,13 @@ func addRatios(_ results: inout [CaseResult]) {
         results[i].ceilingRatio = rate(ceiling, results[i]).map { results[i].gbPerSecond / $0 }
     }
     addManyRatios(&results)
+    addServeRatios(&results)
 }
 
 /// Many-connection cases: CPU seconds per GiB, and GB/s and CPU per GiB as multiples of the best
 /// one-thread C ceiling (by GB/s) of the same transport, frame size and connections.
 func addManyRatios(_ results: inout [CaseResult]) {
-    let many = results.indices.filter { results[$0].many == true && results[$0].idle != true }
+    let many = results.indices.filter { results[$0].many == true && results[$0].idle != true && results[$0].serve == nil }
     for i in many {
         let gib = Double(results[i].frames) * Double(results[i].frameBytes) / Double(1 << 30)
         results[i].cpuSecondsPerGiB = gib > 0 ? (results[i].cpuUserSeconds + results[i].cpuSystemSeconds) / gib : nil
@@ -92,7 +93,7 @@ func renderTable(_ results: [CaseResult]) -> String {
             }
         }
     }
-    return out + renderManyTable(many)
+    return out + renderManyTable(many.filter { $0.serve == nil }) + renderServeTable(many.filter { $0.serve != nil })
 }
 
 /// The many-connection table: aggregate throughput; ratios to the best one-thread C ceiling of
