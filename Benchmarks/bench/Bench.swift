@@ -21,11 +21,21 @@ struct Bench: ParsableCommand {
         commandName: "bench",
         abstract: "ExactIO's strategies side by side with the naive ones, the read(2) floor and a C ceiling.",
         discussion: """
+            With no options, bench runs a representative summary in one to three minutes: single \
+            streams over unix at 4 KiB and 64 MiB and over tcp at 1 MiB (every strategy: the seed-* \
+            ones, the read(2) floor, the C ceilings, ExactIO), 256 TCP connections at 4 KiB (the C \
+            ceilings, the loop, threads), the serving cases reply and relay (with their C \
+            ceilings), and positional 4 KiB reads; three runs of about 0.3 s per case (the median). \
+            --all runs the \
+            full matrix (every strategy, transport and size, three runs of about 1.5 s each: tens \
+            of minutes); --quick a middle ground; --filter and --strategy pick cases from the full \
+            matrix. --peers adds the peers to whichever set runs.
+
             Each case (strategy/transport/frame size) runs in a fresh child process, with the \
             writer in another process; a first short run calibrates the frame count to \
             --seconds, then --repeat runs give the median by GB/s. Ratios (x floor, x ceiling, \
-            x NIO) compare strategies within the same invocation. Build with -c release: debug \
-            figures are meaningless.
+            x NIO) compare strategies within the same invocation. A legend follows the tables. \
+            Build with -c release: debug figures are meaningless.
 
             Many-connection cases (names end in /x<connections>, e.g. --filter x256 --filter 4KiB \
             --filter tcp): the reader child accepts every connection of one writer process and \
@@ -53,7 +63,10 @@ struct Bench: ParsableCommand {
             --zero-copy measures SEND against SEND_ZC instead.
             """)
 
-    @Flag(help: "Unix and TCP at 4 KiB, 1 MiB and 64 MiB, every strategy (under a minute); 1 run per case, 0.3 s.")
+    @Flag(help: "The full matrix: every strategy, transport and frame size, many-connection and serving cases (tens of minutes); 3 runs per case, 1.5 s each. Default: the summary (1-3 minutes).")
+    var all = false
+
+    @Flag(help: "Unix and TCP at 4 KiB, 1 MiB and 64 MiB, every strategy, plus 256 TCP connections at 4 KiB (a few minutes); 1 run per case, 0.3 s.")
     var quick = false
 
     @Option(name: .customLong("filter"), help: ArgumentHelp(
@@ -90,7 +103,7 @@ struct Bench: ParsableCommand {
     var repeats: Int?
 
     @Option(help: ArgumentHelp(
-        "How long each single-stream case runs; a first run calibrates the frame count (default: 1.5; 0.3 with --quick).",
+        "How long each single-stream case runs; a first run calibrates the frame count (default: 1.5 with --all, 0.3 for the summary and --quick).",
         valueName: "s"))
     var seconds: Double?
 
@@ -274,9 +287,13 @@ struct Bench: ParsableCommand {
         log("WARNING: this is a debug build; its figures are meaningless. Use: swift run -c release bench")
         #endif
         let onlyStrategies = strategies
-        let cases = (makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters)
-            + (quick && filters.isEmpty ? [] : makeServeCases(quick: quick, peers: peers, filter: filters)))
-            .filter { onlyStrategies.isEmpty || onlyStrategies.contains($0.strategy) }
+        // The summary unless something says which cases: --all, --quick, --filter, --strategy.
+        let summary = !all && !quick && filters.isEmpty && strategies.isEmpty
+        let cases = summary
+            ? makeSummaryCases(peers: peers)
+            : (makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters)
+                + (quick && filters.isEmpty ? [] : makeServeCases(quick: quick, peers: peers, filter: filters)))
+                .filter { onlyStrategies.isEmpty || onlyStrategies.contains($0.strategy) }
         if list {
             for c in cases { print("\(c.name) × \(c.frames)") }
             return
@@ -290,8 +307,9 @@ struct Bench: ParsableCommand {
         let targetSeconds = seconds
         let repeats = repeats
 
+        // The summary: three short runs per case (the median), inside its one to three minutes.
         let runsPerCase = repeats ?? (quick ? 1 : 3)
-        let caseSeconds = targetSeconds ?? (quick ? 0.3 : 1.5)
+        let caseSeconds = targetSeconds ?? (quick || summary ? 0.3 : 1.5)
         let start = now()
         var results: [CaseResult] = []
         var failures: [String] = []
@@ -333,6 +351,10 @@ struct Bench: ParsableCommand {
 
         addRatios(&results)
         print(renderTable(results))
+        print(renderLegend(results, runsPerCase: runsPerCase, seconds: caseSeconds, summary: summary))
+        // The table and its legend are out before anything else goes to stderr (stdout is
+        // buffered when it is a pipe or a file).
+        fflush(nil)  // every output stream: stdout is the one with something in it
         let command = (["swift run -c release bench"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
         if let jsonPath {
             let iso = ISO8601DateFormatter().string(from: Date())
@@ -346,7 +368,9 @@ struct Bench: ParsableCommand {
             try renderSVG(results).write(toFile: svgPath, atomically: true, encoding: .utf8)
             log("wrote \(svgPath)")
         }
-        log(String(format: "%d cases in %.1fs%@", results.count, now() - start, failures.isEmpty ? "" : "; failed: \(failures.joined(separator: ", "))" as NSString))
+        log(String(format: "%d cases in %.1fs%@%@", results.count, now() - start,
+                   failures.isEmpty ? "" : "; failed: \(failures.joined(separator: ", "))" as NSString,
+                   summary ? "; this was the summary: --all runs the full matrix" : ""))
         Glibc.exit(failures.isEmpty ? 0 : 1)
     }
 }
