@@ -31,12 +31,19 @@ let package = Package(
         // ContiguousBytes: a product of its own, so
         // that the core library does not link Foundation.
         .library(name: "ExactIOFoundation", targets: ["ExactIOFoundation"]),
+        // A server as a swift-service-lifecycle `Service` (graceful shutdown, loop counters
+        // through swift-metrics): a product of its own, so that the core library depends on
+        // neither.
+        .library(name: "ExactIOServiceLifecycle", targets: ["ExactIOServiceLifecycle"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
         // Logging: the optional `Options.logger` (trace/debug only). A small package with no
         // dependencies of its own.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // Only ExactIOServiceLifecycle uses these two.
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
         // `swift package generate-documentation` (the DocC catalogue, built in CI with
         // --warnings-as-errors); a command plugin: nothing of it is linked.
@@ -88,6 +95,17 @@ let package = Package(
             dependencies: ["ExactIO"],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "ExactIOServiceLifecycle",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Test-only C helpers (seccomp filter, signal storm): never linked into the library.
         .target(
             name: "ExactIOCTestSupport",
@@ -119,6 +137,20 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "ExactIOServiceLifecycleTests",
+            dependencies: [
+                "ExactIO",
+                "ExactIOServiceLifecycle",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ExactIOCSupportTests",
             dependencies: ["ExactIOCSupport"]
         ),
@@ -140,6 +172,18 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             path: "Examples/FrameInspect",
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "exactio-ingest",
+            dependencies: [
+                "ExactIO",
+                "ExactIOServiceLifecycle",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Examples/IngestServer",
             swiftSettings: swiftSettings
         ),
         // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.

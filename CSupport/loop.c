@@ -154,6 +154,18 @@ int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, u
 	return 0;
 }
 
+int csupport_queue_recv(csupport_ring *ring, int fd, void *dst, unsigned len, int flags, uint64_t user_data)
+{
+	int err;
+	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_recv(sqe, fd, dst, len, flags);
+	sqe->user_data = user_data;
+	return 0;
+}
+
 int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsigned len, uint64_t user_data)
 {
 	int err;

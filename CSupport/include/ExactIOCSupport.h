@@ -235,6 +235,10 @@ void csupport_bufring_destroy(csupport_ring *ring, csupport_bufring *b);
 int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, unsigned limit,
 				   uint64_t user_data);
 int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, int slot, uint64_t user_data);
+/* A single RECV of up to `len` bytes into `dst` with `flags` (MSG_WAITALL: the kernel goes on
+ * until all `len` arrived, the stream ended or an error; a partial result, also after a
+ * cancellation, is the count received). */
+int csupport_queue_recv(csupport_ring *ring, int fd, void *dst, unsigned len, int flags, uint64_t user_data);
 /* A single READ of up to `len` bytes into a provided buffer of `group` (pipes and other
  * non-sockets, where multishot RECV does not apply). */
 int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsigned len, uint64_t user_data);

@@ -1,3 +1,4 @@
+import Logging
 import Synchronization
 import SystemPackage
 
@@ -59,6 +60,16 @@ public final class IOLoop: @unchecked Sendable {
         /// not taken them: past it, accepting pauses (further connections wait in the kernel's
         /// listen backlog) until the consumer catches up. Default 1,024.
         public var maxPendingConnections: Int
+        /// A logger for what operators may want to see of the loop, all at `debug`: its start
+        /// (backend, fallback reason, receive memory) and end (its counters), a start that
+        /// failed, a listener that fails for good (its accept sequence throws the error), and
+        /// each accept pause for a shortage of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+        /// ENOMEM) with its length. One event only is logged at `error`: the kernel interface
+        /// failing for good (an `io_uring_enter` or `epoll_wait` error that is not a passing
+        /// one), which fails every reader of the loop. Nothing per connection or per frame
+        /// (readers log through their own `ExactReader.Options.logger`). Nil (the default) logs
+        /// nothing.
+        public var logger: Logger?
 
         /// Options with every field given or defaulted (see each field for its default).
         public init(
@@ -66,13 +77,15 @@ public final class IOLoop: @unchecked Sendable {
             receiveBufferSize: Int = 64 << 10,
             receiveBufferCount: Int = 256,
             maxBufferedBytesPerConnection: Int = 256 << 10,
-            maxPendingConnections: Int = 1024
+            maxPendingConnections: Int = 1024,
+            logger: Logger? = nil
         ) {
             self.backend = backend
             self.receiveBufferSize = receiveBufferSize
             self.receiveBufferCount = receiveBufferCount
             self.maxBufferedBytesPerConnection = maxBufferedBytesPerConnection
             self.maxPendingConnections = maxPendingConnections
+            self.logger = logger
         }
 
         func validate() throws(ExactReader.InvalidOptionError) {
@@ -127,7 +140,7 @@ public final class IOLoop: @unchecked Sendable {
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
     private var driver: (any LoopDriving)! = nil
     /// Set for a loop without a thread, run by the fuzz harness (`LoopHarness`).
-    private(set) var manual: LoopHarness? = nil
+    private(set) weak var manual: LoopHarness? = nil
     private let inbox = Locked(Inbox())
     private let sleeping = Atomic<Bool>(false)
     private let stats = Locked(Statistics())
@@ -162,7 +175,20 @@ public final class IOLoop: @unchecked Sendable {
         self.waker = waker
         self.pool = try ReceivePool(count: count, size: size, wake: { waker.wake() })
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
-        try start()
+        do {
+            try start()
+        } catch {
+            options.logger?.debug("ExactIO loop could not start", metadata: ["exactio.error": "\(error)"])
+            throw error
+        }
+        options.logger?.debug(
+            "ExactIO loop started",
+            metadata: [
+                "exactio.backend": "\(backend)",
+                "exactio.fallback": "\(fallbackReason ?? "none")",
+                "exactio.receive_buffer_bytes": "\(size)",
+                "exactio.receive_buffers": "\(count)",
+            ])
     }
 
     /// A loop without a thread, whose machine runs a scripted backend when `harness` says (the
@@ -176,7 +202,7 @@ public final class IOLoop: @unchecked Sendable {
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         self.manual = harness
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
-        driver = LoopMachine(backend: harness.backend, pool: pool, waker: waker, now: { [unowned harness] in harness.now() }, count: count)
+        driver = LoopMachine(backend: harness.backend, pool: pool, framePool: framePool, waker: waker, now: { [clock = harness.clock] in clock.now() }, count: count)
         backend = .posix
     }
 
@@ -205,15 +231,20 @@ public final class IOLoop: @unchecked Sendable {
     func makeDriver() throws -> (any LoopDriving, String?) {
         let (wanted, forced, note) = BackendSelection.resolve(options.backend, environment: ExactReader.processEnvironment())
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
+        func machine<B: LoopBackend>(_ backend: B) -> LoopMachine<B> {
+            let machine = LoopMachine(backend: backend, pool: pool, framePool: framePool, waker: waker, count: count)
+            machine.logger = options.logger
+            return machine
+        }
         func epoll(_ reason: String?) throws -> (any LoopDriving, String?) {
             let backend = try EpollLoopBackend(pool: pool, waker: waker)
-            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), reason)
+            return (machine(backend), reason)
         }
         if wanted == .posix { return try epoll(forced.map { "io_uring not used: forced by \($0)" }) }
         #if EXACTIO_URING
         switch URingLoopBackend.make(pool: pool, waker: waker) {
         case .success(let backend):
-            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), note)
+            return (machine(backend), note)
         case .failure(let failure):
             if wanted == .ioUring { throw failure.errno }
             return try epoll([note, failure.reason].compactMap { $0 }.joined(separator: "; "))
@@ -307,6 +338,16 @@ public final class IOLoop: @unchecked Sendable {
             send(.shutdown(c))
         }
         await waitJoined()
+        if let logger = options.logger {
+            let s = statistics
+            logger.debug(
+                "ExactIO loop shut down",
+                metadata: [
+                    "exactio.enters": "\(s.enters)", "exactio.reads": "\(s.reads)",
+                    "exactio.completions": "\(s.completions)", "exactio.wakeups": "\(s.wakeups)",
+                    "exactio.starvations": "\(s.starvations)",
+                ])
+        }
     }
 
     private func waitJoined() async {

@@ -1,3 +1,4 @@
+import Logging
 import SystemPackage
 
 // The loop's decisions, written once for every kernel backend: the table of connections and
@@ -26,6 +27,8 @@ protocol LoopDriving: AnyObject {
 final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     let backend: Backend
     let pool: ReceivePool
+    /// Memory for connections that receive into their own (busy ones).
+    let framePool: MemoryPool
     let waker: Waker
     /// Counts what the machine and its backend do (the loop publishes them once per turn).
     let count: ((inout IOLoop.Statistics) -> Void) -> Void
@@ -45,6 +48,8 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     var holdingSenders: [ObjectIdentifier: LoopConnection] = [:]
     /// The kernel interface failed for good (`failForGood`): commands are answered with it.
     private(set) var failure: Errno? = nil
+    /// `IOLoop.Options.logger`: accept pauses and failures, the kernel interface failing.
+    var logger: Logger? = nil
 
     /// Accepting pauses for 10 ms after a shortage, doubling up to a second while it lasts.
     static var acceptBackoff: (first: Int64, last: Int64) { (10_000_000, 1_000_000_000) }
@@ -52,10 +57,11 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// plus accepts in flight never pass the queue's bound.
     static var acceptsInFlight: Int { 16 }
 
-    init(backend: Backend, pool: ReceivePool, waker: Waker, now: @escaping () -> Int64 = monotonicNanoseconds,
-         count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
+    init(backend: Backend, pool: ReceivePool, framePool: MemoryPool, waker: Waker,
+         now: @escaping () -> Int64 = monotonicNanoseconds, count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
         self.backend = backend
         self.pool = pool
+        self.framePool = framePool
         self.waker = waker
         self.now = now
         self.count = count
@@ -218,17 +224,100 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     // MARK: - Receiving
 
-    private func startReceive(_ c: LoopConnection, own: Region? = nil) {
+    private func startReceive(_ c: LoopConnection) {
         // At most the backpressure bound, and what the reader wants ahead: after a large frame
         // only its next prefix, not the next body (which goes to its own memory).
-        let (held, wanted) = c.state.withLock { ($0.held, $0.wanted) }
-        let limit = own == nil ? max(min(c.maxBuffered - held, wanted), 4096) : 0
-        if let e = backend.armReceive(c, limit: limit, own: own) {
+        let (held, wanted, straddle) = c.state.withLock { s in
+            defer { s.framesStraddle = false }
+            return (s.held, s.wanted, s.framesStraddle)
+        }
+        if straddle && c.busy { _ = useOwnMemory(c) }
+        let limit = max(min(c.maxBuffered - held, wanted), 4096)
+        let target = c.own != nil ? ownTarget(c, limit: limit) ?? .shared(limit: limit) : .shared(limit: limit)
+        if let e = backend.armReceive(c, target) {
             c.finishReceiving(eof: false, error: e)
             return
         }
         c.receive = .armed
         c.state.withLock { $0.receiving = true }
+    }
+
+    // MARK: - Adaptive receive
+
+    /// Sizes of receives into a connection's own memory: 32 KiB first, doubled after one that
+    /// came back full, halved after one that brought less than a quarter; below the least, the
+    /// connection is quiet and goes back to the shared buffers.
+    static var ownReceiveSizes: (least: Int, first: Int, most: Int) { (16 << 10, 32 << 10, 64 << 10) }
+    /// The size of a connection's receive region: four receives of the largest size.
+    static var ownRegionSize: Int { 4 * ownReceiveSizes.most }
+
+    /// A connection receives into memory of its own when it is busy (a shared-buffer receive
+    /// brought half a buffer at once: more was waiting) and its frames straddle the shared
+    /// buffers (its reader copied at least `straddleCopies` bytes of such frames since it last
+    /// looked): its frames then lie in one piece, views in place. Small frames that rarely
+    /// straddle stay in the shared buffers, which cost no page of a connection's own.
+    private var busyReceive: Int { pool.size / 2 }
+
+    /// Memory of the connection's own for its receives, or nil when none can be had.
+    private func ownRegion() -> Region? {
+        guard let block = try? framePool.take(atLeast: Self.ownRegionSize) else { return nil }
+        return Region(block: block, pool: framePool)
+    }
+
+    /// Starts receiving into memory of the connection's own (busy, or the shared buffers ran
+    /// dry). False when no memory could be had.
+    private func useOwnMemory(_ c: LoopConnection) -> Bool {
+        if c.own != nil { return true }
+        guard let region = ownRegion() else { return false }
+        c.own = LoopConnection.OwnReceive(region: region, size: Self.ownReceiveSizes.first)
+        return true
+    }
+
+    /// The next receive into the connection's own memory: right after the last one, or from
+    /// the region's start again when nothing references it any more (its pages are warm), or in
+    /// a fresh region when this one has no room. Nil (and back to the shared buffers) when no
+    /// memory could be had.
+    private func ownTarget(_ c: LoopConnection, limit: Int) -> ReceiveTarget? {
+        let want = min(c.own!.size, limit)
+        if isKnownUniquelyReferenced(&c.own!.region) {
+            c.own!.fill = 0
+        } else if c.own!.region.capacity - c.own!.fill < want {
+            // No room: the spare region if nothing references it any more, else a fresh one;
+            // this one becomes the spare while its last bytes are read.
+            let next: Region
+            if c.own!.spare != nil && isKnownUniquelyReferenced(&c.own!.spare!) {
+                next = c.own!.spare!
+            } else if let fresh = ownRegion() {
+                next = fresh
+            } else {
+                c.own = nil
+                return nil
+            }
+            c.own!.spare = c.own!.region
+            c.own!.region = next
+            c.own!.fill = 0
+        }
+        let count = min(want, c.own!.region.capacity - c.own!.fill)
+        c.own!.asked = count
+        return .own(c.own!.region, offset: c.own!.fill, count: count)
+    }
+
+    /// After a receive into the connection's own memory brought `n` bytes: the next one asks
+    /// for more, less, or the connection goes back to the shared buffers.
+    private func adapt(_ c: LoopConnection, received n: Int) {
+        guard var own = c.own else { return }
+        let sizes = Self.ownReceiveSizes
+        if n >= own.asked {
+            own.size = min(2 * own.size, sizes.most)
+        } else if n < own.asked / 4 {
+            own.size /= 2
+            if own.size < sizes.least {
+                c.own = nil  // quiet: the shared buffers again (the region goes with its bytes)
+                return
+            }
+        }
+        own.fill += n
+        c.own = own
     }
 
     private func disarm(_ c: LoopConnection) {
@@ -240,6 +329,13 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     private func received(_ c: LoopConnection, _ bytes: ReceivedBytes?, _ end: ReceiveEnd) {
         let wasDisarming = c.receive == .disarming
         if end != .more { c.receive = .idle }
+        if let bytes {
+            switch bytes {
+            case .own(let region, _, let n) where c.own?.region === region: adapt(c, received: n)
+            case .shared(let s): c.busy = s.count >= busyReceive
+            default: break
+            }
+        }
         if let segment = bytes.map(segment) {
             if c.detached {
                 if end != .more { receiveEnded(c) }
@@ -254,8 +350,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 return
             }
             // The receive ended with these bytes (a single-shot receive, a byte limit, a
-            // receive into memory of its own): go on unless the reader has enough.
-            if wasDisarming || full || c.largeRead == .waitingForReceive || stopping {
+            // receive into memory of its own): go on unless the reader has enough (it asks
+            // again when it wants more: after a large frame's prefix, its body goes to its own
+            // memory, not through receives).
+            if wasDisarming || held || enough || c.largeRead == .waitingForReceive || stopping {
                 c.receivingStopped()
                 receiveEnded(c)
             } else {
@@ -315,23 +413,19 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         switch bytes {
         case .shared(let segment):
             return segment
-        case .own(let region, let n):
-            if n <= pool.size / 2, let exact = try? Region.standalone(capacity: n) {
-                exact.base.copyMemory(from: region.base, byteCount: n)
-                return Segment(owner: exact, base: exact.base, start: 0, end: n)
-            }
-            return Segment(owner: region, base: region.base, start: 0, end: n)
+        case .own(let region, let start, let n):
+            return Segment(owner: region, base: region.base, start: start, end: start + n)
         }
     }
 
-    /// The receive buffers ran out while `c` receives. One receive into memory of its own keeps
+    /// The receive buffers ran out while `c` receives. Receives into memory of its own keep
     /// the connection going: waiting for buffers could wait forever when views the application
     /// keeps hold them all. When not even that can be had, the connection waits for buffers
     /// (no busy loop); `receiving` stays set meanwhile: the loop owes it a receive and arms it
     /// when buffers come back, so the reader does not ask for one in vain.
     private func starve(_ c: LoopConnection) {
-        if let own = try? Region.standalone(capacity: pool.size) {
-            startReceive(c, own: own)
+        if useOwnMemory(c) {
+            startReceive(c)
             if c.receive == .armed { return }
         }
         c.receive = .starved
@@ -425,6 +519,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         let (armed, error) = backend.accept(l, count: wanted)
         l.inFlight += armed
         if let error, l.inFlight == 0 {
+            logger?.debug("ExactIO listener failed", metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(error)"])
             l.queue.finish(throwing: error)
             release(l)
         }
@@ -457,8 +552,9 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 break
             case .tooManyOpenFiles, .tooManyOpenFilesInSystem, .noBufferSpace, .noMemory:
                 // A shortage: nothing is re-armed until a pause is over.
-                if l.retryAt == 0 { retryAcceptLater(l) }
+                if l.retryAt == 0 { retryAcceptLater(l, after: e) }
             default:
+                logger?.debug("ExactIO listener failed", metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(e)"])
                 l.queue.finish(throwing: e)
                 stopAccepting(l)
             }
@@ -475,10 +571,13 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     /// Accepting on `l` stopped for a shortage: it starts again after a pause that doubles
     /// while the shortage lasts (no busy loop at the descriptor limit).
-    private func retryAcceptLater(_ l: Listener) {
+    private func retryAcceptLater(_ l: Listener, after error: Errno) {
         l.backoff = l.backoff == 0 ? Self.acceptBackoff.first : min(2 * l.backoff, Self.acceptBackoff.last)
         l.retryAt = now() + l.backoff
         timers.insert(l.retryAt, .acceptRetry(l))
+        logger?.debug(
+            "ExactIO accepting paused",
+            metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(error)", "exactio.pause_ms": "\(l.backoff / 1_000_000)"])
     }
 
     // MARK: - Timers
@@ -634,6 +733,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// requests the kernel can no longer confirm.
     func failForGood(_ error: Errno) {
         failure = error
+        logger?.error("ExactIO loop failed: its kernel interface returned an error", metadata: ["exactio.error": "\(error)"])
         for case let entry? in entries {
             switch entry {
             case .connection(let c):

@@ -96,20 +96,27 @@ final class EpollLoopBackend: LoopBackend {
 
     // MARK: Operations
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         prepare(c)
-        c.kernel.ownMemory = own
-        // Each read at most the limit (the machine stops the receive once the reader has
-        // enough): after a large frame only its next prefix, not the start of the next body.
-        c.kernel.receiveLimit = UInt32(clamping: max(limit, 0))
-        setInterest(c, .receive)
+        if case .own(let region, let offset, let count) = target {
+            c.kernel.ownTarget = (region, offset, count)
+            c.kernel.receiveLimit = 0
+        } else if case .shared(let limit) = target {
+            c.kernel.ownTarget = nil
+            // Each read at most the limit (the machine stops the receive once the reader has
+            // enough): after a large frame only its next prefix, not the start of the next body.
+            c.kernel.receiveLimit = UInt32(clamping: max(limit, 0))
+        }
+        c.kernel.receiveArmed = true
+        if c.kernel.epollInterest != .receive { setInterest(c, .receive) }
         return nil
     }
 
     func disarmReceive(_ c: LoopConnection) {
-        guard c.kernel.epollInterest == .receive else { return }
+        guard c.kernel.receiveArmed else { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
-        c.kernel.ownMemory = nil
+        c.kernel.ownTarget = nil
         synthetic.append(.received(c, nil, .canceled))
     }
 
@@ -128,7 +135,7 @@ final class EpollLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {
-        if c.kernel.epollInterest != .receive && c.kernel.pendingRead == nil { setInterest(c, nil) }
+        if !c.kernel.receiveArmed && c.kernel.pendingRead == nil { setInterest(c, nil) }
     }
 
     // MARK: Sending
@@ -267,19 +274,32 @@ final class EpollLoopBackend: LoopBackend {
         return nil
     }
 
-    /// Readiness for a connection that receives: one read, into memory of its own if it was
-    /// given some, else into the receive buffer being filled.
+    /// Readiness for a connection that receives: one read, into its own memory if the receive
+    /// targets it, else into the receive buffer being filled.
     private func receive(_ c: LoopConnection, _ out: inout [LoopCompletion]) {
-        if let own = c.kernel.ownMemory {
-            let n = readNow(c, own.base, own.capacity)
+        guard c.kernel.receiveArmed else {
+            setInterest(c, nil)  // left in the set after a single-shot receive; nothing asked
+            return
+        }
+        if let own = c.kernel.ownTarget {
+            let n = readNow(c, own.region.base + own.offset, own.count)
             if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
-            c.kernel.ownMemory = nil
-            setInterest(c, nil)
-            out.append(n > 0 ? .received(c, .own(own, count: n), .done) : ended(c, n))
+            c.kernel.ownTarget = nil
+            if n > 0 {
+                // Single-shot; the descriptor stays in the epoll set for the next one (the
+                // machine usually asks for it at once; a readiness with nothing asked removes it).
+                c.kernel.receiveArmed = false
+                out.append(.received(c, .own(own.region, start: own.offset, count: n), .done))
+            } else {
+                c.kernel.receiveArmed = false
+                setInterest(c, nil)
+                out.append(ended(c, n))
+            }
             return
         }
         if current == nil || pool.size - currentOffset < 512 {
             guard let bid = free.popLast() else {
+                c.kernel.receiveArmed = false
                 setInterest(c, nil)
                 out.append(.received(c, nil, .noBuffers))
                 return
@@ -296,6 +316,7 @@ final class EpollLoopBackend: LoopBackend {
             return
         }
         if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
         out.append(ended(c, n))
     }

@@ -13,11 +13,9 @@ protocol LoopBackend: AnyObject {
     /// Whether `armReceive`'s limit ends a receive in the kernel (else the machine ends it).
     var limitsReceives: Bool { get }
 
-    /// Receives on `c` until the receive ends: bytes come back as `.received` completions, the
-    /// last one with `more == false`. `limit` > 0: the receive may end once it took that many
-    /// bytes. `own`: one receive into this memory instead of the shared receive buffers (they
-    /// ran dry). Returns the errno when the receive could not be started.
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno?
+    /// Receives on `c` into `target` until the receive ends: bytes come back as `.received`
+    /// completions, the last one not `.more`. Returns the errno when it could not be started.
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno?
     /// Ends the armed receive early: its last completion follows (`.canceled`, or bytes that
     /// were already on their way).
     func disarmReceive(_ c: LoopConnection)
@@ -102,12 +100,23 @@ enum LoopCompletion {
     case sendReleased(LoopConnection, id: UInt32)
 }
 
+/// Where a receive puts what it receives.
+enum ReceiveTarget {
+    /// The loop's shared receive buffers (multishot where the kernel has it: the kernel picks a
+    /// buffer when bytes arrive, so an idle connection holds none); `limit` > 0: the receive
+    /// may end once it took that many bytes.
+    case shared(limit: Int)
+    /// One receive of up to `count` bytes into the connection's own memory at `offset` (a busy
+    /// connection, or the shared buffers ran dry).
+    case own(Region, offset: Int, count: Int)
+}
+
 /// Where received bytes are.
 enum ReceivedBytes {
     /// In the loop's receive buffers (a segment that owns its buffer).
     case shared(Segment)
-    /// At the start of the memory of its own the receive was given.
-    case own(Region, count: Int)
+    /// In the connection's own memory, at `start`.
+    case own(Region, start: Int, count: Int)
 }
 
 /// Whether a receive goes on after a completion, and if not, why it ended.

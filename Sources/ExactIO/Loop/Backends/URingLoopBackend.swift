@@ -116,20 +116,24 @@ final class URingLoopBackend: LoopBackend {
 
     // MARK: Operations
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         let ret: Int32
-        if let own {
-            c.kernel.ownMemory = own
+        switch target {
+        case .own(let region, let offset, let count):
+            c.kernel.ownTarget = (region, offset, count)
             c.kernel.receiveLimit = 0
-            ret = csupport_queue_read(ring.pointer, c.fd.rawValue, own.base, UInt32(own.capacity), -1, c.tag(.receive))
-        } else if c.isSocket {
+            let dst = region.base + offset
+            ret = c.isSocket
+                ? csupport_queue_recv(ring.pointer, c.fd.rawValue, dst, UInt32(count), 0, c.tag(.receive))
+                : csupport_queue_read(ring.pointer, c.fd.rawValue, dst, UInt32(count), -1, c.tag(.receive))
+        case .shared(let limit) where c.isSocket:
             c.kernel.receiveLimit = receiveLimits ? UInt32(clamping: limit) : 0
             ret = csupport_queue_recv_multishot(ring.pointer, c.fd.rawValue, Self.group, c.kernel.receiveLimit, c.tag(.receive))
-        } else {
+        case .shared:
             c.kernel.receiveLimit = 0
             ret = csupport_queue_read_select(ring.pointer, c.fd.rawValue, Self.group, UInt32(pool.size), c.tag(.receive))
         }
-        if ret != 0 { c.kernel.ownMemory = nil }
+        if ret != 0 { c.kernel.ownTarget = nil }
         return queued(ret, read: true)
     }
 
@@ -138,7 +142,14 @@ final class URingLoopBackend: LoopBackend {
     }
 
     func read(_ c: LoopConnection, into dst: UnsafeMutableRawBufferPointer, slot: Int32) -> Errno? {
-        queued(csupport_queue_read(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), slot, c.tag(.read)), read: true)
+        if c.isSocket && slot < 0 {
+            // A socket's body in one request: the kernel receives until all of it arrived (or
+            // the end, an error, a cancellation, which report what did arrive).
+            return queued(
+                csupport_queue_recv(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), Int32(MSG_WAITALL | MSG_NOSIGNAL), c.tag(.read)),
+                read: true)
+        }
+        return queued(csupport_queue_read(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), slot, c.tag(.read)), read: true)
     }
 
     func cancelRead(_ c: LoopConnection) {
@@ -302,11 +313,11 @@ final class URingLoopBackend: LoopBackend {
     private func received(_ c: LoopConnection, _ cqe: csupport_cqe, more: Bool, hasBuffer: Bool, _ out: inout [LoopCompletion]) {
         let res = cqe.res
         let end: ReceiveEnd = more ? .more : .done
-        if !hasBuffer, let own = c.kernel.ownMemory {
-            // A receive into memory of its own (the pool was dry): single-shot.
-            c.kernel.ownMemory = nil
+        if !hasBuffer, let own = c.kernel.ownTarget {
+            // A receive into the connection's own memory: single-shot.
+            c.kernel.ownTarget = nil
             if res > 0 {
-                out.append(.received(c, .own(own, count: Int(res)), .done))
+                out.append(.received(c, .own(own.region, start: own.offset, count: Int(res)), .done))
                 return
             }
         } else if res > 0, let segment = segment(cqe) {
@@ -321,7 +332,7 @@ final class URingLoopBackend: LoopBackend {
             // This kernel takes no byte limit on multishot receives: the same receive again,
             // without one (the machine stops it once the reader has enough).
             receiveLimits = false
-            if let e = armReceive(c, limit: 0, own: nil) { out.append(.received(c, nil, .failed(e))) }
+            if let e = armReceive(c, .shared(limit: 0)) { out.append(.received(c, nil, .failed(e))) }
         case 0: out.append(.received(c, nil, .endOfStream))
         case -ENOBUFS: out.append(.received(c, nil, .noBuffers))
         case -ECANCELED: out.append(.received(c, nil, .canceled))
