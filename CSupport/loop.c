@@ -141,7 +141,10 @@ int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, u
 
 	if (!sqe)
 		return err;
-	io_uring_prep_recv_multishot(sqe, fd, NULL, 0, 0);
+	/* Each completion at most `limit` too (sqe->len caps a buffer's use): the kernel checks
+	 * the total only after a completion, which otherwise fills a whole provided buffer (a
+	 * 4 KiB limit received 64 KiB, the start of the next frame's body, to be copied). */
+	io_uring_prep_recv_multishot(sqe, fd, NULL, limit, 0);
 	/* The total the request may receive before it ends (sqe->optlen, 6.16; liburing 2.3
 	 * names the field file_index). Older kernels refuse it with -EINVAL. */
 	sqe->file_index = limit;

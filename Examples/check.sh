@@ -29,6 +29,21 @@ if "$bin" "$dir/short.bin" >/dev/null 2>"$dir/err"; then
     exit 1
 fi
 grep -q "stream ended after" "$dir/err"
+# … naming the frame (counted from 1) and the byte offset where it starts: the first 1000 bytes
+# hold 41 whole frames (984 bytes), then part of frame 42.
+where=$(python3 - <<'PY'
+off, k = 0, 0
+for n in list(range(300)) * 3:
+    if off + 4 + n > 1000:
+        break
+    off += 4 + n
+    k += 1
+print(f"frame {k + 1} at byte offset {off}:")
+PY
+)
+grep -qF "$where" "$dir/err" || { echo "examples: expected '$where' in: $(cat "$dir/err")" >&2; exit 1; }
+# --help states the defaults.
+"$bin" --help | grep -q "default: u32be"
 echo "examples: frame-inspect OK"
 
 # exactio-ingest: the server, driven by its client (good connections and bad peers), stopped

@@ -21,11 +21,21 @@ struct Bench: ParsableCommand {
         commandName: "bench",
         abstract: "ExactIO's strategies side by side with the naive ones, the read(2) floor and a C ceiling.",
         discussion: """
+            With no options, bench runs a representative summary in one to three minutes: single \
+            streams over unix at 4 KiB and 64 MiB and over tcp at 1 MiB (every strategy: the seed-* \
+            ones, the read(2) floor, the C ceilings, ExactIO), 256 TCP connections at 4 KiB (the C \
+            ceilings, the loop, threads), the serving cases reply and relay (with their C \
+            ceilings), and positional 4 KiB reads; three runs of about 0.3 s per case (the median). \
+            --all runs the \
+            full matrix (every strategy, transport and size, three runs of about 1.5 s each: tens \
+            of minutes); --quick a middle ground; --filter and --strategy pick cases from the full \
+            matrix. --peers adds the peers to whichever set runs.
+
             Each case (strategy/transport/frame size) runs in a fresh child process, with the \
             writer in another process; a first short run calibrates the frame count to \
             --seconds, then --repeat runs give the median by GB/s. Ratios (x floor, x ceiling, \
-            x NIO) compare strategies within the same invocation. Build with -c release: debug \
-            figures are meaningless.
+            x NIO) compare strategies within the same invocation. A legend follows the tables. \
+            Build with -c release: debug figures are meaningless.
 
             Many-connection cases (names end in /x<connections>, e.g. --filter x256 --filter 4KiB \
             --filter tcp): the reader child accepts every connection of one writer process and \
@@ -40,9 +50,23 @@ struct Bench: ParsableCommand {
             loop), threads (a blocking ExactReader and a thread per connection). x ceiling is \
             GB/s over the best of the three C rows of the same block; CPU s/GiB is the reader's \
             user+sys time per GiB.
+
+            Serving cases (--filter reply, --filter relay; left out of --quick unless a filter picks \
+            them): reply (256 TCP connections × 4 KiB frames, each answered with an 8-byte ack; a C \
+            client keeps 8 frames unacknowledged per connection): reply-c (the C ceiling: one thread, \
+            epoll, the acks of a read in one write), reply-loop-uring/-epoll (handlers on the pool), \
+            reply-loop-uring-exec/-epoll-exec (on the loop's thread), reply-threads, and with --peers \
+            reply-swift-nio-1/-2; relay (64 TCP connections × 1 MiB frames, each frame sent on to a \
+            sink connection): relay-c (the C ceiling: read-then-write, one thread), \
+            relay-loop-uring/-epoll (AsyncExactReader + AsyncExactWriter.writeFrame of the frame's \
+            own view on one loop thread), relay-loop-uring-zc (SEND_ZC forced), relay-threads. \
+            --zero-copy measures SEND against SEND_ZC instead.
             """)
 
-    @Flag(help: "Unix and TCP at 4 KiB, 1 MiB and 64 MiB, every strategy (under a minute); 1 run per case, 0.3 s.")
+    @Flag(help: "The full matrix: every strategy, transport and frame size, many-connection and serving cases (tens of minutes); 3 runs per case, 1.5 s each. Default: the summary (1-3 minutes).")
+    var all = false
+
+    @Flag(help: "Unix and TCP at 4 KiB, 1 MiB and 64 MiB, every strategy, plus 256 TCP connections at 4 KiB (a few minutes); 1 run per case, 0.3 s.")
     var quick = false
 
     @Option(name: .customLong("filter"), help: ArgumentHelp(
@@ -65,7 +89,7 @@ struct Bench: ParsableCommand {
         discussion: """
             Single stream: py-asyncio (CPython asyncio readexactly) and swift-nio (SwiftNIO's \
             LengthFieldBasedFrameDecoder, one event loop). Many connections: swift-nio-1 and \
-            swift-nio-2 (1 and 2 event loops), tokio-1 and tokio-2 (tokio_util's \
+            swift-nio-2 (1 and 2 event loops; reply-swift-nio-1/-2 answer the reply case), tokio-1 and tokio-2 (tokio_util's \
             LengthDelimitedCodec on the current_thread runtime and on 2 workers; cargo, offline, \
             against Debian's librust-tokio-dev / librust-tokio-util-dev crates), py-asyncio and \
             py-uvloop (asyncio readexactly on uvloop's event loop; uvloop pip-installed into \
@@ -79,7 +103,7 @@ struct Bench: ParsableCommand {
     var repeats: Int?
 
     @Option(help: ArgumentHelp(
-        "How long each single-stream case runs; a first run calibrates the frame count (default: 1.5; 0.3 with --quick).",
+        "How long each single-stream case runs; a first run calibrates the frame count (default: 1.5 with --all, 0.3 for the summary and --quick).",
         valueName: "s"))
     var seconds: Double?
 
@@ -106,6 +130,12 @@ struct Bench: ParsableCommand {
     @Flag(help: .private) var idle = false
     @Option(name: .customLong("probe-child"), parsing: .upToNextOption, help: .private) var probeChild: [String] = []
     @Option(name: .customLong("probe-helper"), parsing: .upToNextOption, help: .private) var probeHelper: [String] = []
+    @Option(name: .customLong("reply-client"), parsing: .upToNextOption, help: .private) var replyClient: [String] = []
+    @Option(name: .customLong("sink"), parsing: .upToNextOption, help: .private) var sink: [String] = []
+
+    @Flag(name: .customLong("zero-copy"), help: ArgumentHelp(
+        "Measure SEND vs SEND_ZC (and SEND_ZC from registered memory) over loopback TCP at 4 KiB-16 MiB instead of benchmarking: the measurement behind AsyncExactWriter's automatic zero-copy threshold."))
+    var zeroCopy = false
 
     func validate() throws {
         if let repeats, repeats < 1 {
@@ -118,11 +148,11 @@ struct Bench: ParsableCommand {
             throw ValidationError("--soak must be a positive number of minutes (got \(soak))")
         }
         let known = Set(allStrategies + uringOnlyStrategies + peerStrategies + manyStrategies + manyPeerStrategies
-            + directStrategies + forwardStrategies + randomStrategies)
+            + directStrategies + forwardStrategies + randomStrategies + serveStrategies)
         for name in strategies where !known.contains(name) {
             throw ValidationError("unknown strategy '\(name)'; known: \(known.sorted().joined(separator: ", "))")
         }
-        if child.isEmpty && writer.isEmpty && soakWriter.isEmpty && manyWriter.isEmpty {
+        if child.isEmpty && writer.isEmpty && soakWriter.isEmpty && manyWriter.isEmpty && replyClient.isEmpty && sink.isEmpty {
             for (option, file) in [("--json", json), ("--svg", svg)] {
                 if let file, file.isEmpty { throw ValidationError("\(option) needs a file name") }
             }
@@ -133,6 +163,9 @@ struct Bench: ParsableCommand {
         if !writer.isEmpty { runWriterMode() }
         if !soakWriter.isEmpty { runSoakWriterMode() }
         if !manyWriter.isEmpty { runManyWriterMode() }
+        if !replyClient.isEmpty { runReplyClientMode() }
+        if !sink.isEmpty { runSinkMode() }
+        if zeroCopy { Glibc.exit(runZeroCopyMeasurement()) }
         if !child.isEmpty { runChildMode() }
         if !probeHelper.isEmpty { runProbeHelperMode(probeHelper) }
         if !probeChild.isEmpty { runProbeChildMode(probeChild) }
@@ -186,6 +219,34 @@ struct Bench: ParsableCommand {
         }
     }
 
+    /// --reply-client TRANSPORT BYTES CONNECTIONS FRAMES [--port P]
+    func runReplyClientMode() -> Never {
+        guard replyClient.count >= 4, let n = Int(replyClient[1]), let conns = Int(replyClient[2]), let frames = Int(replyClient[3]) else {
+            internalUsage("--reply-client TRANSPORT BYTES CONNECTIONS FRAMES", replyClient)
+        }
+        do {
+            try runReplyClient(transport: replyClient[0], n: n, connections: conns, frames: frames, port: port, path: path)
+            Glibc.exit(0)
+        } catch {
+            log("reply client: \(error)")
+            Glibc.exit(1)
+        }
+    }
+
+    /// --sink TRANSPORT CONNECTIONS BYTES [--port P]
+    func runSinkMode() -> Never {
+        guard sink.count >= 3, let conns = Int(sink[1]), let bytes = Int(sink[2]) else {
+            internalUsage("--sink TRANSPORT CONNECTIONS BYTES", sink)
+        }
+        do {
+            try runSink(transport: sink[0], connections: conns, expected: bytes, port: port, path: path)
+            Glibc.exit(0)
+        } catch {
+            log("sink: \(error)")
+            Glibc.exit(1)
+        }
+    }
+
     /// --child STRATEGY TRANSPORT BYTES FRAMES [CONNECTIONS [idle|busy [many|single]]]: one case;
     /// prints its JSON result.
     func runChildMode() -> Never {
@@ -198,7 +259,9 @@ struct Bench: ParsableCommand {
         c.many = child.count >= 7 ? child[6] == "many" : c.connections > 1 || manyStrategies.contains(c.strategy)
         do {
             let r: CaseResult
-            if c.many || c.connections > 1 || c.idle {
+            if serveStrategies.contains(c.strategy) {
+                r = try runServeCase(c)
+            } else if c.many || c.connections > 1 || c.idle {
                 r = try runManyCase(c)
             } else if peerStrategies.contains(c.strategy) {
                 r = try runPeer(c)
@@ -224,8 +287,13 @@ struct Bench: ParsableCommand {
         log("WARNING: this is a debug build; its figures are meaningless. Use: swift run -c release bench")
         #endif
         let onlyStrategies = strategies
-        let cases = (makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters))
-            .filter { onlyStrategies.isEmpty || onlyStrategies.contains($0.strategy) }
+        // The summary unless something says which cases: --all, --quick, --filter, --strategy.
+        let summary = !all && !quick && filters.isEmpty && strategies.isEmpty
+        let cases = summary
+            ? makeSummaryCases(peers: peers)
+            : (makeCases(quick: quick, peers: peers, filter: filters) + makeManyCases(quick: quick, peers: peers, filter: filters)
+                + (quick && filters.isEmpty ? [] : makeServeCases(quick: quick, peers: peers, filter: filters)))
+                .filter { onlyStrategies.isEmpty || onlyStrategies.contains($0.strategy) }
         if list {
             for c in cases { print("\(c.name) × \(c.frames)") }
             return
@@ -239,8 +307,9 @@ struct Bench: ParsableCommand {
         let targetSeconds = seconds
         let repeats = repeats
 
+        // The summary: three short runs per case (the median), inside its one to three minutes.
         let runsPerCase = repeats ?? (quick ? 1 : 3)
-        let caseSeconds = targetSeconds ?? (quick ? 0.3 : 1.5)
+        let caseSeconds = targetSeconds ?? (quick || summary ? 0.3 : 1.5)
         let start = now()
         var results: [CaseResult] = []
         var failures: [String] = []
@@ -282,6 +351,10 @@ struct Bench: ParsableCommand {
 
         addRatios(&results)
         print(renderTable(results))
+        print(renderLegend(results, runsPerCase: runsPerCase, seconds: caseSeconds, summary: summary))
+        // The table and its legend are out before anything else goes to stderr (stdout is
+        // buffered when it is a pipe or a file).
+        fflush(nil)  // every output stream: stdout is the one with something in it
         let command = (["swift run -c release bench"] + CommandLine.arguments.dropFirst()).joined(separator: " ")
         if let jsonPath {
             let iso = ISO8601DateFormatter().string(from: Date())
@@ -295,7 +368,9 @@ struct Bench: ParsableCommand {
             try renderSVG(results).write(toFile: svgPath, atomically: true, encoding: .utf8)
             log("wrote \(svgPath)")
         }
-        log(String(format: "%d cases in %.1fs%@", results.count, now() - start, failures.isEmpty ? "" : "; failed: \(failures.joined(separator: ", "))" as NSString))
+        log(String(format: "%d cases in %.1fs%@%@", results.count, now() - start,
+                   failures.isEmpty ? "" : "; failed: \(failures.joined(separator: ", "))" as NSString,
+                   summary ? "; this was the summary: --all runs the full matrix" : ""))
         Glibc.exit(failures.isEmpty ? 0 : 1)
     }
 }

@@ -137,3 +137,30 @@ enum Marks {
         return true
     }
 }
+
+/// The summary (`bench` with no options; one to three minutes on a 2-core machine): a few cases
+/// of each family with the rows they are measured against. Single streams: every strategy over
+/// unix at 4 KiB (read-ahead) and 64 MiB (peak memory: n against 2n) and over tcp at 1 MiB;
+/// 256 TCP connections at 4 KiB (the three C ceilings, the loop on both backends, threads);
+/// the serving cases reply and relay (their C ceilings, the loop, threads); positional 4 KiB
+/// reads (the C pread loop, ExactIO). With --peers, the peers of those families.
+func makeSummaryCases(peers: Bool) -> [BenchCase] {
+    let uring = exio_ceiling_uring_available() != 0
+    func keep(_ s: String) -> Bool {
+        uring || !(uringOnlyStrategies + manyURingOnlyStrategies + serveURingOnlyStrategies).contains(s)
+    }
+    let single = makeCases(quick: true, peers: peers, filter: []).filter { c in
+        [("unix", 4 << 10), ("unix", 64 << 20), ("tcp", 1 << 20)].contains { $0 == (c.transport, c.frameBytes) }
+    }
+    let manyRows = ["c-uring-recv", "c-epoll", "c-uring-mshot", "loop-uring", "loop-uring-exec", "loop-epoll-exec", "threads"]
+        + (peers ? ["swift-nio-1", "swift-nio-2"] : [])
+    let many = makeManyCases(quick: true, peers: peers, filter: []).filter { manyRows.contains($0.strategy) }
+    let serveRows = ["reply-c", "reply-loop-uring", "reply-loop-uring-exec", "reply-loop-epoll-exec", "reply-threads",
+                     "relay-c", "relay-loop-uring", "relay-loop-epoll", "relay-threads"]
+        + (peers ? ["reply-swift-nio-1"] : [])
+    let serve = makeServeCases(quick: true, peers: peers, filter: []).filter { serveRows.contains($0.strategy) }
+    let random = ["c-pread", "exactio-pread-uring", "exactio-pread-posix"].map {
+        BenchCase(strategy: $0, transport: "random", frameBytes: 4 << 10, frames: (256 << 20) / (4 << 10))
+    }
+    return (single + many + serve + random).filter { keep($0.strategy) }
+}

@@ -91,12 +91,17 @@ struct CaseResult: Codable {
     var cpuSecondsPerGiB: Double? = nil
     var cpuCeilingRatio: Double? = nil
     var ceilingStrategy: String? = nil
+    /// Serving cases (bench/Serve.swift): "reply" or "relay"; the strategy's user-space copies
+    /// (ExactIO's statistics) and the bytes it sent zero-copy.
+    var serve: String? = nil
+    var bytesCopied: Int? = nil
+    var bytesSentZeroCopy: Int? = nil
 
     enum CodingKeys: String, CodingKey {
         case strategy, transport, frameBytes, frames, seconds, gbPerSecond, framesPerSecond, peakRSSBytes,
             baselineRSSBytes, peakOverFrame, cpuUserSeconds, cpuSystemSeconds, note, runs, gbPerSecondMin,
             gbPerSecondMax, connections, rssPerConnection, syscallsPerFrame, idle, floorRatio, ceilingRatio,
-            many, cpuSecondsPerGiB, cpuCeilingRatio, ceilingStrategy
+            many, cpuSecondsPerGiB, cpuCeilingRatio, ceilingStrategy, serve, bytesCopied, bytesSentZeroCopy
     }
 
     init(
@@ -147,6 +152,9 @@ struct CaseResult: Codable {
         cpuSecondsPerGiB = try c.decodeIfPresent(Double.self, forKey: .cpuSecondsPerGiB)
         cpuCeilingRatio = try c.decodeIfPresent(Double.self, forKey: .cpuCeilingRatio)
         ceilingStrategy = try c.decodeIfPresent(String.self, forKey: .ceilingStrategy)
+        serve = try c.decodeIfPresent(String.self, forKey: .serve)
+        bytesCopied = try c.decodeIfPresent(Int.self, forKey: .bytesCopied)
+        bytesSentZeroCopy = try c.decodeIfPresent(Int.self, forKey: .bytesSentZeroCopy)
     }
 }
 

@@ -16,6 +16,8 @@ import Darwin
 //                first use
 //   swift-nio, swift-nio-1, swift-nio-2: Benchmarks/peers/nio, a separate package (NIO stays
 //                out of ExactIO's graph), built in release mode on first use; 1 or 2 event loops
+//   reply-swift-nio-1, reply-swift-nio-2: the same peer answering every frame with an 8-byte
+//                ack (the serving case `reply`, bench/Serve.swift)
 //   tokio-1, tokio-2: Benchmarks/peers/tokio, a Rust crate built on first use with cargo,
 //                offline, against Debian's vendored crates (librust-tokio-dev,
 //                librust-tokio-util-dev; see its .cargo/config.toml)
@@ -51,7 +53,7 @@ func preparePeers(for strategies: Set<String>, log: (String) -> Void) {
     if strategies.contains(where: { $0.hasPrefix("py-") }) && python == nil {
         log("peers: python3 not found; py-asyncio and py-uvloop cases will fail")
     }
-    if strategies.contains(where: { $0.hasPrefix("swift-nio") }) {
+    if strategies.contains(where: { $0.hasPrefix("swift-nio") || $0.hasPrefix("reply-swift-nio") }) {
         if let swift = findExecutable("swift") {
             log("peers: building the SwiftNIO peer in \(nioPackage) (release; first use takes a few minutes)")
             let pid = try? spawn(swift, ["build", "-c", "release", "--package-path", nioPackage], stdoutFD: 2)
@@ -97,7 +99,7 @@ func peerProgram(_ strategy: String) throws -> (String, [String]) {
         let python = uvloopVenv + "/bin/python3"
         guard access(python, X_OK) == 0 else { throw BenchFailure("no \(python): uvloop is not installed (see the log above)") }
         return (python, [peersDirectory + "/asyncio_peer.py"])
-    case "swift-nio", "swift-nio-1", "swift-nio-2":
+    case "swift-nio", "swift-nio-1", "swift-nio-2", "reply-swift-nio-1", "reply-swift-nio-2":
         guard access(nioBinary, X_OK) == 0 else { throw BenchFailure("no \(nioBinary): the NIO peer is not built (see the log above)") }
         return (nioBinary, [])
     case "tokio-1", "tokio-2":

@@ -25,12 +25,13 @@ func addRatios(_ results: inout [CaseResult]) {
         results[i].ceilingRatio = rate(ceiling, results[i]).map { results[i].gbPerSecond / $0 }
     }
     addManyRatios(&results)
+    addServeRatios(&results)
 }
 
 /// Many-connection cases: CPU seconds per GiB, and GB/s and CPU per GiB as multiples of the best
 /// one-thread C ceiling (by GB/s) of the same transport, frame size and connections.
 func addManyRatios(_ results: inout [CaseResult]) {
-    let many = results.indices.filter { results[$0].many == true && results[$0].idle != true }
+    let many = results.indices.filter { results[$0].many == true && results[$0].idle != true && results[$0].serve == nil }
     for i in many {
         let gib = Double(results[i].frames) * Double(results[i].frameBytes) / Double(1 << 30)
         results[i].cpuSecondsPerGiB = gib > 0 ? (results[i].cpuUserSeconds + results[i].cpuSystemSeconds) / gib : nil
@@ -92,7 +93,7 @@ func renderTable(_ results: [CaseResult]) -> String {
             }
         }
     }
-    return out + renderManyTable(many)
+    return out + renderManyTable(many.filter { $0.serve == nil }) + renderServeTable(many.filter { $0.serve != nil })
 }
 
 /// The many-connection table: aggregate throughput; ratios to the best one-thread C ceiling of
@@ -211,4 +212,44 @@ func renderSVG(_ results: [CaseResult]) -> String {
         svg += "<text x=\"\(x + 18)\" y=\"\(y + 1)\">\(s)</text>\n"
     }
     return svg + "</svg>\n"
+}
+
+/// The legend printed under the tables: the terms of the columns that appeared, and how far a
+/// figure of this run can be trusted.
+func renderLegend(_ results: [CaseResult], runsPerCase: Int, seconds: Double, summary: Bool) -> String {
+    guard !results.isEmpty else { return "" }
+    let single = results.contains { $0.many != true && $0.connections == 1 && $0.idle != true }
+    var lines: [String] = ["", "Legend"]
+    if single {
+        lines += [
+            "  ×floor     GB/s over posix-into, read(2) straight into one reused buffer: the kernel's one copy and",
+            "             nothing else, the floor every reader pays (tcp-to-file: forward-readwrite; random: c-pread).",
+            "  ×ceiling   GB/s over the C ceiling of the same block: single streams c-readahead (256 KiB reads into",
+            "             one buffer, frames checked in place; direct: c-readahead-uring; random: c-pread).",
+            "  seed-*     the naive readers ExactIO replaces: seed-join collects chunks then joins them (asyncio's",
+            "             original), seed-buffer grows one buffer and copies each frame out (CPython today),",
+            "             seed-prealloc preallocates n and fills it in place (the proposed fix; still a copy).",
+            "  peak growth, peak/frame  the child's peak RSS (VmHWM) over its RSS when the case started, in bytes",
+            "             and in frames: about 1× is the frame itself, 2× a second copy of it; small frames show",
+            "             large multiples (fixed buffers over a few bytes), so read it at 1 MiB and up.",
+        ]
+    }
+    if results.contains(where: { $0.many == true }) {
+        lines += [
+            "  many connections, reply, relay: ×ceiling is over the best one-thread C row of the block (named in",
+            "             its heading), CPU×ceil the CPU per GiB over that row's; RSS/conn the peak growth per connection.",
+        ]
+    }
+    let secs = String(format: "%.1f", seconds)
+    let runs = runsPerCase == 1 ? "one run per case" : "\(runsPerCase) runs per case, the median shown"
+    lines += [
+        "  (min-max)  GB/s of the slowest and the fastest run of the case.",
+        "  noise      \(runs) (single streams: about \(secs) s of frames per run), each run in a fresh",
+        "             process, its writer in another on the same \(ProcessInfo.processInfo.activeProcessorCount) cores: runs of one case differ by",
+        "             10-20 % and more. Compare rows within one invocation; quote figures from --repeat N --seconds S.",
+    ]
+    if summary {
+        lines.append("  This was the summary (a few cases per family); --all runs the full matrix, --help says what is in each.")
+    }
+    return lines.joined(separator: "\n")
 }

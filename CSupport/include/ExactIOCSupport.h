@@ -230,7 +230,8 @@ void csupport_bufring_destroy(csupport_ring *ring, csupport_bufring *b);
  * submission queue is full even after a flush). */
 /* Multishot RECV into provided buffers of `group`. With `limit` > 0, the request ends (its
  * last completion without CSUPPORT_CQE_MORE) once it received that many bytes (kernel 6.16;
- * older kernels fail the request with -EINVAL: arm again with 0). */
+ * older kernels fail the request with -EINVAL: arm again with 0), and no completion carries
+ * more than `limit` (it may still end up to one completion past it). */
 int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, unsigned limit,
 				   uint64_t user_data);
 int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, int slot, uint64_t user_data);

@@ -6,7 +6,11 @@
 //
 //   SOURCE    a path (file or FIFO), `-` for stdin, `tcp:HOST:PORT` or `unix:PATH` to connect to
 //   --prefix  u8, u16be, u16le, u32be (default), u32le, u64be, u64le, varint
-//   --crc-each  print each frame's size and CRC-32 (IEEE), one line per frame
+//   --crc-each  print each frame's size and CRC-32 (IEEE), one line per frame (default: off)
+//
+// The reader has ExactReader's default options (backend automatic, 256 KiB staging, frames up
+// to 64 MiB). A stream that ends inside a frame, or a frame over the limit, is an error (exit
+// 2) that names the frame (1-based) and the byte offset where it starts.
 
 #if canImport(Glibc)
 import Glibc
@@ -43,8 +47,25 @@ while let arg = args.popFirst() {
         prefix = p
     case "--crc-each": crcEach = true
     case "-h", "--help":
-        print("usage: frame-inspect [--prefix u8|u16be|u16le|u32be|u32le|u64be|u64le|varint] [--crc-each] SOURCE")
-        print("  SOURCE: a path (file or FIFO), - for stdin, tcp:HOST:PORT or unix:PATH")
+        let defaults = ExactReader.Options()
+        print("""
+            usage: exactio-frame-inspect [--prefix KIND] [--crc-each] SOURCE
+
+            Reads length-prefixed frames from SOURCE to its end and prints the frame count, the bytes
+            of all bodies, their CRC-32, the throughput, the backend and a histogram of frame sizes.
+
+              SOURCE          a path (file or FIFO), - for stdin, tcp:HOST:PORT or unix:PATH (connects)
+              --prefix KIND   the length prefix: u8, u16be, u16le, u32be, u32le, u64be, u64le, varint
+                              (default: u32be, a 4-byte big-endian length)
+              --crc-each      also print each frame's size and CRC-32 (IEEE), one line per frame
+                              (default: off)
+              -h, --help      this text
+
+            Reader options are ExactReader's defaults: backend \(defaults.backend), staging \
+            \(defaults.stagingCapacity >> 10) KiB, frames up to \(defaults.maxFrameLength >> 20) MiB.
+            Exit status 0; 2 for a usage error or a stream that ends inside a frame (the error names
+            the frame, counted from 1, and the byte offset where it starts) or a frame over the limit.
+            """)
         exit(0)
     default:
         guard source == nil else { fail("unexpected argument \(arg)") }
@@ -98,6 +119,17 @@ func open(_ source: String) throws -> FileDescriptor {
     return try FileDescriptor.open(source, .readOnly)
 }
 
+/// Bytes of the length prefix in front of a body of `count` bytes.
+func prefixWidth(_ prefix: LengthPrefix, _ count: Int) -> Int {
+    switch prefix {
+    case .uint8: 1
+    case .uint16: 2
+    case .uint32: 4
+    case .uint64: 8
+    case .varint: max(1, (Int.bitWidth - count.leadingZeroBitCount + 6) / 7)
+    }
+}
+
 func now() -> Double {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
@@ -109,19 +141,30 @@ do {
     let reader = try ExactReader(fd)
     var histogram = [Int](repeating: 0, count: 65)  // bucket k: sizes in [2^(k-1), 2^k), 0 for empty
     var bytes = 0
+    // Where the next frame starts in the stream, and how many frames were whole: what an error
+    // names.
+    var offset = 0
+    var whole = 0
     var all = CRC32()
     let start = now()
-    let frames = try reader.forEachFrame(prefix: prefix) { frame in
-        frame.withUnsafeBytes { body in
-            histogram[body.count == 0 ? 0 : Int.bitWidth - body.count.leadingZeroBitCount] += 1
-            bytes += body.count
-            all.update(body)
-            if crcEach {
-                var one = CRC32()
-                one.update(body)
-                print("frame \(body.count) B crc32 \(String(one.final, radix: 16))")
+    let frames: Int
+    do {
+        frames = try reader.forEachFrame(prefix: prefix) { frame in
+            frame.withUnsafeBytes { body in
+                whole += 1
+                offset += prefixWidth(prefix, body.count) + body.count
+                histogram[body.count == 0 ? 0 : Int.bitWidth - body.count.leadingZeroBitCount] += 1
+                bytes += body.count
+                all.update(body)
+                if crcEach {
+                    var one = CRC32()
+                    one.update(body)
+                    print("frame \(body.count) B crc32 \(String(one.final, radix: 16))")
+                }
             }
         }
+    } catch let error as ExactReadError {
+        fail("frame \(whole + 1) at byte offset \(offset): \(error)")
     }
     let seconds = max(now() - start, 1e-9)
     print("frames: \(frames)")

@@ -77,4 +77,54 @@ typedef struct exio_many_stats {
 int64_t exio_many_run(const int *fds, int count, uint64_t frame_bytes, int64_t per_connection, int mode,
 		      exio_many_stats *stats);
 
+/* ---- The serving cases (serve.c; bench/Serve.swift) ---- */
+
+typedef struct exio_reply_stats {
+	int64_t waits;  /* epoll_wait calls */
+	int64_t writes; /* write(2) calls that wrote bytes */
+	int64_t reads;  /* read(2) calls (the C reply server) */
+} exio_reply_stats;
+
+/* The reply case's client: on each of `count` connected sockets (made non-blocking), sends
+ * `per_connection` frames of `frame_bytes` (the bench's marked frames, 4-byte big-endian prefix)
+ * with at most `window` frames unacknowledged, and reads one 8-byte ack per frame (frame k of a
+ * connection is acknowledged with k, 1-based, little-endian). One thread, level-triggered epoll.
+ * Returns the acks read in all, -EPROTO for a wrong ack, -ETIMEDOUT after 10 s without progress,
+ * or -errno. */
+int64_t exio_reply_client(const int *fds, int count, uint64_t frame_bytes, int64_t per_connection, int window,
+			  exio_reply_stats *stats);
+
+/* The reply case's C ceiling: one thread, level-triggered epoll; per ready connection one
+ * read(2) of up to 256 KiB into that connection's own buffer, every whole frame checked in place
+ * and answered (its number, 8 bytes little-endian), the acks of one read sent in one write(2)
+ * (no read on a connection while its acks wait for room). Serves `per_connection` frames on each
+ * of the `count` connections (made non-blocking). Returns the frames answered, -EPROTO for a
+ * wrong frame, -ETIMEDOUT after 10 s without progress, or -errno. `stats->writes`: ack writes. */
+int64_t exio_reply_server(const int *fds, int count, uint64_t frame_bytes, int64_t per_connection,
+			  exio_reply_stats *stats);
+
+typedef struct exio_relay_stats {
+	int64_t waits;    /* epoll_wait calls */
+	int64_t syscalls; /* read(2) and send(2) calls */
+} exio_relay_stats;
+
+/* The relay case's C ceiling, read-then-write: one thread relays the bytes of src[i] to dst[i]
+ * for each i (both made non-blocking) through a 256 KiB buffer per connection: read when the
+ * buffer is empty, send(MSG_NOSIGNAL) until it is, level-triggered epoll on both. At the end of
+ * src[i] (once its bytes are sent) dst[i] is half-closed. Returns the bytes relayed, or -errno. */
+int64_t exio_relay_run(const int *src, const int *dst, int count, exio_relay_stats *stats);
+
+typedef struct exio_zc_result {
+	double seconds;      /* the sending, until every notification came */
+	double sender_cpu;   /* the sending thread's CPU seconds */
+	double receiver_cpu; /* the receiving thread's CPU seconds */
+	int64_t bytes, sends, completions;
+} exio_zc_result;
+
+/* SEND vs SEND_ZC (bench --zero-copy): `total` bytes over one loopback TCP connection in sends
+ * of `size` bytes, one in flight at a time (as AsyncExactWriter does), from 8 rotating buffers,
+ * a thread receiving. `mode`: 0 IORING_OP_SEND, 1 IORING_OP_SEND_ZC, 2 SEND_ZC from registered
+ * memory (IORING_RECVSEND_FIXED_BUF). Returns 0 or -errno (-EOPNOTSUPP, -EINVAL: refused). */
+int exio_zc_measure(uint64_t size, int64_t total, int mode, exio_zc_result *out);
+
 #endif

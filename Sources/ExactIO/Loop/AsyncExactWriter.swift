@@ -125,14 +125,17 @@ public final class AsyncExactWriter {
     /// The zero-copy threshold `Options.zeroCopyThreshold == nil` means for a peer on another
     /// host: 16 KiB.
     ///
-    /// How it was measured (`swift run -c release bench --zero-copy`, and the same C loop in
-    /// `Benchmarks/ceiling/zc.c`): one TCP connection, one send in flight at a time, `SEND` vs
+    /// How it was measured (`swift run -c release bench --zero-copy`, a C loop in
+    /// `Benchmarks/ceiling/serve.c`): one TCP connection, one send in flight at a time, `SEND` vs
     /// `SEND_ZC` (and `SEND_ZC` from registered memory) at 4 KiB to 16 MiB, throughput and CPU
     /// per GiB for sender and receiver. Over loopback (kernel 6.18, the only path this machine
-    /// offers), `SEND_ZC` never paid: 0.4-0.9 × the throughput of `SEND` and 1.2-2 × the CPU per
-    /// byte at every size, because a receiver on the same host gets its own copy of the pinned
-    /// pages anyway, and the notification costs a completion per send. So for a peer on this
-    /// host the automatic threshold is "never". A peer behind a NIC gets the bytes by DMA from
+    /// offers), three runs: from 1 MiB up `SEND_ZC` lost every time (0.46-0.81 × the throughput
+    /// of `SEND`, up to 2.2 × the CPU per byte); from 4 KiB to 256 KiB it ranged from 0.57 × to
+    /// 1.34 × run to run, never a steady gain. The bench's relay case (64 connections × 1 MiB,
+    /// `relay-loop-uring-zc` vs `relay-loop-uring`) agreed: 0.76 × the throughput, 1.23 × the
+    /// CPU. A receiver on the same host gets its own copy of the pinned pages anyway, and the
+    /// notification costs a completion per send. So for a peer on this host the automatic
+    /// threshold is "never". A peer behind a NIC gets the bytes by DMA from
     /// the pinned pages; no NIC path exists here to measure, so the figure for it is the
     /// kernel's own guidance for MSG_ZEROCOPY ("generally only effective at writes over around
     /// 10 KB"), rounded to 16 KiB. Set `Options.zeroCopyThreshold` to override it.

@@ -3,6 +3,9 @@
 // .fourBytes)), checks each body's length and marks, and prints bench's CaseResult JSON line.
 // Event loops: the number at the end of STRATEGY (`swift-nio-2`: two; `swift-nio`,
 // `swift-nio-1`: one); channels are spread over them round-robin (the group's `next()`).
+// `reply-swift-nio-N` (the bench's serving case `reply`): every frame is answered with an 8-byte
+// ack, the frame's number on its connection (1-based, little-endian), written per frame and
+// flushed once per read (channelReadComplete), the last one flushed at once.
 //
 // usage: NIOPeer STRATEGY TRANSPORT FRAME_BYTES FRAMES [CONNECTIONS]
 import Foundation
@@ -40,6 +43,7 @@ guard args.count >= 5, let n = Int(args[3]), let frames = Int(args[4]) else {
 let connections = args.count >= 6 ? Int(args[5]) ?? 1 : 1
 let loops = max(1, args[1].split(separator: "-").last.flatMap { Int($0) } ?? 1)
 let perConnection = frames / connections
+let reply = args[1].hasPrefix("reply-")
 
 /// Frames counted across every connection; each connection adds its count once, when it has
 /// read its share or closed (channels may be on different event loops).
@@ -50,6 +54,7 @@ final class Total: Sendable {
 
 final class Counter: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
     let n: Int
     let total: Total
     let done: EventLoopPromise<Int>
@@ -81,7 +86,22 @@ final class Counter: ChannelInboundHandler, @unchecked Sendable {
         }
         if !ok { done.fail(ChannelError.inappropriateOperationForState); return }
         got += 1
+        if reply {
+            var ack = context.channel.allocator.buffer(capacity: 8)
+            ack.writeInteger(UInt64(got), endianness: .little)
+            if got == perConnection {
+                // Counted once the last ack is out (the channels are closed after that).
+                context.writeAndFlush(wrapOutboundOut(ack)).whenComplete { _ in self.finish() }
+            } else {
+                context.write(wrapOutboundOut(ack), promise: nil)
+            }
+            return
+        }
         if got == perConnection { finish() }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if reply { context.flush() }
     }
 
     func channelInactive(context: ChannelHandlerContext) { finish() }
@@ -122,6 +142,6 @@ let result: [String: Any] = [
     "seconds": secs, "gbPerSecond": Double(n * frames) / secs / 1e9, "framesPerSecond": Double(frames) / secs,
     "peakRSSBytes": peak, "baselineRSSBytes": base, "peakOverFrame": Double(peak - base) / Double(n),
     "cpuUserSeconds": u1 - u0, "cpuSystemSeconds": s1 - s0,
-    "note": "SwiftNIO LengthFieldBasedFrameDecoder, \(loops) event loop(s), \(connections) connection(s)", "connections": connections,
+    "note": "SwiftNIO LengthFieldBasedFrameDecoder\(reply ? ", an 8-byte ack per frame" : ""), \(loops) event loop(s), \(connections) connection(s)", "connections": connections,
 ]
 print(String(decoding: try JSONSerialization.data(withJSONObject: result), as: UTF8.self))
