@@ -33,8 +33,9 @@ extension ExactReader {
             /// This process inherited the reader's ring through `fork()`: it reads with
             /// `read(2)`.
             case inheritedThroughFork
-            /// This build of ExactIO has no io_uring part: built with `EXACTIO_NO_URING=1`
-            /// (no liburing needed) or for a platform other than Linux.
+            /// This build of ExactIO has no io_uring part: built with the `IOUring` package trait
+            /// off (`traits: []` in a dependent's manifest, `--disable-default-traits`), with
+            /// `EXACTIO_NO_URING=1`, or for a platform other than Linux. No liburing needed.
             case notInThisBuild
         }
 

@@ -145,7 +145,7 @@ enum BackendSelection {
         if wanted == .ioUring { throw Errno.notSupported }
         return posix(joined(because(
             .notInThisBuild, nil,
-            "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)")))
+            "io_uring not used: this build of ExactIO leaves it out (the IOUring trait is off, EXACTIO_NO_URING=1, or not Linux)")))
         #endif
     }
 }

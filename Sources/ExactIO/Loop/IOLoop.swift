@@ -217,7 +217,7 @@ public final class IOLoop: @unchecked Sendable {
         }
         #else
         if wanted == .ioUring { throw Errno.notSupported }
-        return try epoll([note, "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)"]
+        return try epoll([note, "io_uring not used: this build of ExactIO leaves it out (the IOUring trait is off, EXACTIO_NO_URING=1, or not Linux)"]
             .compactMap { $0 }.joined(separator: "; "))
         #endif
     }
