@@ -90,7 +90,7 @@ enum BackendSelection {
         var type: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)
         guard getsockopt(fd.rawValue, SOL_SOCKET, SO_TYPE, &type, &len) == 0 else { throw Errno(rawValue: errno) }
-        if type != Int32(SOCK_STREAM.rawValue) { throw .protocolWrongTypeForSocket }
+        if type != Platform.streamSocketType { throw .protocolWrongTypeForSocket }
     }
 
     /// The backend to try for `requested`, after the operator's `EXACTIO_BACKEND` (it applies

@@ -43,13 +43,16 @@ public final class IOLoopGroup: Sendable {
         var chosen = port
         do {
             for _ in loops {
-                let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+                let fd = Platform.streamSocket(domain: AF_INET)
                 guard fd >= 0 else { throw Errno(rawValue: errno) }
                 listeners.append(FileDescriptor(rawValue: fd))
                 var one: Int32 = 1
                 setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, socklen_t(MemoryLayout<Int32>.size))
                 setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
                 var addr = sockaddr_in()
+                #if canImport(Darwin)
+                addr.sin_len = UInt8(MemoryLayout<sockaddr_in>.size)
+                #endif
                 addr.sin_family = sa_family_t(AF_INET)
                 addr.sin_port = chosen.bigEndian
                 guard inet_pton(AF_INET, address, &addr.sin_addr) == 1 else { throw Errno.invalidArgument }

@@ -1,4 +1,4 @@
-#if canImport(CExactIOLinux)
+#if os(Linux)
 import CExactIOLinux
 #endif
 import Logging
@@ -57,7 +57,7 @@ public final class ExactReader {
     let setupReason: FallbackReason?
     /// `S_IFMT` bits of the descriptor at creation (0 for a scripted reader).
     let fileType: mode_t
-    #if canImport(CExactIOLinux)
+    #if os(Linux)
     /// The pipe `forward(exactly:to:)` splices through, once it was used.
     var forwardPipe: SplicePipe? = nil
     #endif
@@ -111,7 +111,7 @@ public final class ExactReader {
         self.options = options
         let fileType = setup.fileType
         self.fileType = fileType
-        #if canImport(CExactIOLinux)
+        #if os(Linux)
         let wrapped = syscalls == nil
             ? ODirectEngine.wrap(setup.engine, fd: fd, fileType: fileType, options: options)
             : (engine: setup.engine, direct: nil, reason: nil)
