@@ -489,7 +489,7 @@ func lateWakeupChild(_ backend: ExactReader.Backend) async throws {
     let pool = loop!.pool
     await loop!.shutdown()
     pool.starved.store(true, ordering: .releasing)  // as if connections had starved
-    weak var gone = loop
+    weak let gone = loop
     reader = nil
     loop = nil  // the loop goes (once the last reference is let go); its eventfd number is free
     for _ in 0..<1000 where gone != nil { usleep(1000) }
