@@ -3,8 +3,18 @@ import SystemPackage
 // AsyncExactReader: the reader core driven by the event loop; what it asks of the loop and how
 // it waits (its half of LoopConnection's shared state).
 
-/// The async twin of `ExactReader`: exactly n bytes, or length-prefixed frames, from a socket
-/// or pipe served by an `IOLoop`, with the same names, errors and memory and copy contract.
+/// The async counterpart of `ExactReader`: exactly n bytes, or length-prefixed frames, from a
+/// socket or pipe served by an `IOLoop`, with the same errors (plus `CancellationError`) and the
+/// same memory and copy contract.
+///
+/// What it has, each as on `ExactReader`: `readFrame(prefix:)`, `readExactly(_:)`,
+/// `readExactly(into:)` (a pointer), `withExactly(_:_:)` (a pointer or a `RawSpan`),
+/// `read(upTo:)`, `skip(_:)`, `isAtEOF`, `bufferedCount`, `statistics`; and of its own,
+/// `frames(prefix:)`. What only `ExactReader` has: `withNextFrame` and `forEachFrame` (a span
+/// cannot be lent across an `await`), the span forms of `readExactly(into:)`, positional and
+/// file reads (`readExactly(_:at:)`, `chunks(of:maxChunk:)`, O_DIRECT), `forward(exactly:to:)`,
+/// memory calls (`reserve`, `releaseCachedMemory`, `register`/`unregister`) and the backend
+/// and fallback properties (a loop's are the loop's: `IOLoop.backend`).
 ///
 /// ```swift
 /// let reader = try AsyncExactReader(conn, loop: loop)
@@ -29,7 +39,7 @@ public final class AsyncExactReader {
     public let fileDescriptor: FileDescriptor
     /// The loop that serves the reader.
     public let loop: IOLoop
-    /// The options the reader was created with (`backend` is the loop's).
+    /// The options the reader was created with.
     public let options: ExactReader.Options
     /// Counters since creation.
     public var statistics: ExactReader.Statistics { core.statistics }
@@ -48,12 +58,18 @@ public final class AsyncExactReader {
     ///   - fd: A stream socket or a pipe/FIFO, blocking or not. Regular files are refused
     ///     (`Errno.notSupported`): read them with `ExactReader`.
     ///   - loop: The loop that serves it.
-    ///   - options: Staging capacity (which sets the large-read threshold), frame limit, read
-    ///     timeout; `backend` is ignored (the loop's is used).
-    /// - Throws: `InvalidOptionError`; `Errno` as for `ExactReader.init` (a datagram socket is
-    ///   `Errno.protocolWrongTypeForSocket`); `Errno.canceled` when the loop was shut down.
+    ///   - options: Honoured: staging capacity (which sets the large-read threshold), frame
+    ///     limit, read timeout, the framing options (`lengthAdjustment`,
+    ///     `lengthIncludesPrefix`), `registeredMemoryLimit` (the loop's readers register no
+    ///     memory: every limit holds), and `logger` (the reader's creation, at `debug`).
+    ///     Refused rather than ignored: a `backend` other than `.automatic` or the loop's
+    ///     own, `directIO`, and a `queueDepth` other than the default (both are for files).
+    /// - Throws: `InvalidOptionError` (a value out of range, or a refused field); `Errno` as for
+    ///   `ExactReader.init` (a datagram socket is `Errno.protocolWrongTypeForSocket`);
+    ///   `Errno.canceled` when the loop was shut down.
     public init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
         try options.validate()
+        try options.validate(forReaderOn: loop)
         let type = try BackendSelection.fileType(fd)
         if type == S_IFSOCK { try BackendSelection.requireStreamSocket(fd) }
         if type == S_IFREG || type == S_IFDIR { throw Errno.notSupported }
@@ -119,8 +135,8 @@ public final class AsyncExactReader {
     }
 
     /// Reads exactly `count` bytes and lends them to `body` in place; as
-    /// `ExactReader.withExactly(_:_:)`.
-    public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) async throws -> R {
+    /// `ExactReader.withExactly(_:_:)` (`body`'s own error type `E` passes through).
+    public func withExactly<R, E: Error>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R) async throws -> R {
         let view = try await readExactly(count)
         return try view.withUnsafeBytes(body)
     }
