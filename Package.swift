@@ -54,6 +54,10 @@ let package = Package(
         // ContiguousBytes: a product of its own, so
         // that the core library does not link Foundation.
         .library(name: "ExactIOFoundation", targets: ["ExactIOFoundation"]),
+        // A server as a swift-service-lifecycle `Service` (graceful shutdown, loop counters
+        // through swift-metrics): a product of its own, so that the core library depends on
+        // neither.
+        .library(name: "ExactIOServiceLifecycle", targets: ["ExactIOServiceLifecycle"]),
     ],
     traits: [
         .trait(
@@ -68,6 +72,9 @@ let package = Package(
         // Logging: the optional `Options.logger` (trace/debug only). A small package with no
         // dependencies of its own.
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        // Only ExactIOServiceLifecycle uses these two.
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
         // `swift package generate-documentation` (the DocC catalogue, built in CI with
         // --warnings-as-errors); a command plugin: nothing of it is linked.
@@ -110,6 +117,17 @@ let package = Package(
             dependencies: ["ExactIO"],
             swiftSettings: swiftSettings
         ),
+        .target(
+            name: "ExactIOServiceLifecycle",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Metrics", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         // Test-only C helpers (seccomp filter, signal storm): never linked into the library.
         .target(
             name: "ExactIOCTestSupport",
@@ -146,6 +164,20 @@ let package = Package(
             swiftSettings: swiftSettings
         ),
         .testTarget(
+            name: "ExactIOServiceLifecycleTests",
+            dependencies: [
+                "ExactIO",
+                "ExactIOServiceLifecycle",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "ServiceLifecycleTestKit", package: "swift-service-lifecycle"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "MetricsTestKit", package: "swift-metrics"),
+            ],
+            swiftSettings: swiftSettings
+        ),
+        .testTarget(
             name: "ExactIOCSupportTests",
             dependencies: uringTarget("ExactIOCSupport"),
             swiftSettings: swiftSettings
@@ -168,6 +200,18 @@ let package = Package(
                 .product(name: "SystemPackage", package: "swift-system"),
             ],
             path: "Examples/FrameInspect",
+            swiftSettings: swiftSettings
+        ),
+        .executableTarget(
+            name: "exactio-ingest",
+            dependencies: [
+                "ExactIO",
+                "ExactIOServiceLifecycle",
+                .product(name: "SystemPackage", package: "swift-system"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ],
+            path: "Examples/IngestServer",
             swiftSettings: swiftSettings
         ),
         // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.
@@ -194,11 +238,14 @@ let package = Package(
 )
 
 #if !os(Linux)
-// Elsewhere (macOS), the package builds its libraries, the example and the fuzz replay tool,
-// and tests what ExactIOPortableTests covers. The other test targets, their C helpers (seccomp,
-// signal storms), the bench and its C ceilings (epoll, io_uring) are written for Linux only.
+// Elsewhere (macOS), the package builds its libraries (ExactIOServiceLifecycle too), the
+// frame-inspect example and the fuzz replay tool, and tests what ExactIOPortableTests covers.
+// The other test targets, their C helpers (seccomp, signal storms), the ingest example and its
+// client (Glibc socket spellings), the bench and its C ceilings (epoll, io_uring) are written
+// for Linux only.
 let linuxOnly: Set = [
-    "ExactIOTests", "ExactIOFoundationTests", "ExactIOCSupportTests", "ExactIOCTestSupport", "ExactIOBenchCeiling", "bench",
+    "ExactIOTests", "ExactIOFoundationTests", "ExactIOCSupportTests", "ExactIOServiceLifecycleTests", "ExactIOCTestSupport",
+    "ExactIOBenchCeiling", "bench", "exactio-ingest",
 ]
 package.targets.removeAll { linuxOnly.contains($0.name) }
 #endif

@@ -2,7 +2,7 @@
 /* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
 #ifdef EXACTIO_URING
 /*
- * The event loop's ring: requests are queued without waiting (receive, read, accept, poll,
+ * The event loop's ring: requests are queued without waiting (receive, read, send, accept, poll,
  * cancel, each tagged by the caller's user_data), submitted and reaped in batches with one
  * io_uring_enter per loop turn, and received data lands in provided buffers (a buffer ring
  * the kernel picks from when data arrives, so idle connections hold no memory).
@@ -153,6 +153,18 @@ int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, u
 	return 0;
 }
 
+int csupport_queue_recv(csupport_ring *ring, int fd, void *dst, unsigned len, int flags, uint64_t user_data)
+{
+	int err;
+	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	io_uring_prep_recv(sqe, fd, dst, len, flags);
+	sqe->user_data = user_data;
+	return 0;
+}
+
 int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsigned len, uint64_t user_data)
 {
 	int err;
@@ -205,6 +217,37 @@ int csupport_queue_poll(csupport_ring *ring, int fd, unsigned events, int multis
 		io_uring_prep_poll_multishot(sqe, fd, events);
 	else
 		io_uring_prep_poll_add(sqe, fd, events);
+	sqe->user_data = user_data;
+	return 0;
+}
+
+int csupport_queue_send(csupport_ring *ring, int fd, const void *buf, unsigned len, int zerocopy,
+			uint64_t user_data)
+{
+	int err;
+	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	if (zerocopy)
+		io_uring_prep_send_zc(sqe, fd, buf, len, MSG_NOSIGNAL, 0);
+	else
+		io_uring_prep_send(sqe, fd, buf, len, MSG_NOSIGNAL);
+	sqe->user_data = user_data;
+	return 0;
+}
+
+int csupport_queue_sendmsg(csupport_ring *ring, int fd, const void *msg, int zerocopy, uint64_t user_data)
+{
+	int err;
+	struct io_uring_sqe *sqe = loop_sqe(ring, &err);
+
+	if (!sqe)
+		return err;
+	if (zerocopy)
+		io_uring_prep_sendmsg_zc(sqe, fd, (const struct msghdr *)msg, MSG_NOSIGNAL);
+	else
+		io_uring_prep_sendmsg(sqe, fd, (const struct msghdr *)msg, MSG_NOSIGNAL);
 	sqe->user_data = user_data;
 	return 0;
 }
@@ -289,6 +332,8 @@ unsigned csupport_reap(csupport_ring *ring, struct csupport_cqe *out, unsigned m
 			out[n].flags |= CSUPPORT_CQE_MORE;
 		if (cqe->flags & CSUPPORT_IORING_CQE_F_BUF_MORE)
 			out[n].flags |= CSUPPORT_CQE_BUFFER_MORE;
+		if (cqe->flags & IORING_CQE_F_NOTIF)
+			out[n].flags |= CSUPPORT_CQE_NOTIF;
 		n++;
 	}
 	io_uring_cq_advance(&ring->ring, n);

@@ -30,3 +30,39 @@ if "$bin" "$dir/short.bin" >/dev/null 2>"$dir/err"; then
 fi
 grep -q "stream ended after" "$dir/err"
 echo "examples: frame-inspect OK"
+
+# exactio-ingest: the server, driven by its client (good connections and bad peers), stopped
+# with SIGTERM, then the file checked frame by frame; then a run stopped mid-traffic, where
+# every acknowledged frame must be in the file.
+swift build --product exactio-ingest
+ingest=$(swift build --show-bin-path)/exactio-ingest
+start_server() {
+    "$ingest" serve --out "$dir/ingest.bin" >"$dir/server.out" 2>&1 &
+    server=$!
+    for _ in $(seq 100); do
+        port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$dir/server.out")
+        [ -n "$port" ] && return 0
+        sleep 0.1
+    done
+    echo "examples: the ingest server did not start" >&2
+    cat "$dir/server.out" >&2
+    exit 1
+}
+start_server
+"$ingest" client --port "$port" --connections 8 --frames 500 --bad-peers
+kill -TERM "$server"
+wait "$server" || { echo "examples: the ingest server did not exit 0 on SIGTERM" >&2; cat "$dir/server.out" >&2; exit 1; }
+cat "$dir/server.out"
+grep -q "^stopped: 4000 frames" "$dir/server.out"
+grep -q "exceeds the limit" "$dir/server.out"
+"$ingest" verify "$dir/ingest.bin" --connections 8 --frames 500 | grep -qx "verify: 4000 frames, each stored once and intact"
+
+start_server
+"$ingest" client --port "$port" --connections 8 --frames 1000000 --record "$dir/acks" &
+client=$!
+sleep 2
+kill -TERM "$server"
+wait "$server" || { echo "examples: the ingest server did not exit 0 on SIGTERM mid-traffic" >&2; cat "$dir/server.out" >&2; exit 1; }
+wait "$client" && { echo "examples: the client finished a million frames in 2 s?" >&2; exit 1; }
+"$ingest" verify "$dir/ingest.bin" --connections 8 --frames 1000000 --acked "$dir/acks"
+echo "examples: ingest server OK"

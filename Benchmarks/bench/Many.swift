@@ -383,15 +383,29 @@ func runLoopStrategy(_ c: BenchCase, _ conns: [Int32]) throws -> ManyOutcome {
 
 /// One connection's frames through an AsyncExactReader on `loop`: the frames read.
 @Sendable
+/// One connection's handler on the loop: every frame checked in place, lent by `forEachFrame`
+/// (the call for a handler that keeps no frame, as the C strategies parse in place), or
+/// returned as a view by `readFrame` with EXACTIO_BENCH_LOOP_VIEWS=1.
 func readConnection(_ fd: Int32, _ loop: IOLoop, frames perConn: Int, _ n: Int) async throws -> Int {
     let reader = try AsyncExactReader(FileDescriptor(rawValue: fd), loop: loop, options: .init(maxFrameLength: 1 << 30))
     var got = 0
-    while got < perConn, let f = try await reader.readFrame() {
-        try f.withUnsafeBytes { try checkFrame($0, n) }
+    if loopReadsViews {
+        while got < perConn, let f = try await reader.readFrame() {
+            try f.withUnsafeBytes { try checkFrame($0, n) }
+            got += 1
+        }
+        return got
+    }
+    guard perConn > 0 else { return 0 }
+    try await reader.forEachFrame { (frame: RawSpan) throws -> Bool in
+        try frame.withUnsafeBytes { try checkFrame($0, n) }
         got += 1
+        return got < perConn
     }
     return got
 }
+
+let loopReadsViews = ProcessInfo.processInfo.environment["EXACTIO_BENCH_LOOP_VIEWS"] == "1"
 
 /// group-uring: an IOLoopGroup of `groupLoops` io_uring loops; each connection's reader on
 /// `group.next()` and its handler on that loop's thread.

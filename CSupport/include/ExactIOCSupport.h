@@ -46,6 +46,10 @@ enum {
 	CSUPPORT_OP_ACCEPT = 1u << 7,           /* IORING_OP_ACCEPT (5.5) */
 	CSUPPORT_OP_PROVIDE_BUFFERS = 1u << 8,  /* IORING_OP_PROVIDE_BUFFERS (5.7) */
 	CSUPPORT_OP_TIMEOUT = 1u << 9,          /* IORING_OP_TIMEOUT (5.4) */
+	CSUPPORT_OP_SEND = 1u << 10,            /* IORING_OP_SEND (5.6) */
+	CSUPPORT_OP_SENDMSG = 1u << 11,         /* IORING_OP_SENDMSG (5.3) */
+	CSUPPORT_OP_SEND_ZC = 1u << 12,         /* IORING_OP_SEND_ZC (6.0) */
+	CSUPPORT_OP_SENDMSG_ZC = 1u << 13,      /* IORING_OP_SENDMSG_ZC (6.1) */
 };
 
 /* Flags for csupport_ring_create, and what csupport_ring_setup_flags reports. */
@@ -230,6 +234,10 @@ void csupport_bufring_destroy(csupport_ring *ring, csupport_bufring *b);
 int csupport_queue_recv_multishot(csupport_ring *ring, int fd, unsigned group, unsigned limit,
 				   uint64_t user_data);
 int csupport_queue_read(csupport_ring *ring, int fd, void *dst, unsigned len, int slot, uint64_t user_data);
+/* A single RECV of up to `len` bytes into `dst` with `flags` (MSG_WAITALL: the kernel goes on
+ * until all `len` arrived, the stream ended or an error; a partial result, also after a
+ * cancellation, is the count received). */
+int csupport_queue_recv(csupport_ring *ring, int fd, void *dst, unsigned len, int flags, uint64_t user_data);
 /* A single READ of up to `len` bytes into a provided buffer of `group` (pipes and other
  * non-sockets, where multishot RECV does not apply). */
 int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsigned len, uint64_t user_data);
@@ -238,6 +246,20 @@ int csupport_queue_read_select(csupport_ring *ring, int fd, unsigned group, unsi
  * loop bounds how many accepted descriptors may wait for their consumer.) */
 int csupport_queue_accept(csupport_ring *ring, int fd, int nonblocking, uint64_t user_data);
 int csupport_queue_poll(csupport_ring *ring, int fd, unsigned events, int multishot, uint64_t user_data);
+/* One send of [buf, buf + len) on socket `fd`, always with MSG_NOSIGNAL (a closed peer is
+ * -EPIPE, never SIGPIPE). The completion's res is the number of bytes the kernel took (a stream
+ * socket may take fewer than `len`: the caller sends the rest) or -errno. With `zerocopy`:
+ * IORING_OP_SEND_ZC (6.0): the kernel sends from the pages of `buf` instead of copying them, and
+ * when the completion carries CSUPPORT_CQE_MORE a second completion with the same user_data and
+ * CSUPPORT_CQE_NOTIF follows once the kernel no longer references the memory; until then the
+ * memory must not change. A socket that cannot send zero-copy (AF_UNIX) fails it with
+ * -EOPNOTSUPP, having sent nothing. */
+int csupport_queue_send(csupport_ring *ring, int fd, const void *buf, unsigned len, int zerocopy,
+			uint64_t user_data);
+/* The same for a gathered send: `msg` points to a struct msghdr (its iovecs: the bytes, in order),
+ * which with the iovecs stays valid until the completion (IORING_OP_SENDMSG, or
+ * IORING_OP_SENDMSG_ZC (6.1) with `zerocopy`). MSG_NOSIGNAL is added to the flags. */
+int csupport_queue_sendmsg(csupport_ring *ring, int fd, const void *msg, int zerocopy, uint64_t user_data);
 /* Cancels the request tagged `target` (with `all`: every request so tagged, 5.19). */
 int csupport_queue_cancel(csupport_ring *ring, uint64_t target, int all, uint64_t user_data);
 /* Cancels every request in flight on the ring (IORING_ASYNC_CANCEL_ANY, 5.19); its own
@@ -263,6 +285,8 @@ enum {
 	CSUPPORT_CQE_BUFFER = 1u << 0,      /* `buffer` holds the data (IORING_CQE_F_BUFFER) */
 	CSUPPORT_CQE_MORE = 1u << 1,        /* the multishot request goes on (IORING_CQE_F_MORE) */
 	CSUPPORT_CQE_BUFFER_MORE = 1u << 2, /* the buffer is not used up (IORING_CQE_F_BUF_MORE) */
+	CSUPPORT_CQE_NOTIF = 1u << 3,       /* a zero-copy send's notification (IORING_CQE_F_NOTIF): the
+					     * kernel let go of the send's memory */
 };
 
 /* Copies up to `max` available completions to `out` and consumes them; returns how many. */

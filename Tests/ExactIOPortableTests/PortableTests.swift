@@ -115,7 +115,7 @@ func portableWriter(_ fd: FileDescriptor, _ bytes: [UInt8]) throws {
         let loop = try IOLoop(options: .init(backend: .posix, events: .poll))
         // A TCP listener on the loopback interface, on a port the kernel picks.
         let group = try IOLoopGroup(count: 1, options: .init(backend: .posix, events: .poll))
-        let listener = try group.makeReusePortListeners(port: 0, address: "127.0.0.1")[0]
+        let listener = try group.listen(host: "127.0.0.1", port: 0)[0]
         defer { try? listener.close() }
         var addr = sockaddr_in()
         var len = socklen_t(MemoryLayout<sockaddr_in>.size)

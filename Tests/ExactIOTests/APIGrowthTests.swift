@@ -39,6 +39,7 @@ private func readerOver(_ bytes: [UInt8], _ backend: ExactReader.Backend, stagin
             return out
         }
         #expect(large == Array(data[200_100...]))
+        writer.join()  // the peer has closed: isAtEOF never waits for it
         #expect(reader.isAtEOF)
     }
 
@@ -251,5 +252,54 @@ private func readerOver(_ bytes: [UInt8], _ backend: ExactReader.Backend, stagin
         } catch ExactReadError.incomplete(let partial, let expected) {
             #expect(partial.count == 3 && expected == 9)
         }
+    }
+}
+
+/// The same forms on the async reader: closures with an error type of their own for
+/// withNextFrame, forEachFrame and withExactly, and withExactly lending a RawSpan.
+@Suite struct AsyncSpanFormTests {
+    @Test(arguments: testBackends)
+    func aClosuresOwnErrorTypePassesThroughTheAsyncReader(backend: ExactReader.Backend) async throws {
+        let loop = try IOLoop(options: .init(backend: backend))
+        let dog = watchdog(loop, seconds: 60)
+        defer { dog.cancel() }
+        let bodies = (0..<6).map { pattern(10 + $0, seed: UInt64($0)) }
+        let (ch, writer) = try stream(.unix, bodies.flatMap(frame) + pattern(8) + pattern(100_000, seed: 5))
+        defer { ch.close() }
+        let reader = try AsyncExactReader(ch.read, loop: loop, options: .init(stagingCapacity: 64 << 10))
+        do {
+            _ = try await reader.withNextFrame { (frame: RawSpan) throws(Stop) -> Int in throw .at(frame.byteCount) }
+            Issue.record("no error")
+        } catch Stop.at(let n) {
+            #expect(n == 10)
+        }
+        var seen = 0
+        do {
+            try await reader.forEachFrame { (frame: RawSpan) throws(Stop) in
+                seen += 1
+                if frame.byteCount == 12 { throw .at(seen) }
+            }
+            Issue.record("no error")
+        } catch let stop as Stop {
+            #expect(stop == .at(2))
+        }
+        let stopped = try await reader.forEachFrame { (frame: RawSpan) throws(Stop) -> Bool in frame.byteCount < 14 }
+        #expect(stopped == 2, "frames of 13 and 14 bytes: stops after the one that returned false")
+        let length = try await reader.withNextFrame { (frame: RawSpan) -> Int in frame.byteCount }  // E == Never
+        #expect(length == 15)
+        await #expect(throws: Stop.at(4)) {
+            try await reader.withExactly(4) { (bytes: UnsafeRawBufferPointer) throws(Stop) in throw .at(bytes.count) }
+        }
+        await #expect(throws: Stop.at(4)) {
+            try await reader.withExactly(4) { (bytes: RawSpan) throws(Stop) in throw .at(bytes.byteCount) }
+        }
+        // A span over a large read (straight into memory of its own), then untyped closures.
+        let large = try await reader.withExactly(99_000) { (bytes: RawSpan) in bytes.withUnsafeBytes { Array($0) } }
+        #expect(large == Array(pattern(100_000, seed: 5)[0..<99_000]))
+        let count = try await reader.withExactly(1000) { $0.count }  // the pointer form
+        #expect(count == 1000)
+        await writer.finished()
+        #expect(try await reader.withNextFrame { _ in 1 } == nil)
+        await loop.shutdown()
     }
 }

@@ -113,4 +113,33 @@ import Testing
         try? listener.fd.close()
         #expect(sizes.withLock { $0.sorted() } == [5, 5, 5, 1000, 1000, 1000])
     }
+
+    /// The scoped forms: a loop (or a group) for the server's scope, on a port the kernel
+    /// picked; cancelling the task ends the server and shuts the loops down.
+    @Test(arguments: [false, true])
+    func theScopedServerSnippetsServeUntilCancelled(group: Bool) async throws {
+        let sizes = Locked<[Int]>([])
+        let port = Locked<UInt16?>(nil)
+        let ready: @Sendable (UInt16) -> Void = { p in port.withLock { $0 = p } }
+        let handle: @Sendable (ByteView) -> Void = { frame in sizes.withLock { $0.append(frame.count) } }
+        let server = Task {
+            if group {
+                try await DocSnippets().serveOnEveryLoop(port: 0, ready: ready, handle: handle)
+            } else {
+                try await DocSnippets().serveOnAnyPort(ready: ready, handle: handle)
+            }
+        }
+        let deadline = ContinuousClock.now + .seconds(180)
+        while port.withLock({ $0 }) == nil && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(5)) }
+        let p = try #require(port.withLock { $0 })
+        for _ in 0..<4 {
+            let c = try connectTo(loopback(p))
+            try send(c, frame(pattern(300)) + frame(pattern(7)))
+            try c.close()
+        }
+        while sizes.withLock({ $0.count }) < 8 && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        server.cancel()
+        try await server.value
+        #expect(sizes.withLock { $0.sorted() } == [7, 7, 7, 7, 300, 300, 300, 300])
+    }
 }

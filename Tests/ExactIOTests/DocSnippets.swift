@@ -95,7 +95,7 @@ struct DocSnippets {
 
     // ManyConnections.md
     func serve(_ listener: FileDescriptor, loop: IOLoop, handle: @escaping @Sendable (ByteView) -> Void) async throws {
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        try await withThrowingDiscardingTaskGroup { group in
             for try await connection in loop.connections(accepting: listener) {
                 group.addTask {
                     defer { try? connection.close() }
@@ -107,7 +107,30 @@ struct DocSnippets {
                     }
                 }
             }
-            try await group.waitForAll()  // the accept sequence ends when the loop shuts down
+        }  // ends when the accept sequence does: the loop shut down, or the task was cancelled
+    }
+
+    // ManyConnections.md
+    func serveOnAnyPort(ready: @Sendable (UInt16) -> Void, handle: @escaping @Sendable (ByteView) -> Void) async throws {
+        try await IOLoop.withLoop { loop in
+            let listener = try IOLoop.listen(host: "127.0.0.1", port: 0)  // the kernel picks the port
+            defer { try? listener.close() }
+            ready(try IOLoop.localPort(of: listener))
+            try await serve(listener, loop: loop, handle: handle)  // until the task is cancelled
+        }  // the loop is shut down here, also when the closure throws
+    }
+
+    // ManyConnections.md
+    func serveOnEveryLoop(port: UInt16, ready: @Sendable (UInt16) -> Void, handle: @escaping @Sendable (ByteView) -> Void) async throws {
+        try await IOLoopGroup.withLoopGroup { group in
+            let listeners = try group.listen(host: "127.0.0.1", port: port)  // one per loop
+            defer { for listener in listeners { try? listener.close() } }
+            ready(try IOLoop.localPort(of: listeners[0]))
+            try await withThrowingDiscardingTaskGroup { tasks in
+                for (loop, listener) in zip(group.loops, listeners) {
+                    tasks.addTask { try await serve(listener, loop: loop, handle: handle) }
+                }
+            }
         }
     }
 

@@ -130,8 +130,20 @@ struct SegmentQueue {
     var first: Segment { segments[head] }
 
     /// Consumes `n` bytes from the front (`n <= bytes`).
+    @inline(__always)
     mutating func consume(_ n: Int) {
         precondition(n <= bytes)
+        if n < bytes && n < segments[head].count {
+            // The common case: inside the first segment.
+            bytes -= n
+            segments[head].start &+= n
+            segments[head].freeFront = 0
+            return
+        }
+        consumeAcross(n)
+    }
+
+    private mutating func consumeAcross(_ n: Int) {
         var left = n
         bytes -= n
         while left > 0 {
@@ -213,6 +225,14 @@ struct SegmentBuffer: CoreBuffer {
     }
 
     var buffered: Int { queue.bytes }
+
+    /// What keeps the first buffered bytes' memory alive (nil when nothing is buffered): held
+    /// while those bytes are lent in place.
+    var firstOwner: AnyObject? {
+        guard queue.bytes > 0 else { return nil }
+        let owner: AnyObject = queue.first.owner
+        return owner
+    }
 
     /// Appends what the loop received; returns the bytes copied to keep the queue short.
     mutating func appendAll(_ more: some Sequence<Segment>) -> Int {

@@ -101,6 +101,19 @@ enum Platform {
     }
     #endif
 
+    /// One non-blocking `sendmsg(2)` that never raises SIGPIPE: `MSG_NOSIGNAL` where the C
+    /// library has it (Linux); on Darwin the socket gets `SO_NOSIGPIPE` first (a socket option:
+    /// it holds for every descriptor of that socket). The bytes sent, or -1 with `errno` set.
+    static func sendNoSignal(_ fd: Int32, _ msg: UnsafePointer<msghdr>) -> Int {
+        #if canImport(Darwin)
+        var one: Int32 = 1
+        _ = setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, socklen_t(MemoryLayout<Int32>.size))
+        return sendmsg(fd, msg, MSG_DONTWAIT)
+        #else
+        return sendmsg(fd, msg, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+        #endif
+    }
+
     /// Sets `O_NONBLOCK` on `fd` (if it is not set yet).
     static func setNonBlocking(_ fd: Int32) {
         let flags = fcntl(fd, F_GETFL)

@@ -7,14 +7,17 @@ import SystemPackage
 /// socket or pipe served by an `IOLoop`, with the same errors (plus `CancellationError`) and the
 /// same memory and copy contract.
 ///
-/// What it has, each as on `ExactReader`: `readFrame(prefix:)`, `readExactly(_:)`,
+/// What it has, each as on `ExactReader` (`async`): `readFrame(prefix:)`, `readExactly(_:)`,
 /// `readExactly(into:)` (a pointer), `withExactly(_:_:)` (a pointer or a `RawSpan`),
+/// `withNextFrame(prefix:_:)` and `forEachFrame(prefix:_:)` (frames lent as a `RawSpan` in
+/// place; the closures are synchronous: a span is never lent across an `await`),
 /// `read(upTo:)`, `skip(_:)`, `isAtEOF`, `bufferedCount`, `statistics`; and of its own,
-/// `frames(prefix:)`. What only `ExactReader` has: `withNextFrame` and `forEachFrame` (a span
-/// cannot be lent across an `await`), the span forms of `readExactly(into:)`, positional and
-/// file reads (`readExactly(_:at:)`, `chunks(of:maxChunk:)`, O_DIRECT), `forward(exactly:to:)`,
-/// memory calls (`reserve`, `releaseCachedMemory`, `register`/`unregister`) and the backend
-/// and fallback properties (a loop's are the loop's: `IOLoop.backend`).
+/// `frames(prefix:)`. What only `ExactReader` has: the span forms of `readExactly(into:)`,
+/// positional and file reads (`readExactly(_:at:)`, `chunks(of:maxChunk:)`, O_DIRECT),
+/// `forward(exactly:to:)`, memory calls (`reserve`, `releaseCachedMemory`,
+/// `register`/`unregister`) and the backend and fallback properties (a loop's are the loop's:
+/// `IOLoop.backend`). Replies go out through an `AsyncExactWriter` on the same connection
+/// (`IOLoop.withConnection(_:_:)`).
 ///
 /// ```swift
 /// let reader = try AsyncExactReader(conn, loop: loop)
@@ -48,6 +51,8 @@ public final class AsyncExactReader {
     // access overlaps another (each core step is synchronous; awaits happen between steps).
     @exclusivity(unchecked) var core: ReaderCore<SegmentBuffer>
     let connection: LoopConnection
+    /// `statistics.bytesCopied` when the reader last took what the loop received.
+    @exclusivity(unchecked) private var copiedAtLastLook = 0
     /// The deadline of the call in progress (CLOCK_MONOTONIC ns), 0 for none.
     @exclusivity(unchecked) private var deadline: Int64 = 0
     private var contacted = false
@@ -67,7 +72,13 @@ public final class AsyncExactReader {
     /// - Throws: `InvalidOptionError` (a value out of range, or a refused field); `Errno` as for
     ///   `ExactReader.init` (a datagram socket is `Errno.protocolWrongTypeForSocket`);
     ///   `Errno.canceled` when the loop was shut down.
-    public init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
+    public convenience init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
+        try self.init(fd, loop: loop, options: options, sender: nil)
+    }
+
+    /// A reader whose connection has a send side too (`sender`: the writer's, for
+    /// `IOLoop.withConnection`; nil: a reader alone).
+    init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options, sender: LoopSender?) throws {
         try options.validate()
         try options.validate(forReaderOn: loop)
         let type = try BackendSelection.fileType(fd)
@@ -79,7 +90,7 @@ public final class AsyncExactReader {
         self.options = options
         self.connection = LoopConnection(
             fd: try OwnedDescriptor(duplicating: fd), loop: loop, isSocket: type == S_IFSOCK,
-            maxBuffered: loop.options.maxBufferedBytesPerConnection)
+            maxBuffered: loop.options.maxBufferedBytesPerConnection, sender: sender)
         let capacity = try Block.roundedCapacity(options.stagingCapacity)
         self.core = ReaderCore(
             buffer: SegmentBuffer(nominalCapacity: capacity), pool: loop.framePool,
@@ -91,7 +102,11 @@ public final class AsyncExactReader {
     }
 
     deinit {
-        if contacted {
+        if let sender = connection.sender {
+            // Shared with a writer: the loop closes the descriptor when both are gone.
+            sender.leave()
+            loop.send(.detach(connection))
+        } else if contacted {
             loop.send(.detach(connection))  // the loop closes its descriptor when it is done
         } else {
             connection.fd.close()
@@ -115,13 +130,17 @@ public final class AsyncExactReader {
 
     /// Reads one length-prefixed frame; as `ExactReader.readFrame(prefix:)`, plus
     /// `CancellationError` when the awaiting task is cancelled (the frame is then not consumed).
-    public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) async throws -> ByteView? {
-        if let view = core.stagedFrame(prefix) { return view }  // the whole frame is received
+    nonisolated(nonsending) public func readFrame(prefix: LengthPrefix = .uint32(.bigEndian)) async throws -> ByteView? {
+        // The whole frame is received: a view of it, no wait (the default prefix decoded by a
+        // loop specialised for it).
+        let staged = prefix == .uint32(.bigEndian)
+            ? core.stagedFrame(FixedWidthPrefix<UInt32>(bigEndian: true)) : core.stagedFrame(AnyPrefix(prefix: prefix))
+        if let view = staged { return view }
         return try await drive { core in try core.frame(prefix) }
     }
 
     /// Reads exactly `count` bytes; as `ExactReader.readExactly(_:)`.
-    public func readExactly(_ count: Int) async throws -> ByteView {
+    nonisolated(nonsending) public func readExactly(_ count: Int) async throws -> ByteView {
         precondition(count >= 0, "readExactly: count must not be negative (got \(count))")
         return try await drive { core in try core.exactly(count) }
     }
@@ -129,27 +148,119 @@ public final class AsyncExactReader {
     /// Fills all of `buffer`; as `ExactReader.readExactly(into:)`. The memory must stay valid
     /// until the call returns (also when the task is cancelled: the call returns only when the
     /// kernel is done with it).
-    public func readExactly(into buffer: UnsafeMutableRawBufferPointer) async throws {
+    nonisolated(nonsending) public func readExactly(into buffer: UnsafeMutableRawBufferPointer) async throws {
         guard buffer.count > 0, buffer.baseAddress != nil else { return }
         try await drive { core in try core.into(buffer, slot: -1) }
     }
 
     /// Reads exactly `count` bytes and lends them to `body` in place; as
-    /// `ExactReader.withExactly(_:_:)` (`body`'s own error type `E` passes through).
-    public func withExactly<R, E: Error>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R) async throws -> R {
+    /// `ExactReader.withExactly(_:_:)`: when they are already received and contiguous, `body`
+    /// gets them where they are (no view, no allocation, no reference counting); otherwise they
+    /// are read as `readExactly(_:)` reads them. `body`'s own error type `E` passes through
+    /// unchanged.
+    ///
+    /// - warning: The pointer is valid only inside `body`; do not escape it or write through
+    ///   it. The bytes are consumed even when `body` throws.
+    nonisolated(nonsending) public func withExactly<R, E: Error>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R) async throws -> R {
+        precondition(count >= 0, "withExactly: count must not be negative (got \(count))")
+        if count <= core.buffer.buffered {
+            // Safety: `owner` keeps the received memory (a receive buffer is given back to the
+            // kernel when its last holder goes) until `body` returns.
+            let owner = core.buffer.firstOwner
+            if let bytes = core.takeStaged(count) { return try withExtendedLifetime(owner) { try body(bytes) } }
+        }
         let view = try await readExactly(count)
         return try view.withUnsafeBytes(body)
     }
 
+    // MARK: - Borrowing frames
+
+    /// Reads the next length-prefixed frame and lends its body to `body` as a `RawSpan`; as
+    /// `ExactReader.withNextFrame(prefix:_:)`: when the frame is already received in one piece
+    /// (the common case for small frames), no view, allocation, copy or reference counting.
+    ///
+    /// - Returns: What `body` returned, or nil at a clean end of stream before a frame.
+    /// - Throws: What `readFrame(prefix:)` throws (the frame is then not consumed, and `body`
+    ///   is not called), or what `body` throws, unchanged (the frame is consumed). `E` is
+    ///   `body`'s own error type, as for `ExactReader.withNextFrame(prefix:_:)`.
+    nonisolated(nonsending) public func withNextFrame<R, E: Error>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> R
+    ) async throws -> R? {
+        if let lent = try lendStagedFrame(AnyPrefix(prefix: prefix), body) { return lent.value }
+        guard let view = try await readFrame(prefix: prefix) else { return nil }
+        return try view.withUnsafeBytes { p in try body(RawSpan(_unsafeBytes: p)) }
+    }
+
+    /// Calls `body` with each frame of the stream in turn, as `withNextFrame(prefix:_:)` lends
+    /// it, until the stream ends cleanly between frames: every frame already received is lent
+    /// in place, one after the other, before the reader waits again.
+    ///
+    /// - Returns: The number of frames `body` was called with.
+    /// - Throws: What `withNextFrame(prefix:_:)` throws (`body`'s errors unchanged, of its own
+    ///   type `E`); the frames before are consumed.
+    @discardableResult
+    nonisolated(nonsending) public func forEachFrame<E: Error>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> Void
+    ) async throws -> Int {
+        try await forEachFrame(prefix: prefix) { (frame: RawSpan) throws -> Bool in
+            try body(frame)
+            return true
+        }
+    }
+
+    /// `forEachFrame(prefix:_:)` while `body` returns true: false stops after that frame (the
+    /// rest stays unread). As for `ExactReader`, the closure must say it returns `Bool`.
+    @_disfavoredOverload
+    @discardableResult
+    nonisolated(nonsending) public func forEachFrame<E: Error>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> Bool
+    ) async throws -> Int {
+        switch prefix {
+        case .uint32(let e): return try await frameLoop(prefix, FixedWidthPrefix<UInt32>(bigEndian: e == .bigEndian), body)
+        case .varint: return try await frameLoop(prefix, VarintPrefix(), body)
+        default: return try await frameLoop(prefix, AnyPrefix(prefix: prefix), body)
+        }
+    }
+
+    nonisolated(nonsending) private func frameLoop<D: PrefixDecoder, E: Error>(
+        _ prefix: LengthPrefix, _ decoder: D, _ body: (RawSpan) throws(E) -> Bool
+    ) async throws -> Int {
+        var frames = 0
+        while true {
+            while let lent = try lendStagedFrame(decoder, body) {
+                frames += 1
+                if !lent.value { return frames }
+            }
+            guard let view = try await readFrame(prefix: prefix) else { return frames }
+            frames += 1
+            if !(try view.withUnsafeBytes { p in try body(RawSpan(_unsafeBytes: p)) }) { return frames }
+        }
+    }
+
+    /// The next frame lent in place when it is received in one piece: `body`'s result (boxed,
+    /// so that an optional result is not mistaken for "no frame"), or nil.
+    private func lendStagedFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
+        guard core.buffer.buffered > 0 else { return nil }
+        // Safety: `owner` keeps the frame's received memory (a receive buffer goes back to the
+        // kernel when its last holder goes) until `body` returns; the bytes are consumed.
+        let owner = core.buffer.firstOwner
+        guard let bytes = core.takeStagedFrame(decoder) else { return nil }
+        return Lent(value: try withExtendedLifetime(owner) { try body(RawSpan(_unsafeBytes: bytes)) })
+    }
+
+    private struct Lent<T> {
+        let value: T
+    }
+
     /// Reads between 1 and `maxCount` bytes; as `ExactReader.read(upTo:)`.
-    public func read(upTo maxCount: Int) async throws -> ByteView {
+    nonisolated(nonsending) public func read(upTo maxCount: Int) async throws -> ByteView {
         precondition(maxCount >= 0, "read(upTo:): maxCount must not be negative (got \(maxCount))")
         if maxCount == 0 { return ByteView() }
         return try await drive { core in try core.upTo(maxCount) }
     }
 
     /// Reads and discards `count` bytes; as `ExactReader.skip(_:)`.
-    public func skip(_ count: Int) async throws {
+    nonisolated(nonsending) public func skip(_ count: Int) async throws {
         precondition(count >= 0, "skip: count must not be negative (got \(count))")
         var left = count
         try await drive { core in try core.skip(&left) }
@@ -179,7 +290,7 @@ public final class AsyncExactReader {
             let prefix: LengthPrefix
 
             /// The next frame, nil at a clean end of stream; throws as `readFrame(prefix:)` does.
-            public mutating func next() async throws -> ByteView? {
+            nonisolated(nonsending) public mutating func next() async throws -> ByteView? {
                 try await reader.readFrame(prefix: prefix)
             }
         }
@@ -189,7 +300,7 @@ public final class AsyncExactReader {
 
     /// Runs one core operation to its end, serving its requests from the loop: received
     /// segments for `.buffered`, a read in the loop for `.direct`.
-    private func drive<T>(_ step: (inout ReaderCore<SegmentBuffer>) throws -> CoreStep<T>) async throws -> T {
+    nonisolated(nonsending) private func drive<T>(_ step: (inout ReaderCore<SegmentBuffer>) throws -> CoreStep<T>) async throws -> T {
         if let e = core.brokenError { throw e }
         // The deadline is taken when the call first has to wait (no clock read for a frame that
         // is already buffered).
@@ -218,13 +329,19 @@ public final class AsyncExactReader {
     /// Takes what the loop received (without waiting), and asks it to receive when it does not.
     /// An error the loop met is kept in `core.pendingError`, after the bytes that came before it.
     @discardableResult
-    private func absorb() -> (timedOut: Bool, shutDown: Bool) {
+    private func absorb(arm armIfIdle: Bool = true) -> (timedOut: Bool, shutDown: Bool) {
         // While an error waits to be thrown, nothing more is received (the end of stream that
         // follows a reset must not overtake the reset).
         let errorWaiting = core.pendingError != nil
         let wanted = core.readAhead
+        // Frames that straddled receive buffers were copied since the last look: this
+        // connection's frames would rather lie in memory of its own (the loop's adaptive
+        // receive).
+        let straddled = core.statistics.bytesCopied - copiedAtLastLook >= LoopConnection.straddleCopies
+        copiedAtLastLook = core.statistics.bytesCopied
         let (segments, copied, eof, error, timedOut, shutDown, arm) = connection.state.withLock { s in
             s.wanted = wanted
+            if straddled { s.framesStraddle = true }
             let segments = s.received.takeAll()
             let copied = s.copied
             s.copied = 0
@@ -232,7 +349,7 @@ public final class AsyncExactReader {
             s.error = nil
             let timedOut = s.timedOut
             s.timedOut = false
-            let arm = !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
+            let arm = armIfIdle && !s.receiving && !s.eof && error == nil && !s.shutDown && !errorWaiting
             if arm { s.receiving = true }
             return (segments, copied, s.eof, error, timedOut, s.shutDown, arm)
         }
@@ -262,7 +379,7 @@ public final class AsyncExactReader {
         if timeout > 0 && deadline == 0 { deadline = monotonicNanoseconds() + timeout }
     }
 
-    private func receive(atLeast count: Int) async throws {
+    nonisolated(nonsending) private func receive(atLeast count: Int) async throws {
         startDeadline()
         var watching = false
         while true {
@@ -289,10 +406,12 @@ public final class AsyncExactReader {
     }
 
     /// A large body straight into its own memory: the loop reads it (`LoopMachine`).
-    private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
+    nonisolated(nonsending) private func largeRead(_ dst: UnsafeMutableRawBufferPointer, minimum: Int, slot: Int32) async throws {
         startDeadline()
         // Bytes received before the read come first: the core copies them in when it steps.
-        let (_, shutDown) = absorb()
+        // Not arming a receive: the body goes to its own memory (a receive now would only be
+        // ended again for the read, and take the body's first bytes through a buffer).
+        let (_, shutDown) = absorb(arm: false)
         if core.buffer.buffered > 0 { return }
         if let error = takePendingError() { return try core.largeReadCompleted(EngineResult(error: error), minimum: minimum) }
         if core.sawEOF { return try core.largeReadCompleted(EngineResult(), minimum: minimum) }

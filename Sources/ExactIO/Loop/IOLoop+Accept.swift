@@ -71,6 +71,8 @@ public struct AcceptedConnections: AsyncSequence, Sendable {
             fd = try OwnedDescriptor(duplicating: listener)
         } catch {
             // No descriptor for the loop's copy (EMFILE, EBADF): the sequence throws that.
+            loop.options.logger?.debug(
+                "ExactIO listener failed", metadata: ["exactio.listener_fd": "\(listener.rawValue)", "exactio.error": "\(error)"])
             queue.finish(throwing: error)
             return Iterator(handle: AcceptHandle(queue: queue))
         }

@@ -101,14 +101,19 @@ extension IOLoop {
         switch readiness.interface.kind {
         case .epoll:
             #if os(Linux)
-            let backend = try EpollLoopBackend(pool: pool, waker: waker)
-            return LoopMachine(backend: backend, pool: pool, waker: waker, count: count)
+            return makeMachine(try EpollLoopBackend(pool: pool, waker: waker), count: count)
             #else
             throw Errno.notSupported  // refused by Options.validate first
             #endif
         case .poll, .automatic:
-            let backend = PollLoopBackend(pool: pool, waker: waker)
-            return LoopMachine(backend: backend, pool: pool, waker: waker, count: count)
+            return makeMachine(PollLoopBackend(pool: pool, waker: waker), count: count)
         }
+    }
+
+    /// The loop's state machine over `backend`, with the loop's pools, waker and logger.
+    func makeMachine<B: LoopBackend>(_ backend: B, count: @escaping ((inout Statistics) -> Void) -> Void) -> LoopMachine<B> {
+        let machine = LoopMachine(backend: backend, pool: pool, framePool: framePool, waker: waker, count: count)
+        machine.logger = options.logger
+        return machine
     }
 }

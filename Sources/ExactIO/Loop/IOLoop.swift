@@ -1,3 +1,4 @@
+import Logging
 import Synchronization
 import SystemPackage
 
@@ -64,6 +65,16 @@ public final class IOLoop: @unchecked Sendable {
         /// `.automatic` (epoll on Linux, `poll(2)` elsewhere; `EXACTIO_EVENTS` overrides it),
         /// `.epoll` (Linux only), or `.poll`. Default `.automatic`.
         public var events: EventInterface
+        /// A logger for what operators may want to see of the loop, all at `debug`: its start
+        /// (backend, fallback reason, receive memory) and end (its counters), a start that
+        /// failed, a listener that fails for good (its accept sequence throws the error), and
+        /// each accept pause for a shortage of descriptors or memory (EMFILE, ENFILE, ENOBUFS,
+        /// ENOMEM) with its length. One event only is logged at `error`: the kernel interface
+        /// failing for good (an `io_uring_enter` or `epoll_wait` error that is not a passing
+        /// one), which fails every reader of the loop. Nothing per connection or per frame
+        /// (readers log through their own `ExactReader.Options.logger`). Nil (the default) logs
+        /// nothing.
+        public var logger: Logger?
 
         /// Options with every field given or defaulted (see each field for its default).
         public init(
@@ -72,7 +83,8 @@ public final class IOLoop: @unchecked Sendable {
             receiveBufferCount: Int = 256,
             maxBufferedBytesPerConnection: Int = 256 << 10,
             maxPendingConnections: Int = 1024,
-            events: EventInterface = .automatic
+            events: EventInterface = .automatic,
+            logger: Logger? = nil
         ) {
             self.backend = backend
             self.receiveBufferSize = receiveBufferSize
@@ -80,6 +92,7 @@ public final class IOLoop: @unchecked Sendable {
             self.maxBufferedBytesPerConnection = maxBufferedBytesPerConnection
             self.maxPendingConnections = maxPendingConnections
             self.events = events
+            self.logger = logger
         }
 
         func validate() throws(ExactReader.InvalidOptionError) {
@@ -115,6 +128,9 @@ public final class IOLoop: @unchecked Sendable {
         public var wakeups = 0
         /// Receives that found the buffer pool empty and waited for buffers to come back.
         public var starvations = 0
+        /// Send requests submitted (io_uring) or `sendmsg(2)` calls (epoll), for every
+        /// `AsyncExactWriter` on the loop.
+        public var sends = 0
         /// All counters at zero.
         public init() {}
     }
@@ -138,7 +154,7 @@ public final class IOLoop: @unchecked Sendable {
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
     private var driver: (any LoopDriving)! = nil
     /// Set for a loop without a thread, run by the fuzz harness (`LoopHarness`).
-    private(set) var manual: LoopHarness? = nil
+    private(set) weak var manual: LoopHarness? = nil
     private let inbox = Locked(Inbox())
     private let sleeping = Atomic<Bool>(false)
     private let stats = Locked(Statistics())
@@ -174,7 +190,20 @@ public final class IOLoop: @unchecked Sendable {
         self.waker = waker
         self.pool = try ReceivePool(count: count, size: size, wake: { waker.wake() })
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
-        try start()
+        do {
+            try start()
+        } catch {
+            options.logger?.debug("ExactIO loop could not start", metadata: ["exactio.error": "\(error)"])
+            throw error
+        }
+        options.logger?.debug(
+            "ExactIO loop started",
+            metadata: [
+                "exactio.backend": "\(backend)",
+                "exactio.fallback": "\(fallbackReason ?? "none")",
+                "exactio.receive_buffer_bytes": "\(size)",
+                "exactio.receive_buffers": "\(count)",
+            ])
     }
 
     /// A loop without a thread, whose machine runs a scripted backend when `harness` says (the
@@ -189,7 +218,7 @@ public final class IOLoop: @unchecked Sendable {
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         self.manual = harness
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
-        driver = LoopMachine(backend: harness.backend, pool: pool, waker: waker, now: { [unowned harness] in harness.now() }, count: count)
+        driver = LoopMachine(backend: harness.backend, pool: pool, framePool: framePool, waker: waker, now: { [clock = harness.clock] in clock.now() }, count: count)
         backend = .posix
     }
 
@@ -226,7 +255,7 @@ public final class IOLoop: @unchecked Sendable {
         #if EXACTIO_URING
         switch URingLoopBackend.make(pool: pool, waker: waker) {
         case .success(let backend):
-            return (LoopMachine(backend: backend, pool: pool, waker: waker, count: count), note)
+            return (makeMachine(backend, count: count), note)
         case .failure(let failure):
             if wanted == .ioUring { throw failure.errno }
             return try readinessDriver([note, failure.reason].compactMap { $0 }.joined(separator: "; "))
@@ -313,6 +342,16 @@ public final class IOLoop: @unchecked Sendable {
             send(.shutdown(c))
         }
         await waitJoined()
+        if let logger = options.logger {
+            let s = statistics
+            logger.debug(
+                "ExactIO loop shut down",
+                metadata: [
+                    "exactio.enters": "\(s.enters)", "exactio.reads": "\(s.reads)",
+                    "exactio.completions": "\(s.completions)", "exactio.wakeups": "\(s.wakeups)",
+                    "exactio.starvations": "\(s.starvations)",
+                ])
+        }
     }
 
     private func waitJoined() async {
@@ -350,6 +389,21 @@ public final class IOLoop: @unchecked Sendable {
         send(.injectFailures(count: count, errno: errno))
     }
 
+    /// Test seam: the loop's zero-copy notifications are held back while `hold` is true (and
+    /// delivered when it is set back to false), as if the kernel kept the memory longer: the
+    /// views of zero-copy sends must stay held meanwhile. io_uring only.
+    @_spi(Testing)
+    public func holdZeroCopyNotifications(_ hold: Bool) {
+        send(.holdNotifications(hold))
+    }
+
+    /// Test seam: the loop treats zero-copy sends as absent from then on (as when the probe at
+    /// ring setup finds no SEND_ZC).
+    @_spi(Testing)
+    public func refuseZeroCopy() {
+        send(.refuseZeroCopy)
+    }
+
     /// The loop's thread (for tests that signal it).
     var threadHandle: pthread_t? { thread }
 
@@ -379,11 +433,25 @@ public final class IOLoop: @unchecked Sendable {
             c.largeReadProgress(0, finished: true, error: .canceled)
             c.interrupt(shutDown: true)
         case .detach(let c):
-            c.fd.close()
+            // A connection with a writer closes when the last of its reader and writer goes.
+            if c.sender?.everyoneLeft ?? true { c.fd.close() }
         case .listen(let l):
             l.queue.finish()
             l.fd.close()
-        case .unlisten, .resumeAccept, .injectFailures:
+        case .send(let c):
+            c.sender?.wake { s in
+                s.shutDown = true
+                if s.request != nil && !s.request!.done {
+                    s.request!.done = true
+                    s.request!.error = .canceled
+                }
+            }
+        case .detachSender(let c):
+            if c.sender?.everyoneLeft ?? true { c.fd.close() }
+        case .closeConnection(let c, let k):
+            c.fd.close()
+            k.resume()
+        case .unlisten, .resumeAccept, .injectFailures, .cancelSend, .sendDeadline, .holdNotifications, .refuseZeroCopy:
             break
         case .inspect(let reply):
             reply("(the loop has shut down)")
@@ -496,6 +564,19 @@ enum LoopCommand {
     case inspect(@Sendable (String) -> Void)
     /// Test seam: the next waits in the kernel fail.
     case injectFailures(count: Int, errno: Int32)
+    /// Send the request the writer published (`LoopSender.Shared.request`).
+    case send(LoopConnection)
+    /// End the writer's send in flight early.
+    case cancelSend(LoopConnection)
+    /// Watch the writer's deadline.
+    case sendDeadline(LoopConnection)
+    /// The writer is gone.
+    case detachSender(LoopConnection)
+    /// `withConnection` ends: reader and writer are gone; resume once the descriptor is closed.
+    case closeConnection(LoopConnection, CheckedContinuation<Void, Never>)
+    /// Test seams: hold zero-copy notifications back (or release them); treat zero-copy as absent.
+    case holdNotifications(Bool)
+    case refuseZeroCopy
     case shutdown(CheckedContinuation<Void, Never>)
 }
 

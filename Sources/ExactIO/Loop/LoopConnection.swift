@@ -33,6 +33,8 @@ struct LoopToken: Equatable {
 struct LoopTag: RawRepresentable {
     enum Kind: UInt64 {
         case receive = 1, read, cancel, accept, wake, cancelAll
+        /// A send, and a zero-copy send (whose token names the backend's record of it).
+        case send, sendZC
     }
     let rawValue: UInt64
 
@@ -59,6 +61,9 @@ final class LoopConnection: @unchecked Sendable {
     let loop: IOLoop
     let isSocket: Bool
     let maxBuffered: Int
+    /// The send side, when the connection has a writer (`AsyncExactWriter`); a connection of
+    /// `IOLoop.withConnection` has a reader and a writer.
+    let sender: LoopSender?
 
     /// What the reader and the loop share.
     struct State {
@@ -79,6 +84,9 @@ final class LoopConnection: @unchecked Sendable {
         var shutDown = false
         /// A receive is armed (or owed by the loop): the reader need not ask again.
         var receiving = false
+        /// The reader copied frames that straddled receive buffers: its receives should go to
+        /// memory of its own (`LoopMachine`'s adaptive receive).
+        var framesStraddle = false
         /// How much the reader wants received ahead (its read-ahead: a page after a large frame,
         /// whose next body goes straight to its own memory; the staging capacity otherwise).
         var wanted = Int.max
@@ -118,16 +126,42 @@ final class LoopConnection: @unchecked Sendable {
     var detached = false
     /// The deadline the loop's timer for this connection fires at (0: none armed).
     var timerAt: Int64 = 0
+    /// Receives into memory of the connection's own (`LoopMachine`'s adaptive receive): set
+    /// while the connection is busy or the shared buffers ran dry; nil: the shared buffers.
+    var own: OwnReceive? = nil
+    /// The last shared-buffer receive brought half a buffer or more at once.
+    var busy = false
+    /// Bytes of straddling frames a reader copies between two looks that make its receives
+    /// go to memory of its own (with `busy`; see `LoopMachine.startReceive`).
+    static let straddleCopies = 16 << 10
+
+    /// A busy connection's receive memory: each receive lands right after the last one, so that
+    /// frames lie in one piece and are views in place; reused from its start once nothing
+    /// references it.
+    struct OwnReceive {
+        var region: Region
+        /// The region before this one, kept while its last bytes are read: the next region
+        /// when nothing references it any more (two regions a connection, warm pages).
+        var spare: Region? = nil
+        /// Bytes of `region` received so far.
+        var fill = 0
+        /// What the next receive asks for, adapted to what the last ones brought.
+        var size: Int
+        /// What the armed receive asked for.
+        var asked = 0
+    }
 
     /// What the backend keeps for the connection (its thread only).
     struct KernelState {
-        /// The memory of its own a receive is filling (the shared buffers ran dry).
-        var ownMemory: Region? = nil
+        /// The connection's own memory a receive is filling, and where.
+        var ownTarget: (region: Region, offset: Int, count: Int)? = nil
         /// io_uring: the byte limit of the armed receive (0: none).
         var receiveLimit: UInt32 = 0
-        /// epoll: the descriptor is in the epoll set, and for what.
+        /// epoll: the descriptor is in the epoll set, for what, and whether a receive is armed
+        /// (the descriptor may stay in the set between single-shot receives).
         var epollRegistered = false
         var epollInterest: LoopTag.Kind? = nil
+        var receiveArmed = false
         /// epoll: a large read waiting for readiness.
         var pendingRead: (dst: UnsafeMutableRawBufferPointer, slot: Int32)? = nil
         /// epoll: a non-socket descriptor was set non-blocking.
@@ -135,11 +169,19 @@ final class LoopConnection: @unchecked Sendable {
     }
     var kernel = KernelState()
 
-    init(fd: OwnedDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int) {
+    init(fd: OwnedDescriptor, loop: IOLoop, isSocket: Bool, maxBuffered: Int, sender: LoopSender? = nil) {
         self.fd = fd
         self.loop = loop
         self.isSocket = isSocket
         self.maxBuffered = maxBuffered
+        self.sender = sender
+    }
+
+    /// The writer is gone too, or there is none, and nothing of its sends is in the kernel
+    /// (zero-copy notifications aside: they need the memory, not the descriptor).
+    var senderDone: Bool {
+        guard let sender else { return true }
+        return sender.gone && sender.phase == .idle
     }
 
     func tag(_ kind: LoopTag.Kind) -> UInt64 {
@@ -271,7 +313,7 @@ final class LoopConnection: @unchecked Sendable {
     /// end or an error are the loop's to resolve first: it sends the read back with `retry`
     /// then). Counting them would spin the reader, and with the loop as its executor, the
     /// loop too, which then never resolves them.
-    func wait(cancellable: Bool, largeRead: Bool = false) async {
+    nonisolated(nonsending) func wait(cancellable: Bool, largeRead: Bool = false) async {
         if let manual = loop.manual {
             // A loop without a thread (the fuzz harness): it runs until there is news.
             manual.runUntilNews(for: self, cancellable: cancellable, largeRead: largeRead)
@@ -306,7 +348,7 @@ final class LoopConnection: @unchecked Sendable {
                 || (s.largeRead?.done ?? false) || (!s.receiving && s.largeRead == nil)
     }
 
-    private func suspend(cancellable: Bool, largeRead: Bool) async {
+    nonisolated(nonsending) private func suspend(cancellable: Bool, largeRead: Bool) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
             let now = state.withLock { s -> Bool in
                 if LoopConnection.news(s, largeRead: largeRead) || (cancellable && Task.isCancelled) { return true }

@@ -58,7 +58,7 @@ public final class LoopHarness: @unchecked Sendable {
     private var current: ReceiveBuffer? = nil
     private var currentOffset = 0
     /// The machine's clock: real time, or past every deadline while a timeout is played.
-    private var clockPastDeadlines = false
+    let clock = HarnessClock()
 
     public init(
         stream: [UInt8], stagingCapacity: Int, maxFrameLength: Int,
@@ -89,10 +89,6 @@ public final class LoopHarness: @unchecked Sendable {
         }
     }
 
-    /// The machine's clock.
-    func now() -> Int64 {
-        clockPastDeadlines ? Int64.max / 2 : monotonicNanoseconds()
-    }
 
     // MARK: - The reader's calls
 
@@ -211,9 +207,9 @@ public final class LoopHarness: @unchecked Sendable {
 
     /// The machine's timers fire as if every deadline had passed.
     private func passDeadlines() {
-        clockPastDeadlines = true
+        clock.pastDeadlines = true
         loop.runManualTurn()
-        clockPastDeadlines = false
+        clock.pastDeadlines = false
     }
 
     /// The next stream bytes arrive for the armed receive, in segments of `sizes`, written
@@ -225,11 +221,11 @@ public final class LoopHarness: @unchecked Sendable {
             backend.complete(.received(c, nil, .endOfStream))
             return
         }
-        if let own = backend.armedReceive?.own {
-            let n = min(max(sizes.first ?? 1, 1), own.capacity, stream.count - fed)
-            stream.withUnsafeBytes { own.base.copyMemory(from: $0.baseAddress! + fed, byteCount: n) }
+        if case .own(let region, let offset, let count)? = backend.armedReceive?.target {
+            let n = min(max(sizes.first ?? 1, 1), count, stream.count - fed)
+            stream.withUnsafeBytes { (region.base + offset).copyMemory(from: $0.baseAddress! + fed, byteCount: n) }
             fed += n
-            backend.complete(.received(c, .own(own, count: n), .done))
+            backend.complete(.received(c, .own(region, start: offset, count: n), .done))
             return
         }
         for size in sizes {
@@ -262,6 +258,14 @@ public final class LoopHarness: @unchecked Sendable {
     }
 }
 
+/// The harness loop's clock: real time, or past every deadline while the script plays a
+/// timeout. Shared with the loop's machine, which may outlive the harness by a moment.
+final class HarnessClock: @unchecked Sendable {
+    // @unchecked Sendable: used by the one thread that runs the harness's calls.
+    var pastDeadlines = false
+    func now() -> Int64 { pastDeadlines ? Int64.max / 2 : monotonicNanoseconds() }
+}
+
 /// Runs each job at once, on the thread that enqueues it (the harness's calls never suspend).
 final class InlineExecutor: TaskExecutor {
     static let shared = InlineExecutor()
@@ -273,7 +277,7 @@ final class InlineExecutor: TaskExecutor {
 /// The harness's kernel: it records what the machine arms, and completes it when the harness
 /// says (cancellations complete at the next turn, as on epoll).
 final class ScriptedLoopBackend: LoopBackend {
-    private(set) var armedReceive: (connection: LoopConnection, own: Region?)? = nil
+    private(set) var armedReceive: (connection: LoopConnection, target: ReceiveTarget)? = nil
     private(set) var pendingRead: (dst: UnsafeMutableRawBufferPointer, slot: Int32)? = nil
     private var queued: [LoopCompletion] = []
     private var counters = LoopCounters()
@@ -295,9 +299,9 @@ final class ScriptedLoopBackend: LoopBackend {
         queued.append(completion)
     }
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         counters.reads += 1
-        armedReceive = (c, own)
+        armedReceive = (c, target)
         return nil
     }
 
@@ -318,6 +322,19 @@ final class ScriptedLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {}
+
+    // Sending: the scripted kernel takes every send whole at the next turn (the fuzz target
+    // drives readers only; writers run against the real backends in the tests).
+    var supportsZeroCopy: Bool { false }
+    func send(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>, zeroCopy: Bool, id: UInt32) -> Errno? {
+        counters.sends += 1
+        complete(.sent(c, count: iov.reduce(0) { $0 + $1.iov_len }, error: nil, notification: false))
+        return nil
+    }
+    func cancelSend(_ c: LoopConnection) {}
+    func holdNotifications(_ hold: Bool) {}
+    func refuseZeroCopy() {}
+
     func accept(_ l: Listener, count: Int) -> (armed: Int, error: Errno?) { (0, .notSupported) }
     func cancelAccepts(_ l: Listener) {}
     func giveBack(_ bids: [UInt16]) { free.append(contentsOf: bids) }

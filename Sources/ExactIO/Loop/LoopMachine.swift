@@ -1,3 +1,4 @@
+import Logging
 import SystemPackage
 
 // The loop's decisions, written once for every kernel backend: the table of connections and
@@ -26,22 +27,29 @@ protocol LoopDriving: AnyObject {
 final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     let backend: Backend
     let pool: ReceivePool
+    /// Memory for connections that receive into their own (busy ones).
+    let framePool: MemoryPool
     let waker: Waker
     /// Counts what the machine and its backend do (the loop publishes them once per turn).
-    private let count: ((inout IOLoop.Statistics) -> Void) -> Void
+    let count: ((inout IOLoop.Statistics) -> Void) -> Void
     /// The clock (CLOCK_MONOTONIC ns); the fuzz harness plays it.
     let now: () -> Int64
 
     private var entries: [LoopEntry?] = []
     private var generations: [UInt32] = []
     private var freeSlots: [Int] = []
-    private var timers = TimerHeap<LoopTimer>()
+    var timers = TimerHeap<LoopTimer>()
     /// Connections waiting for receive buffers.
     private var starved: [LoopConnection] = []
     private var completions: [LoopCompletion] = []
-    private var stopping = false
+    private(set) var stopping = false
+    /// Connections whose writer's zero-copy views wait for their notification
+    /// (LoopMachine+Send.swift); they may have left the table.
+    var holdingSenders: [ObjectIdentifier: LoopConnection] = [:]
     /// The kernel interface failed for good (`failForGood`): commands are answered with it.
     private(set) var failure: Errno? = nil
+    /// `IOLoop.Options.logger`: accept pauses and failures, the kernel interface failing.
+    var logger: Logger? = nil
 
     /// Accepting pauses for 10 ms after a shortage, doubling up to a second while it lasts.
     static var acceptBackoff: (first: Int64, last: Int64) { (10_000_000, 1_000_000_000) }
@@ -49,10 +57,11 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// plus accepts in flight never pass the queue's bound.
     static var acceptsInFlight: Int { 16 }
 
-    init(backend: Backend, pool: ReceivePool, waker: Waker, now: @escaping () -> Int64 = monotonicNanoseconds,
-         count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
+    init(backend: Backend, pool: ReceivePool, framePool: MemoryPool, waker: Waker,
+         now: @escaping () -> Int64 = monotonicNanoseconds, count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
         self.backend = backend
         self.pool = pool
+        self.framePool = framePool
         self.waker = waker
         self.now = now
         self.count = count
@@ -62,7 +71,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     // MARK: - The table
 
-    private func attach(_ c: LoopConnection) {
+    func attach(_ c: LoopConnection) {
         guard !c.token.isAttached else { return }
         c.token = takeSlot(.connection(c))
     }
@@ -107,13 +116,14 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         l.fd.close()
     }
 
-    /// Frees a detached connection's slot once nothing of it is in the kernel, and closes the
-    /// loop's descriptor for it.
-    private func releaseIfIdle(_ c: LoopConnection) {
-        guard c.detached, c.isIdleInKernel, case .connection(let held)? = entry(c.token), held === c else { return }
+    /// Frees a detached connection's slot once nothing of it is in the kernel (and its writer,
+    /// if it has one, is gone too), and closes the loop's descriptor for it.
+    func releaseIfIdle(_ c: LoopConnection) {
+        guard c.detached, c.isIdleInKernel, c.senderDone, case .connection(let held)? = entry(c.token), held === c else { return }
         free(c.token)
         c.token = LoopToken()
         c.fd.close()
+        c.sender?.released()
     }
 
     // MARK: - Commands
@@ -168,8 +178,9 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             backend.forget(c)
             if c.token.isAttached {
                 releaseIfIdle(c)
-            } else {
+            } else if c.senderDone {
                 c.fd.close()  // never attached: nothing of it is in the kernel
+                c.sender?.released()
             }
         case .deadline(let c):
             watch(c)
@@ -192,6 +203,20 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             reply(describe())
         case .injectFailures(let count, let errno):
             backend.injectWaitFailures(count: count, errno: errno)
+        case .send(let c):
+            startSend(c)
+        case .cancelSend(let c):
+            cancelSend(c)
+        case .sendDeadline(let c):
+            watchSend(c)
+        case .detachSender(let c):
+            detachSender(c)
+        case .closeConnection(let c, let k):
+            closeConnection(c, k)
+        case .holdNotifications(let hold):
+            backend.holdNotifications(hold)
+        case .refuseZeroCopy:
+            backend.refuseZeroCopy()
         case .shutdown:
             break  // the loop's thread handles it
         }
@@ -199,17 +224,100 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     // MARK: - Receiving
 
-    private func startReceive(_ c: LoopConnection, own: Region? = nil) {
+    private func startReceive(_ c: LoopConnection) {
         // At most the backpressure bound, and what the reader wants ahead: after a large frame
         // only its next prefix, not the next body (which goes to its own memory).
-        let (held, wanted) = c.state.withLock { ($0.held, $0.wanted) }
-        let limit = own == nil ? max(min(c.maxBuffered - held, wanted), 4096) : 0
-        if let e = backend.armReceive(c, limit: limit, own: own) {
+        let (held, wanted, straddle) = c.state.withLock { s in
+            defer { s.framesStraddle = false }
+            return (s.held, s.wanted, s.framesStraddle)
+        }
+        if straddle && c.busy { _ = useOwnMemory(c) }
+        let limit = max(min(c.maxBuffered - held, wanted), 4096)
+        let target = c.own != nil ? ownTarget(c, limit: limit) ?? .shared(limit: limit) : .shared(limit: limit)
+        if let e = backend.armReceive(c, target) {
             c.finishReceiving(eof: false, error: e)
             return
         }
         c.receive = .armed
         c.state.withLock { $0.receiving = true }
+    }
+
+    // MARK: - Adaptive receive
+
+    /// Sizes of receives into a connection's own memory: 32 KiB first, doubled after one that
+    /// came back full, halved after one that brought less than a quarter; below the least, the
+    /// connection is quiet and goes back to the shared buffers.
+    static var ownReceiveSizes: (least: Int, first: Int, most: Int) { (16 << 10, 32 << 10, 64 << 10) }
+    /// The size of a connection's receive region: four receives of the largest size.
+    static var ownRegionSize: Int { 4 * ownReceiveSizes.most }
+
+    /// A connection receives into memory of its own when it is busy (a shared-buffer receive
+    /// brought half a buffer at once: more was waiting) and its frames straddle the shared
+    /// buffers (its reader copied at least `straddleCopies` bytes of such frames since it last
+    /// looked): its frames then lie in one piece, views in place. Small frames that rarely
+    /// straddle stay in the shared buffers, which cost no page of a connection's own.
+    private var busyReceive: Int { pool.size / 2 }
+
+    /// Memory of the connection's own for its receives, or nil when none can be had.
+    private func ownRegion() -> Region? {
+        guard let block = try? framePool.take(atLeast: Self.ownRegionSize) else { return nil }
+        return Region(block: block, pool: framePool)
+    }
+
+    /// Starts receiving into memory of the connection's own (busy, or the shared buffers ran
+    /// dry). False when no memory could be had.
+    private func useOwnMemory(_ c: LoopConnection) -> Bool {
+        if c.own != nil { return true }
+        guard let region = ownRegion() else { return false }
+        c.own = LoopConnection.OwnReceive(region: region, size: Self.ownReceiveSizes.first)
+        return true
+    }
+
+    /// The next receive into the connection's own memory: right after the last one, or from
+    /// the region's start again when nothing references it any more (its pages are warm), or in
+    /// a fresh region when this one has no room. Nil (and back to the shared buffers) when no
+    /// memory could be had.
+    private func ownTarget(_ c: LoopConnection, limit: Int) -> ReceiveTarget? {
+        let want = min(c.own!.size, limit)
+        if isKnownUniquelyReferenced(&c.own!.region) {
+            c.own!.fill = 0
+        } else if c.own!.region.capacity - c.own!.fill < want {
+            // No room: the spare region if nothing references it any more, else a fresh one;
+            // this one becomes the spare while its last bytes are read.
+            let next: Region
+            if c.own!.spare != nil && isKnownUniquelyReferenced(&c.own!.spare!) {
+                next = c.own!.spare!
+            } else if let fresh = ownRegion() {
+                next = fresh
+            } else {
+                c.own = nil
+                return nil
+            }
+            c.own!.spare = c.own!.region
+            c.own!.region = next
+            c.own!.fill = 0
+        }
+        let count = min(want, c.own!.region.capacity - c.own!.fill)
+        c.own!.asked = count
+        return .own(c.own!.region, offset: c.own!.fill, count: count)
+    }
+
+    /// After a receive into the connection's own memory brought `n` bytes: the next one asks
+    /// for more, less, or the connection goes back to the shared buffers.
+    private func adapt(_ c: LoopConnection, received n: Int) {
+        guard var own = c.own else { return }
+        let sizes = Self.ownReceiveSizes
+        if n >= own.asked {
+            own.size = min(2 * own.size, sizes.most)
+        } else if n < own.asked / 4 {
+            own.size /= 2
+            if own.size < sizes.least {
+                c.own = nil  // quiet: the shared buffers again (the region goes with its bytes)
+                return
+            }
+        }
+        own.fill += n
+        c.own = own
     }
 
     private func disarm(_ c: LoopConnection) {
@@ -221,6 +329,13 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     private func received(_ c: LoopConnection, _ bytes: ReceivedBytes?, _ end: ReceiveEnd) {
         let wasDisarming = c.receive == .disarming
         if end != .more { c.receive = .idle }
+        if let bytes {
+            switch bytes {
+            case .own(let region, _, let n) where c.own?.region === region: adapt(c, received: n)
+            case .shared(let s): c.busy = s.count >= busyReceive
+            default: break
+            }
+        }
         if let segment = bytes.map(segment) {
             if c.detached {
                 if end != .more { receiveEnded(c) }
@@ -235,8 +350,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 return
             }
             // The receive ended with these bytes (a single-shot receive, a byte limit, a
-            // receive into memory of its own): go on unless the reader has enough.
-            if wasDisarming || full || c.largeRead == .waitingForReceive || stopping {
+            // receive into memory of its own): go on unless the reader has enough (it asks
+            // again when it wants more: after a large frame's prefix, its body goes to its own
+            // memory, not through receives).
+            if wasDisarming || held || enough || c.largeRead == .waitingForReceive || stopping {
                 c.receivingStopped()
                 receiveEnded(c)
             } else {
@@ -296,23 +413,19 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         switch bytes {
         case .shared(let segment):
             return segment
-        case .own(let region, let n):
-            if n <= pool.size / 2, let exact = try? Region.standalone(capacity: n) {
-                exact.base.copyMemory(from: region.base, byteCount: n)
-                return Segment(owner: exact, base: exact.base, start: 0, end: n)
-            }
-            return Segment(owner: region, base: region.base, start: 0, end: n)
+        case .own(let region, let start, let n):
+            return Segment(owner: region, base: region.base, start: start, end: start + n)
         }
     }
 
-    /// The receive buffers ran out while `c` receives. One receive into memory of its own keeps
+    /// The receive buffers ran out while `c` receives. Receives into memory of its own keep
     /// the connection going: waiting for buffers could wait forever when views the application
     /// keeps hold them all. When not even that can be had, the connection waits for buffers
     /// (no busy loop); `receiving` stays set meanwhile: the loop owes it a receive and arms it
     /// when buffers come back, so the reader does not ask for one in vain.
     private func starve(_ c: LoopConnection) {
-        if let own = try? Region.standalone(capacity: pool.size) {
-            startReceive(c, own: own)
+        if useOwnMemory(c) {
+            startReceive(c)
             if c.receive == .armed { return }
         }
         c.receive = .starved
@@ -406,6 +519,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         let (armed, error) = backend.accept(l, count: wanted)
         l.inFlight += armed
         if let error, l.inFlight == 0 {
+            logger?.debug("ExactIO listener failed", metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(error)"])
             l.queue.finish(throwing: error)
             release(l)
         }
@@ -438,8 +552,9 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 break
             case .tooManyOpenFiles, .tooManyOpenFilesInSystem, .noBufferSpace, .noMemory:
                 // A shortage: nothing is re-armed until a pause is over.
-                if l.retryAt == 0 { retryAcceptLater(l) }
+                if l.retryAt == 0 { retryAcceptLater(l, after: e) }
             default:
+                logger?.debug("ExactIO listener failed", metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(e)"])
                 l.queue.finish(throwing: e)
                 stopAccepting(l)
             }
@@ -456,10 +571,13 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
 
     /// Accepting on `l` stopped for a shortage: it starts again after a pause that doubles
     /// while the shortage lasts (no busy loop at the descriptor limit).
-    private func retryAcceptLater(_ l: Listener) {
+    private func retryAcceptLater(_ l: Listener, after error: Errno) {
         l.backoff = l.backoff == 0 ? Self.acceptBackoff.first : min(2 * l.backoff, Self.acceptBackoff.last)
         l.retryAt = now() + l.backoff
         timers.insert(l.retryAt, .acceptRetry(l))
+        logger?.debug(
+            "ExactIO accepting paused",
+            metadata: ["exactio.listener_fd": "\(l.fd.rawValue)", "exactio.error": "\(error)", "exactio.pause_ms": "\(l.backoff / 1_000_000)"])
     }
 
     // MARK: - Timers
@@ -502,6 +620,8 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 case .expired:
                     cancelLargeRead(c)
                 }
+            case .sendDeadline(let c):
+                sendTimerFired(c, when: when, now: now)
             case .acceptRetry(let l):
                 guard l.retryAt == when else { continue }
                 l.retryAt = 0
@@ -526,6 +646,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             s.enters += counters.enters
             s.completions += counters.completions
             s.reads += counters.reads
+            s.sends += counters.sends
         }
         if let error {
             completions.removeAll(keepingCapacity: true)
@@ -545,6 +666,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             readCompleted(c, count: n, error: error)
         case .accepted(let l, let result):
             accepted(l, result)
+        case .sent(let c, let n, let error, let notification):
+            sendCompleted(c, count: n, error: error, notification: notification)
+        case .sendReleased(let c, let id):
+            sendReleased(c, id: id)
         }
     }
 
@@ -558,6 +683,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             switch entry {
             case .connection(let c):
                 c.interrupt(shutDown: true)
+                stopSending(c)
                 disarm(c)
                 if c.receive == .starved { unstarve(c) }
                 if c.largeRead == .inFlight {
@@ -578,15 +704,18 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     func finishShutdown() {
         for case let entry? in entries {
             switch entry {
-            // Descriptors of connections whose reader is gone close now; the others close when
-            // their reader goes.
-            case .connection(let c) where c.detached: c.fd.close()
+            // Descriptors of connections whose reader (and writer) is gone close now; the others
+            // close when the last of them goes.
+            case .connection(let c) where c.detached && (c.sender?.gone ?? true):
+                c.fd.close()
+                c.sender?.released()
             case .connection: break
             case .listener(let l):
                 l.queue.finish()
                 l.fd.close()
             }
         }
+        quarantineHeldViews()
         // Forget every connection and listener (their objects hold the loop: a cycle otherwise).
         entries.removeAll()
         generations.removeAll()
@@ -604,9 +733,11 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     /// requests the kernel can no longer confirm.
     func failForGood(_ error: Errno) {
         failure = error
+        logger?.error("ExactIO loop failed: its kernel interface returned an error", metadata: ["exactio.error": "\(error)"])
         for case let entry? in entries {
             switch entry {
             case .connection(let c):
+                failSending(c, error)
                 c.fail(error, readInFlight: c.largeRead == .inFlight || c.largeRead == .canceling)
                 c.receive = .idle
                 c.largeRead = .idle
@@ -616,6 +747,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 l.queue.finish(throwing: error)
             }
         }
+        quarantineHeldViews()
     }
 
     /// `command` after a failure: nothing reaches the kernel.
@@ -625,7 +757,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             c.fail(error, readInFlight: false)
         case .detach(let c):
             c.detached = true
-            if !c.token.isAttached { c.fd.close() }  // else: at shutdown
+            if !c.token.isAttached && c.senderDone { c.fd.close() }  // else: at shutdown
         case .listen(let l):
             l.queue.finish(throwing: error)
             l.fd.close()
@@ -633,7 +765,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
             l.queue.finish()
         case .inspect(let reply):
             reply("(the loop failed: \(error))\n" + describe())
-        case .cancelLargeRead, .resumeAccept, .injectFailures, .shutdown:
+        case .send, .detachSender, .closeConnection:
+            answerFailedSend(command, error)
+        case .cancelLargeRead, .resumeAccept, .injectFailures, .shutdown, .cancelSend, .sendDeadline, .holdNotifications,
+             .refuseZeroCopy:
             break
         }
     }
@@ -647,7 +782,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 let s = c.state.withLock { s in
                     "queued \(s.received.bytes) in \(s.received.count) segments, receiving \(s.receiving) eof \(s.eof) waiter \(s.waiter != nil) large read \(s.largeRead.map { "\($0.got)/\($0.minimum) done \($0.done)" } ?? "-")"
                 }
-                lines.append("conn \(c.token.slot): receive \(c.receive) large read \(c.largeRead) rearm \(c.rearmAfterDisarm) detached \(c.detached); \(s)")
+                lines.append("conn \(c.token.slot): receive \(c.receive) large read \(c.largeRead) rearm \(c.rearmAfterDisarm) detached \(c.detached); \(s)\(describeSender(c))")
             case .listener(let l):
                 lines.append("listener \(l.token.slot): in flight \(l.inFlight) paused \(l.paused) closing \(l.closing) retryAt \(l.retryAt)")
             }
@@ -663,4 +798,6 @@ enum LoopTimer {
     case deadline(LoopConnection)
     /// Accepting again after a shortage (`Listener.retryAt`).
     case acceptRetry(Listener)
+    /// A writer's deadline (`LoopSender.timerAt`).
+    case sendDeadline(LoopConnection)
 }

@@ -61,5 +61,9 @@ struct URingOps: OptionSet {
     static let linkTimeout = URingOps(rawValue: Int32(CSUPPORT_OP_LINK_TIMEOUT))
     static let asyncCancel = URingOps(rawValue: Int32(CSUPPORT_OP_ASYNC_CANCEL))
     static let accept = URingOps(rawValue: Int32(CSUPPORT_OP_ACCEPT))
+    static let send = URingOps(rawValue: Int32(CSUPPORT_OP_SEND))
+    static let sendmsg = URingOps(rawValue: Int32(CSUPPORT_OP_SENDMSG))
+    static let sendZC = URingOps(rawValue: Int32(CSUPPORT_OP_SEND_ZC))
+    static let sendmsgZC = URingOps(rawValue: Int32(CSUPPORT_OP_SENDMSG_ZC))
 }
 #endif

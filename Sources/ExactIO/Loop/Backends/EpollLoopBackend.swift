@@ -3,10 +3,12 @@ import CExactIOLinux
 import SystemPackage
 
 // The loop's epoll backend, where io_uring is unavailable: level-triggered readiness, then
-// the syscall a request stands for (a non-blocking read(2)/recv(2), accept4(2)), reported as
-// the completion that request would have had. Received bytes are packed into the loop's
-// receive buffers, one buffer filled across connections. Cancellations complete at once, as
-// completions of their own, at the next turn.
+// the syscall a request stands for (a non-blocking read(2)/recv(2), sendmsg(2), accept4(2)),
+// reported as the completion that request would have had. Received bytes are packed into the
+// loop's receive buffers, one buffer filled across connections. A send is tried at once and
+// waits for EPOLLOUT only when the socket is full; a connection's descriptor is in the epoll set
+// once, for EPOLLIN (its receive or large read) and EPOLLOUT (its send) combined. Cancellations
+// complete at once, as completions of their own, at the next turn.
 
 final class EpollLoopBackend: LoopBackend {
     let epfd: Int32
@@ -50,19 +52,22 @@ final class EpollLoopBackend: LoopBackend {
 
     // MARK: Interest
 
-    /// What the connection's descriptor is in the epoll set for (nil: out of it). Out is a
-    /// removal: EPOLLHUP and EPOLLERR are reported even for an empty event mask, and a closed
-    /// peer would wake every turn.
+    /// What the connection's descriptor is in the epoll set for on the reading side (nil:
+    /// nothing), combined with its send waiting for room (EPOLLOUT): one registration per
+    /// descriptor. With neither, it leaves the set: EPOLLHUP and EPOLLERR are reported even
+    /// for an empty event mask, and a closed peer would wake every turn.
     private func setInterest(_ c: LoopConnection, _ kind: LoopTag.Kind?) {
         c.kernel.epollInterest = kind
-        guard let kind else {
+        let sending = c.sender?.kernel.pending != nil
+        guard kind != nil || sending else {
             if c.kernel.epollRegistered {
                 _ = epoll_ctl(epfd, EPOLL_CTL_DEL, c.fd.rawValue, nil)
                 c.kernel.epollRegistered = false
             }
             return
         }
-        var ev = epoll_event(events: EPOLLIN.rawValue, data: epoll_data_t(u64: c.tag(kind)))
+        let events = (kind != nil ? EPOLLIN.rawValue : 0) | (sending ? EPOLLOUT.rawValue : 0)
+        var ev = epoll_event(events: events, data: epoll_data_t(u64: c.tag(kind ?? .send)))
         if c.kernel.epollRegistered {
             _ = epoll_ctl(epfd, EPOLL_CTL_MOD, c.fd.rawValue, &ev)
         } else if epoll_ctl(epfd, EPOLL_CTL_ADD, c.fd.rawValue, &ev) == 0 {
@@ -91,17 +96,23 @@ final class EpollLoopBackend: LoopBackend {
 
     // MARK: Operations
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         prepare(c)
-        c.kernel.ownMemory = own
-        setInterest(c, .receive)
+        if case .own(let region, let offset, let count) = target {
+            c.kernel.ownTarget = (region, offset, count)
+        } else {
+            c.kernel.ownTarget = nil
+        }
+        c.kernel.receiveArmed = true
+        if c.kernel.epollInterest != .receive { setInterest(c, .receive) }
         return nil
     }
 
     func disarmReceive(_ c: LoopConnection) {
-        guard c.kernel.epollInterest == .receive else { return }
+        guard c.kernel.receiveArmed else { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
-        c.kernel.ownMemory = nil
+        c.kernel.ownTarget = nil
         synthetic.append(.received(c, nil, .canceled))
     }
 
@@ -120,8 +131,61 @@ final class EpollLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {
-        if c.kernel.epollInterest != .receive && c.kernel.pendingRead == nil { setInterest(c, nil) }
+        if !c.kernel.receiveArmed && c.kernel.pendingRead == nil { setInterest(c, nil) }
     }
+
+    // MARK: Sending
+
+    var supportsZeroCopy: Bool { false }
+
+    func send(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>, zeroCopy: Bool, id: UInt32) -> Errno? {
+        guard let s = c.sender else { return .invalidArgument }
+        // Tried at once (a socket usually has room); reported at the next turn, as a completion.
+        if let done = sendNow(c, iov) {
+            synthetic.append(done)
+            return nil
+        }
+        s.kernel.pending = iov
+        setInterest(c, c.kernel.epollInterest)
+        return nil
+    }
+
+    /// One sendmsg(2) of `iov`, never blocking and never raising SIGPIPE: its completion, or
+    /// nil when the socket has no room (EAGAIN: wait for EPOLLOUT).
+    private func sendNow(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>) -> LoopCompletion? {
+        guard let s = c.sender else { return nil }
+        counters.sends += 1
+        s.msg.pointee = msghdr()
+        s.msg.pointee.msg_iov = UnsafeMutablePointer(mutating: iov.baseAddress)
+        s.msg.pointee.msg_iovlen = iov.count
+        while true {
+            let n = sendmsg(c.fd.rawValue, s.msg, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+            if n >= 0 { return .sent(c, count: n, error: nil, notification: false) }
+            switch errno {
+            case EINTR: continue
+            case EAGAIN, EWOULDBLOCK: return nil
+            default: return .sent(c, count: 0, error: Errno(rawValue: errno), notification: false)
+            }
+        }
+    }
+
+    func cancelSend(_ c: LoopConnection) {
+        guard let s = c.sender, s.kernel.pending != nil else { return }
+        s.kernel.pending = nil
+        setInterest(c, c.kernel.epollInterest)
+        synthetic.append(.sent(c, count: 0, error: .canceled, notification: false))
+    }
+
+    /// Readiness for a send waiting for room: tried again.
+    private func sendReady(_ c: LoopConnection, _ out: inout [LoopCompletion]) {
+        guard let s = c.sender, let iov = s.kernel.pending, let done = sendNow(c, iov) else { return }
+        s.kernel.pending = nil
+        setInterest(c, c.kernel.epollInterest)
+        out.append(done)
+    }
+
+    func holdNotifications(_ hold: Bool) {}
+    func refuseZeroCopy() {}
 
     func accept(_ l: Listener, count: Int) -> (armed: Int, error: Errno?) {
         if !l.kernel.epollRegistered {
@@ -186,10 +250,16 @@ final class EpollLoopBackend: LoopBackend {
             let tag = LoopTag(rawValue: raw)
             switch resolve(tag.token) {
             case .connection(let c)?:
+                let ready = events[i].events
+                let hangup = ready & (EPOLLERR.rawValue | EPOLLHUP.rawValue) != 0
+                if c.sender?.kernel.pending != nil && (ready & EPOLLOUT.rawValue != 0 || hangup) {
+                    sendReady(c, &completions)
+                }
+                guard ready & EPOLLIN.rawValue != 0 || hangup else { continue }
                 switch c.kernel.epollInterest {
                 case .receive?: receive(c, &completions)
                 case .read?: readInto(c, &completions)
-                default: setInterest(c, nil)  // nothing asked for any more
+                default: setInterest(c, nil)  // nothing asked for any more (a send keeps EPOLLOUT)
                 }
             case .listener(let l)?:
                 acceptReady(l, &completions)
@@ -200,19 +270,32 @@ final class EpollLoopBackend: LoopBackend {
         return nil
     }
 
-    /// Readiness for a connection that receives: one read, into memory of its own if it was
-    /// given some, else into the receive buffer being filled.
+    /// Readiness for a connection that receives: one read, into its own memory if the receive
+    /// targets it, else into the receive buffer being filled.
     private func receive(_ c: LoopConnection, _ out: inout [LoopCompletion]) {
-        if let own = c.kernel.ownMemory {
-            let n = readNow(c, own.base, own.capacity)
+        guard c.kernel.receiveArmed else {
+            setInterest(c, nil)  // left in the set after a single-shot receive; nothing asked
+            return
+        }
+        if let own = c.kernel.ownTarget {
+            let n = readNow(c, own.region.base + own.offset, own.count)
             if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
-            c.kernel.ownMemory = nil
-            setInterest(c, nil)
-            out.append(n > 0 ? .received(c, .own(own, count: n), .done) : ended(c, n))
+            c.kernel.ownTarget = nil
+            if n > 0 {
+                // Single-shot; the descriptor stays in the epoll set for the next one (the
+                // machine usually asks for it at once; a readiness with nothing asked removes it).
+                c.kernel.receiveArmed = false
+                out.append(.received(c, .own(own.region, start: own.offset, count: n), .done))
+            } else {
+                c.kernel.receiveArmed = false
+                setInterest(c, nil)
+                out.append(ended(c, n))
+            }
             return
         }
         if current == nil || pool.size - currentOffset < 512 {
             guard let bid = free.popLast() else {
+                c.kernel.receiveArmed = false
                 setInterest(c, nil)
                 out.append(.received(c, nil, .noBuffers))
                 return
@@ -228,6 +311,7 @@ final class EpollLoopBackend: LoopBackend {
             return
         }
         if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
         out.append(ended(c, n))
     }

@@ -13,11 +13,9 @@ protocol LoopBackend: AnyObject {
     /// Whether `armReceive`'s limit ends a receive in the kernel (else the machine ends it).
     var limitsReceives: Bool { get }
 
-    /// Receives on `c` until the receive ends: bytes come back as `.received` completions, the
-    /// last one with `more == false`. `limit` > 0: the receive may end once it took that many
-    /// bytes. `own`: one receive into this memory instead of the shared receive buffers (they
-    /// ran dry). Returns the errno when the receive could not be started.
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno?
+    /// Receives on `c` into `target` until the receive ends: bytes come back as `.received`
+    /// completions, the last one not `.more`. Returns the errno when it could not be started.
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno?
     /// Ends the armed receive early: its last completion follows (`.canceled`, or bytes that
     /// were already on their way).
     func disarmReceive(_ c: LoopConnection)
@@ -58,6 +56,26 @@ protocol LoopBackend: AnyObject {
 
     /// Test seam: the next `count` waits fail with `errno` (io_uring only).
     func injectWaitFailures(count: Int, errno: Int32)
+
+    // MARK: Sending (AsyncExactWriter; LoopMachine+Send.swift decides)
+
+    /// Whether `send` can go zero-copy (io_uring with SEND_ZC and SENDMSG_ZC, probed when the
+    /// ring is set up).
+    var supportsZeroCopy: Bool { get }
+    /// One send on `c` of the bytes `iov` names, in order (the machine keeps them, and the
+    /// iovecs, valid until the completion), never raising SIGPIPE: one `.sent` completion
+    /// follows with the bytes the kernel took (a stream socket may take fewer; the machine
+    /// sends the rest) or the errno. With `zeroCopy` the kernel sends from the memory itself:
+    /// the completion says whether a `.sendReleased(c, id)` follows, and until it does the
+    /// memory must not change. Returns the errno when the send could not be started.
+    func send(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>, zeroCopy: Bool, id: UInt32) -> Errno?
+    /// Ends the send in flight early: its completion follows (`.canceled` when nothing went).
+    func cancelSend(_ c: LoopConnection)
+    /// Test seam: zero-copy notifications are held back (`true`) until released (`false`), as
+    /// a kernel that keeps the memory longer would.
+    func holdNotifications(_ hold: Bool)
+    /// Test seam: zero-copy sends are treated as absent, as when the probe finds no SEND_ZC.
+    func refuseZeroCopy()
 }
 
 /// An entry of the loop's table: what a request's token names.
@@ -75,14 +93,30 @@ enum LoopCompletion {
     case read(LoopConnection, count: Int, error: Errno?)
     /// An accept: the new descriptor, or the errno that ended it.
     case accepted(Listener, Result<Int32, Errno>)
+    /// A send: the bytes the kernel took, or the errno; `notification`: a zero-copy send whose
+    /// `.sendReleased` follows.
+    case sent(LoopConnection, count: Int, error: Errno?, notification: Bool)
+    /// The kernel no longer references the memory of zero-copy send `id` (its notification).
+    case sendReleased(LoopConnection, id: UInt32)
+}
+
+/// Where a receive puts what it receives.
+enum ReceiveTarget {
+    /// The loop's shared receive buffers (multishot where the kernel has it: the kernel picks a
+    /// buffer when bytes arrive, so an idle connection holds none); `limit` > 0: the receive
+    /// may end once it took that many bytes.
+    case shared(limit: Int)
+    /// One receive of up to `count` bytes into the connection's own memory at `offset` (a busy
+    /// connection, or the shared buffers ran dry).
+    case own(Region, offset: Int, count: Int)
 }
 
 /// Where received bytes are.
 enum ReceivedBytes {
     /// In the loop's receive buffers (a segment that owns its buffer).
     case shared(Segment)
-    /// At the start of the memory of its own the receive was given.
-    case own(Region, count: Int)
+    /// In the connection's own memory, at `start`.
+    case own(Region, start: Int, count: Int)
 }
 
 /// Whether a receive goes on after a completion, and if not, why it ended.
@@ -108,4 +142,6 @@ struct LoopCounters {
     var reads = 0
     /// Completions (io_uring) or readiness events (epoll) handled.
     var completions = 0
+    /// Send requests submitted (io_uring) or sendmsg(2) calls (epoll).
+    var sends = 0
 }

@@ -1,8 +1,9 @@
 import SystemPackage
 
 // The loop's portable backend: POSIX poll(2) readiness, then the syscall a request stands for
-// (a non-blocking read(2)/recv(2), accept(2)), reported as the completion that request would
-// have had, exactly as EpollLoopBackend does it. Where epoll and io_uring are missing (macOS,
+// (a non-blocking read(2)/recv(2), sendmsg(2), accept(2)), reported as the completion that
+// request would have had, exactly as EpollLoopBackend does it (a send is tried at once and
+// waits for POLLOUT only when the socket is full). Where epoll and io_uring are missing (macOS,
 // the BSDs) it is the loop's only backend; on Linux it is chosen with
 // `IOLoop.Options.events = .poll` (or EXACTIO_EVENTS=poll), so that CI runs it here.
 //
@@ -11,15 +12,20 @@ import SystemPackage
 // turned into the `pollfd` array again only when it changed since the last turn, and every
 // turn costs O(descriptors watched) in the kernel (poll's nature: a loop of this kind is for
 // development machines and modest connection counts; Linux servers use io_uring or epoll).
-// The per-connection state (what the descriptor is watched for, a large read waiting for
-// readiness, memory of its own, non-blocking set) is the same `LoopConnection.KernelState`
-// fields epoll keeps.
+// The per-connection state (what the descriptor is watched for, a receive armed, a large read
+// waiting for readiness, memory of its own, non-blocking set) is the same
+// `LoopConnection.KernelState` fields epoll keeps; a send waiting for room is the sender's.
 
 final class PollLoopBackend: LoopBackend {
     let waker: Waker
     let pool: ReceivePool
-    /// The watched descriptors: each one's tag (token and what it is watched for).
-    private var watched: [Int32: UInt64] = [:]
+    /// The watched descriptors: each one's tag (token and what it is watched for) and poll
+    /// events (POLLIN for a receive, a large read or accepts; POLLOUT for a send waiting for room).
+    private var watched: [Int32: Watch] = [:]
+    private struct Watch: Equatable {
+        var tag: UInt64
+        var events: Int16
+    }
     /// `watched` as poll(2) takes it, the waker first; rebuilt when `watched` changed.
     private var fds: [pollfd] = []
     private var tags: [UInt64] = []
@@ -53,12 +59,14 @@ final class PollLoopBackend: LoopBackend {
 
     // MARK: Interest
 
-    /// What the connection's descriptor is watched for (nil: not watched). Not watched is
-    /// leaving the table: poll(2) reports POLLHUP and POLLERR whatever `events` says, and a
-    /// closed peer would end every wait.
+    /// What the connection's descriptor is watched for on the reading side (nil: nothing),
+    /// combined with its send waiting for room (POLLOUT): one entry per descriptor. With
+    /// neither, it leaves the table: poll(2) reports POLLHUP and POLLERR whatever `events`
+    /// says, and a closed peer would end every wait.
     private func setInterest(_ c: LoopConnection, _ kind: LoopTag.Kind?) {
         c.kernel.epollInterest = kind
-        guard let kind else {
+        let sending = c.sender?.kernel.pending != nil
+        guard kind != nil || sending else {
             if c.kernel.epollRegistered {
                 watched[c.fd.rawValue] = nil
                 c.kernel.epollRegistered = false
@@ -66,9 +74,11 @@ final class PollLoopBackend: LoopBackend {
             }
             return
         }
-        let tag = c.tag(kind)
-        if watched[c.fd.rawValue] != tag {
-            watched[c.fd.rawValue] = tag
+        let watch = Watch(
+            tag: c.tag(kind ?? .send),
+            events: (kind != nil ? Int16(POLLIN) : 0) | (sending ? Int16(POLLOUT) : 0))
+        if watched[c.fd.rawValue] != watch {
+            watched[c.fd.rawValue] = watch
             watchedChanged = true
         }
         c.kernel.epollRegistered = true
@@ -93,17 +103,23 @@ final class PollLoopBackend: LoopBackend {
 
     // MARK: Operations
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         prepare(c)
-        c.kernel.ownMemory = own
-        setInterest(c, .receive)
+        if case .own(let region, let offset, let count) = target {
+            c.kernel.ownTarget = (region, offset, count)
+        } else {
+            c.kernel.ownTarget = nil
+        }
+        c.kernel.receiveArmed = true
+        if c.kernel.epollInterest != .receive { setInterest(c, .receive) }
         return nil
     }
 
     func disarmReceive(_ c: LoopConnection) {
-        guard c.kernel.epollInterest == .receive else { return }
+        guard c.kernel.receiveArmed else { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
-        c.kernel.ownMemory = nil
+        c.kernel.ownTarget = nil
         synthetic.append(.received(c, nil, .canceled))
     }
 
@@ -122,13 +138,66 @@ final class PollLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {
-        if c.kernel.epollInterest != .receive && c.kernel.pendingRead == nil { setInterest(c, nil) }
+        if !c.kernel.receiveArmed && c.kernel.pendingRead == nil { setInterest(c, nil) }
     }
+
+    // MARK: Sending
+
+    var supportsZeroCopy: Bool { false }
+
+    func send(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>, zeroCopy: Bool, id: UInt32) -> Errno? {
+        guard let s = c.sender else { return .invalidArgument }
+        // Tried at once (a socket usually has room); reported at the next turn, as a completion.
+        if let done = sendNow(c, iov) {
+            synthetic.append(done)
+            return nil
+        }
+        s.kernel.pending = iov
+        setInterest(c, c.kernel.epollInterest)
+        return nil
+    }
+
+    /// One sendmsg(2) of `iov`, never blocking and never raising SIGPIPE: its completion, or
+    /// nil when the socket has no room (EAGAIN: wait for POLLOUT).
+    private func sendNow(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>) -> LoopCompletion? {
+        guard let s = c.sender else { return nil }
+        counters.sends += 1
+        s.msg.pointee = msghdr()
+        s.msg.pointee.msg_iov = UnsafeMutablePointer(mutating: iov.baseAddress)
+        s.msg.pointee.msg_iovlen = numericCast(iov.count)
+        while true {
+            let n = Platform.sendNoSignal(c.fd.rawValue, s.msg)
+            if n >= 0 { return .sent(c, count: n, error: nil, notification: false) }
+            switch errno {
+            case EINTR: continue
+            case EAGAIN, EWOULDBLOCK: return nil
+            default: return .sent(c, count: 0, error: Errno(rawValue: errno), notification: false)
+            }
+        }
+    }
+
+    func cancelSend(_ c: LoopConnection) {
+        guard let s = c.sender, s.kernel.pending != nil else { return }
+        s.kernel.pending = nil
+        setInterest(c, c.kernel.epollInterest)
+        synthetic.append(.sent(c, count: 0, error: .canceled, notification: false))
+    }
+
+    /// Readiness for a send waiting for room: tried again.
+    private func sendReady(_ c: LoopConnection, _ out: inout [LoopCompletion]) {
+        guard let s = c.sender, let iov = s.kernel.pending, let done = sendNow(c, iov) else { return }
+        s.kernel.pending = nil
+        setInterest(c, c.kernel.epollInterest)
+        out.append(done)
+    }
+
+    func holdNotifications(_ hold: Bool) {}
+    func refuseZeroCopy() {}
 
     func accept(_ l: Listener, count: Int) -> (armed: Int, error: Errno?) {
         if !l.kernel.epollRegistered {
             Platform.setNonBlocking(l.fd.rawValue)
-            watched[l.fd.rawValue] = LoopTag(l.token, .accept).rawValue
+            watched[l.fd.rawValue] = Watch(tag: LoopTag(l.token, .accept).rawValue, events: Int16(POLLIN))
             watchedChanged = true
             l.kernel.epollRegistered = true
         }
@@ -193,12 +262,18 @@ final class PollLoopBackend: LoopBackend {
             let tag = LoopTag(rawValue: raw)
             switch resolve(tag.token) {
             case .connection(let c)?:
+                let ready = fds[i].revents
+                let hangup = ready & Int16(POLLERR | POLLHUP | POLLNVAL) != 0
+                if c.sender?.kernel.pending != nil && (ready & Int16(POLLOUT) != 0 || hangup) {
+                    sendReady(c, &completions)
+                }
+                guard ready & Int16(POLLIN) != 0 || hangup else { continue }
                 switch c.kernel.epollInterest {
                 case .receive?: receive(c, &completions)
                 case .read?: readInto(c, &completions)
                 default:
-                    setInterest(c, nil)  // nothing asked for any more
-                    unwatch(fds[i].fd, ifStill: raw)
+                    setInterest(c, nil)  // nothing asked for any more (a send keeps POLLOUT)
+                    if !c.kernel.epollRegistered { unwatch(fds[i].fd, ifStill: raw) }
                 }
             case .listener(let l)?:
                 acceptReady(l, &completions)
@@ -213,7 +288,7 @@ final class PollLoopBackend: LoopBackend {
     /// (epoll drops a closed descriptor from its set by itself; poll(2) would report it as
     /// POLLNVAL at every turn, a loop that never sleeps).
     private func unwatch(_ fd: Int32, ifStill tag: UInt64) {
-        if watched[fd] == tag {
+        if watched[fd]?.tag == tag {
             watched[fd] = nil
             watchedChanged = true
         }
@@ -226,25 +301,37 @@ final class PollLoopBackend: LoopBackend {
         tags.removeAll(keepingCapacity: true)
         fds.append(pollfd(fd: waker.descriptor, events: Int16(POLLIN), revents: 0))
         tags.append(Self.wakeTag)
-        for (fd, tag) in watched {
-            fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0))
-            tags.append(tag)
+        for (fd, watch) in watched {
+            fds.append(pollfd(fd: fd, events: watch.events, revents: 0))
+            tags.append(watch.tag)
         }
     }
 
-    /// Readiness for a connection that receives: one read, into memory of its own if it was
-    /// given some, else into the receive buffer being filled.
+    /// Readiness for a connection that receives: one read, into its own memory if the receive
+    /// targets it, else into the receive buffer being filled.
     private func receive(_ c: LoopConnection, _ out: inout [LoopCompletion]) {
-        if let own = c.kernel.ownMemory {
-            let n = readNow(c, own.base, own.capacity)
+        guard c.kernel.receiveArmed else {
+            setInterest(c, nil)  // left watched after a single-shot receive; nothing asked
+            return
+        }
+        if let own = c.kernel.ownTarget {
+            let n = readNow(c, own.region.base + own.offset, own.count)
             if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
-            c.kernel.ownMemory = nil
-            setInterest(c, nil)
-            out.append(n > 0 ? .received(c, .own(own, count: n), .done) : ended(c, n))
+            c.kernel.ownTarget = nil
+            c.kernel.receiveArmed = false
+            if n > 0 {
+                // Single-shot; the descriptor stays watched for the next one (the machine
+                // usually asks for it at once; a readiness with nothing asked removes it).
+                out.append(.received(c, .own(own.region, start: own.offset, count: n), .done))
+            } else {
+                setInterest(c, nil)
+                out.append(ended(c, n))
+            }
             return
         }
         if current == nil || pool.size - currentOffset < 512 {
             guard let bid = free.popLast() else {
+                c.kernel.receiveArmed = false
                 setInterest(c, nil)
                 out.append(.received(c, nil, .noBuffers))
                 return
@@ -260,6 +347,7 @@ final class PollLoopBackend: LoopBackend {
             return
         }
         if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        c.kernel.receiveArmed = false
         setInterest(c, nil)
         out.append(ended(c, n))
     }

@@ -5,8 +5,9 @@ import SystemPackage
 // The loop's io_uring backend: one ring (SINGLE_ISSUER with DEFER_TASKRUN where the kernel
 // has it), the loop's receive buffers as a provided-buffer ring (consumed a part at a time
 // where the kernel can, 6.12+), multishot RECV on sockets, a READ that selects a buffer on
-// pipes, READ straight into a large body's memory, single-shot ACCEPT, and one io_uring_enter
-// per turn for every submission and completion.
+// pipes, READ straight into a large body's memory, single-shot ACCEPT, SEND/SENDMSG (and their
+// zero-copy forms SEND_ZC/SENDMSG_ZC where the probe finds them, each followed by its
+// notification), and one io_uring_enter per turn for every submission and completion.
 
 final class URingLoopBackend: LoopBackend {
     let ring: RingHandle
@@ -26,10 +27,22 @@ final class URingLoopBackend: LoopBackend {
     private var receiveLimits = true
     private var stopping = false
     private var counters = LoopCounters()
+    /// SEND_ZC and SENDMSG_ZC are there (6.0, 6.1).
+    private(set) var supportsZeroCopy = false
+    /// Zero-copy sends whose notification has not come, by user_data: the connection and the
+    /// machine's id of the send. Their user_data is unique (a zero-copy send's notification may
+    /// come after the connection's next send completed), so it names this record, not a slot.
+    private var zeroCopySends: [UInt64: (connection: LoopConnection, id: UInt32)] = [:]
+    private var nextZeroCopyTag: UInt32 = 0
+    /// Test seam: notifications held back, and those held.
+    private var holdingNotifications = false
+    private var heldNotifications: [LoopCompletion] = []
 
     static let group: UInt32 = 7
     static let wakeTag = LoopTag(loopOwn: .wake).rawValue
     static let cancelAllTag = LoopTag(loopOwn: .cancelAll).rawValue
+    /// The slot field of a zero-copy send's user_data (its generation numbers the send).
+    static let zeroCopySlot = 0xff_fffe
 
     struct Failure: Error {
         let errno: Errno
@@ -68,6 +81,7 @@ final class URingLoopBackend: LoopBackend {
                 errno: e, reason: "io_uring provided-buffer ring registration failed: \(BackendSelection.describe(e)) (kernel 5.19+)"))
         }
         let backend = URingLoopBackend(ring: ring, bufferRing: br, pool: pool, waker: waker)
+        backend.supportsZeroCopy = URingOps(rawValue: ops).isSuperset(of: [.sendZC, .sendmsgZC])
         for bid in 0..<pool.count { backend.provide(UInt16(bid)) }
         csupport_bufring_publish(br)
         backend.armWake()
@@ -102,20 +116,24 @@ final class URingLoopBackend: LoopBackend {
 
     // MARK: Operations
 
-    func armReceive(_ c: LoopConnection, limit: Int, own: Region?) -> Errno? {
+    func armReceive(_ c: LoopConnection, _ target: ReceiveTarget) -> Errno? {
         let ret: Int32
-        if let own {
-            c.kernel.ownMemory = own
+        switch target {
+        case .own(let region, let offset, let count):
+            c.kernel.ownTarget = (region, offset, count)
             c.kernel.receiveLimit = 0
-            ret = csupport_queue_read(ring.pointer, c.fd.rawValue, own.base, UInt32(own.capacity), -1, c.tag(.receive))
-        } else if c.isSocket {
+            let dst = region.base + offset
+            ret = c.isSocket
+                ? csupport_queue_recv(ring.pointer, c.fd.rawValue, dst, UInt32(count), 0, c.tag(.receive))
+                : csupport_queue_read(ring.pointer, c.fd.rawValue, dst, UInt32(count), -1, c.tag(.receive))
+        case .shared(let limit) where c.isSocket:
             c.kernel.receiveLimit = receiveLimits ? UInt32(clamping: limit) : 0
             ret = csupport_queue_recv_multishot(ring.pointer, c.fd.rawValue, Self.group, c.kernel.receiveLimit, c.tag(.receive))
-        } else {
+        case .shared:
             c.kernel.receiveLimit = 0
             ret = csupport_queue_read_select(ring.pointer, c.fd.rawValue, Self.group, UInt32(pool.size), c.tag(.receive))
         }
-        if ret != 0 { c.kernel.ownMemory = nil }
+        if ret != 0 { c.kernel.ownTarget = nil }
         return queued(ret, read: true)
     }
 
@@ -124,7 +142,14 @@ final class URingLoopBackend: LoopBackend {
     }
 
     func read(_ c: LoopConnection, into dst: UnsafeMutableRawBufferPointer, slot: Int32) -> Errno? {
-        queued(csupport_queue_read(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), slot, c.tag(.read)), read: true)
+        if c.isSocket && slot < 0 {
+            // A socket's body in one request: the kernel receives until all of it arrived (or
+            // the end, an error, a cancellation, which report what did arrive).
+            return queued(
+                csupport_queue_recv(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), Int32(MSG_WAITALL | MSG_NOSIGNAL), c.tag(.read)),
+                read: true)
+        }
+        return queued(csupport_queue_read(ring.pointer, c.fd.rawValue, dst.baseAddress, UInt32(dst.count), slot, c.tag(.read)), read: true)
     }
 
     func cancelRead(_ c: LoopConnection) {
@@ -132,6 +157,45 @@ final class URingLoopBackend: LoopBackend {
     }
 
     func forget(_ c: LoopConnection) {}
+
+    func send(_ c: LoopConnection, _ iov: UnsafeBufferPointer<iovec>, zeroCopy: Bool, id: UInt32) -> Errno? {
+        guard let s = c.sender else { return .invalidArgument }
+        let tag: UInt64
+        if zeroCopy {
+            nextZeroCopyTag &+= 1
+            tag = LoopTag(LoopToken(slot: Self.zeroCopySlot, generation: nextZeroCopyTag), .sendZC).rawValue
+        } else {
+            tag = c.tag(.send)
+        }
+        s.kernel.tag = tag
+        let ret: Int32
+        if iov.count == 1 {
+            ret = csupport_queue_send(ring.pointer, c.fd.rawValue, iov[0].iov_base, UInt32(iov[0].iov_len), zeroCopy ? 1 : 0, tag)
+        } else {
+            s.msg.pointee = msghdr()
+            s.msg.pointee.msg_iov = UnsafeMutablePointer(mutating: iov.baseAddress)
+            s.msg.pointee.msg_iovlen = iov.count
+            ret = csupport_queue_sendmsg(ring.pointer, c.fd.rawValue, s.msg, zeroCopy ? 1 : 0, tag)
+        }
+        if ret == 0 {
+            counters.sends += 1
+            if zeroCopy { zeroCopySends[tag] = (c, id) }
+        }
+        return queued(ret)
+    }
+
+    func cancelSend(_ c: LoopConnection) {
+        guard let s = c.sender else { return }
+        _ = queued(csupport_queue_cancel(ring.pointer, s.kernel.tag, 0, c.tag(.cancel)))
+    }
+
+    func holdNotifications(_ hold: Bool) {
+        holdingNotifications = hold
+    }
+
+    func refuseZeroCopy() {
+        supportsZeroCopy = false
+    }
 
     func accept(_ l: Listener, count: Int) -> (armed: Int, error: Errno?) {
         for k in 0..<count {
@@ -168,6 +232,13 @@ final class URingLoopBackend: LoopBackend {
     // MARK: The turn
 
     func turn(timeout: Int64?, resolve: (LoopToken) -> LoopEntry?, into completions: inout [LoopCompletion]) -> Errno? {
+        var timeout = timeout
+        if !holdingNotifications && !heldNotifications.isEmpty {
+            // Notifications the seam held back: delivered now, without waiting in the kernel.
+            completions.append(contentsOf: heldNotifications)
+            heldNotifications.removeAll()
+            timeout = 0
+        }
         counters.enters += 1
         // Passing ends of a wait (a signal, the timeout, a full completion queue) come back as
         // 0 from csupport_enter.
@@ -186,6 +257,10 @@ final class URingLoopBackend: LoopBackend {
     private func convert(_ cqe: csupport_cqe, _ resolve: (LoopToken) -> LoopEntry?, _ out: inout [LoopCompletion]) {
         let more = cqe.flags & UInt16(CSUPPORT_CQE_MORE) != 0
         let hasBuffer = cqe.flags & UInt16(CSUPPORT_CQE_BUFFER) != 0
+        if LoopTag(rawValue: cqe.user_data).kind == .sendZC {
+            zeroCopyCompleted(cqe, more: more, &out)
+            return
+        }
         if !more { inFlight -= 1 }
         if cqe.user_data == Self.wakeTag {
             waker.drain()
@@ -206,19 +281,43 @@ final class URingLoopBackend: LoopBackend {
             out.append(.read(c, count: max(Int(cqe.res), 0), error: cqe.res < 0 ? errnoFromNegative(cqe.res) : nil))
         case (.listener(let l), .accept?):
             out.append(.accepted(l, cqe.res >= 0 ? .success(cqe.res) : .failure(errnoFromNegative(cqe.res))))
+        case (.connection(let c), .send?):
+            out.append(.sent(c, count: max(Int(cqe.res), 0), error: cqe.res < 0 ? errnoFromNegative(cqe.res) : nil, notification: false))
         default:
             if hasBuffer { _ = segment(cqe) }
         }
     }
 
+    /// A zero-copy send's completion (the send: bytes taken or an errno, and with MORE its
+    /// notification to follow), or its notification (the kernel let go of the memory). The
+    /// send itself counts as done at its completion: shutdown does not wait for a notification,
+    /// which a peer that stopped reading can delay for as long as the connection stays open.
+    private func zeroCopyCompleted(_ cqe: csupport_cqe, more: Bool, _ out: inout [LoopCompletion]) {
+        let tag = cqe.user_data
+        guard let (c, id) = zeroCopySends[tag] else { return }
+        if cqe.flags & UInt16(CSUPPORT_CQE_NOTIF) != 0 {
+            zeroCopySends[tag] = nil
+            let released = LoopCompletion.sendReleased(c, id: id)
+            if holdingNotifications {
+                heldNotifications.append(released)
+            } else {
+                out.append(released)
+            }
+            return
+        }
+        inFlight -= 1
+        if !more { zeroCopySends[tag] = nil }
+        out.append(.sent(c, count: max(Int(cqe.res), 0), error: cqe.res < 0 ? errnoFromNegative(cqe.res) : nil, notification: more))
+    }
+
     private func received(_ c: LoopConnection, _ cqe: csupport_cqe, more: Bool, hasBuffer: Bool, _ out: inout [LoopCompletion]) {
         let res = cqe.res
         let end: ReceiveEnd = more ? .more : .done
-        if !hasBuffer, let own = c.kernel.ownMemory {
-            // A receive into memory of its own (the pool was dry): single-shot.
-            c.kernel.ownMemory = nil
+        if !hasBuffer, let own = c.kernel.ownTarget {
+            // A receive into the connection's own memory: single-shot.
+            c.kernel.ownTarget = nil
             if res > 0 {
-                out.append(.received(c, .own(own, count: Int(res)), .done))
+                out.append(.received(c, .own(own.region, start: own.offset, count: Int(res)), .done))
                 return
             }
         } else if res > 0, let segment = segment(cqe) {
@@ -233,7 +332,7 @@ final class URingLoopBackend: LoopBackend {
             // This kernel takes no byte limit on multishot receives: the same receive again,
             // without one (the machine stops it once the reader has enough).
             receiveLimits = false
-            if let e = armReceive(c, limit: 0, own: nil) { out.append(.received(c, nil, .failed(e))) }
+            if let e = armReceive(c, .shared(limit: 0)) { out.append(.received(c, nil, .failed(e))) }
         case 0: out.append(.received(c, nil, .endOfStream))
         case -ENOBUFS: out.append(.received(c, nil, .noBuffers))
         case -ECANCELED: out.append(.received(c, nil, .canceled))
