@@ -1,3 +1,4 @@
+import Synchronization
 import SystemPackage
 import Testing
 
@@ -165,6 +166,77 @@ func portableWriter(_ fd: FileDescriptor, _ bytes: [UInt8]) throws {
         try await Task.sleep(for: .milliseconds(50))
         await loop.shutdown()
         await #expect(throws: (any Error).self) { try await late.value }
+    }
+}
+
+/// Runs `body` on a thread of its own (a blocking peer must not hold one of the few threads of
+/// the cooperative pool) and returns its result once it is done, without blocking a task.
+func onThread<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    let result = Mutex<Result<T, any Error>?>(nil)
+    _ = try Platform.spawnThread {
+        let r = Result { try body() }
+        result.withLock { $0 = r }
+    }
+    while true {
+        if let r = result.withLock({ $0 }) { return try r.get() }
+        try await Task.sleep(for: .milliseconds(5))
+    }
+}
+
+/// AsyncExactWriter on the poll(2) loop (and, where it exists, epoll): sends tried at once,
+/// then waiting for POLLOUT while the socket is full, and a reader and a writer sharing one
+/// connection (one watch for POLLIN|POLLOUT).
+@Suite struct PollWriterTests {
+    static let interfaces = [IOLoop.EventInterface.poll] + (IOLoop.EventInterface.epoll.isAvailable ? [.epoll] : [])
+
+    @Test(arguments: interfaces)
+    func largeWritesWaitForRoomAndArriveWhole(events: IOLoop.EventInterface) async throws {
+        let loop = try IOLoop(options: .init(backend: .posix, events: events))
+        let (r, w) = try portableSocketPair()
+        defer { try? r.close(); try? w.close() }
+        let writer = try AsyncExactWriter(w, loop: loop)
+        // 8 MiB: far more than a socket buffer holds, so most of it goes out after POLLOUT.
+        let bodies = (0..<8).map { k in [UInt8]((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ k) }) }
+        async let received = onThread { () -> [[UInt8]] in
+            let reader = try ExactReader(r, options: .init(backend: .posix))
+            var got: [[UInt8]] = []
+            while got.count < bodies.count, let f = try reader.readFrame() {
+                got.append(Array(f))
+                usleep(2000)  // a slow peer: the writer's socket fills up
+            }
+            return got
+        }
+        for body in bodies { try await writer.writeFrame(ByteView(body)) }
+        #expect(try await received == bodies)
+        #expect(loop.statistics.sends > 0)
+        await loop.shutdown()
+    }
+
+    @Test(arguments: interfaces)
+    func aReaderAndAWriterShareAConnection(events: IOLoop.EventInterface) async throws {
+        let loop = try IOLoop(options: .init(backend: .posix, events: events))
+        let (mine, peer) = try portableSocketPair()
+        defer { try? peer.close() }
+        // The peer echoes each frame back until the end of the stream.
+        async let echoed = onThread { () -> Int in
+            let reader = try ExactReader(peer, options: .init(backend: .posix))
+            var n = 0
+            while let f = try reader.readFrame() {
+                _ = try peer.writeAll(portableFrames([Array(f)]))
+                n += 1
+            }
+            return n
+        }
+        let bodies = portableBodies(7, count: 12)
+        try await loop.withConnection(mine) { reader, writer in
+            for body in bodies {
+                try await writer.writeFrame(ByteView(body))
+                #expect(try await reader.readFrame().map(Array.init) == body)
+            }
+            try await writer.finish()  // the peer's reader sees the end and stops echoing
+        }
+        #expect(try await echoed == bodies.count)
+        await loop.shutdown()
     }
 }
 
