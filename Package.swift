@@ -7,17 +7,40 @@ import PackageDescription
 // `Lifetimes` is needed for the `RawSpan` property of `ByteView`; swift-nio, swift-system and
 // swift-collections enable the same experimental feature.
 //
-// The io_uring part (liburing, the C target, the io_uring backends) is Linux-only, and left out
-// altogether when the environment has EXACTIO_NO_URING=1: the package then builds without
-// liburing, with the POSIX backend (read(2), readiness through poll(2)) and the epoll loop.
-// `.ci/run` builds and tests that way too. Swift code of the io_uring part is under
-// `#if EXACTIO_URING`.
+// The io_uring part (liburing, the C target ExactIOCSupport, the io_uring reader and loop
+// backends) is the package trait `IOUring` (SE-0450), on by default and Linux-only. A dependent
+// turns it off in its own manifest:
+//
+//     .package(url: "https://…/ExactIO", from: "0.1.0", traits: [])
+//
+// and this package's own build with `swift build --disable-default-traits`. Without it nothing
+// includes or links liburing: readers use read(2), loops epoll (or poll(2)). Swift code of the
+// io_uring part is under `#if EXACTIO_URING` (defined only for Linux with the trait on), its C
+// code under `#ifdef EXACTIO_URING`.
+//
+// EXACTIO_NO_URING=1 in the environment is a build-machine override with the same effect
+// whatever the traits say (and the targets that need liburing are left out altogether).
 let withURing = Context.environment["EXACTIO_NO_URING"].map { $0.isEmpty || $0 == "0" } ?? true
 let linux: TargetDependencyCondition = .when(platforms: [.linux])!
 
+/// A dependency on a target of the io_uring part: only on Linux, with the `IOUring` trait.
+func uringTarget(_ name: String) -> [Target.Dependency] {
+    withURing ? [.target(name: name, condition: .when(platforms: [.linux], traits: ["IOUring"]))] : []
+}
+
+/// Where the io_uring part is compiled in: Linux with the `IOUring` trait.
+let uringCondition: BuildSettingCondition = .when(platforms: [.linux], traits: ["IOUring"])
+
 let swiftSettings: [SwiftSetting] = [
     .enableExperimentalFeature("Lifetimes"),
-] + (withURing ? [.define("EXACTIO_URING", .when(platforms: [.linux]))] : [])
+] + (withURing ? [.define("EXACTIO_URING", uringCondition)] : [])
+
+/// The C targets' settings: warnings are errors; `EXACTIO_URING` as for Swift.
+let strictC: [CSetting] = [
+    .enableWarning("all"),
+    .enableWarning("extra"),
+    .treatAllWarnings(as: .error),
+] + (withURing ? [.define("EXACTIO_URING", uringCondition)] : [])
 
 let package = Package(
     name: "ExactIO",
@@ -35,6 +58,14 @@ let package = Package(
         // through swift-metrics): a product of its own, so that the core library depends on
         // neither.
         .library(name: "ExactIOServiceLifecycle", targets: ["ExactIOServiceLifecycle"]),
+    ],
+    traits: [
+        .trait(
+            name: "IOUring",
+            description: "The io_uring reader and loop backends (Linux; needs liburing, Debian liburing-dev). "
+                + "Off: readers use read(2) and loops epoll or poll(2), and nothing links liburing."
+        ),
+        .default(enabledTraits: ["IOUring"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
@@ -63,27 +94,18 @@ let package = Package(
         // (no liburing types), see CSupport/include/ExactIOCSupport.h.
         .target(
             name: "ExactIOCSupport",
-            dependencies: ["ExactIOLibURing"],
+            dependencies: uringTarget("ExactIOLibURing"),
             path: "CSupport",
-            cSettings: [
-                .define("_GNU_SOURCE"),
-                .enableWarning("all"),
-                .enableWarning("extra"),
-                .treatAllWarnings(as: .error),
-            ]
+            cSettings: [.define("_GNU_SOURCE")] + strictC
         ),
         // Linux interfaces the Glibc module lacks (epoll, eventfd, accept4): the loop's epoll backend.
         .target(
             name: "CExactIOLinux",
-            cSettings: [
-                .enableWarning("all"),
-                .enableWarning("extra"),
-                .treatAllWarnings(as: .error),
-            ]
+            cSettings: strictC
         ),
         .target(
             name: "ExactIO",
-            dependencies: (withURing ? [.target(name: "ExactIOCSupport", condition: linux)] : []) + [
+            dependencies: uringTarget("ExactIOCSupport") + [
                 .target(name: "CExactIOLinux", condition: linux),
                 .product(name: "SystemPackage", package: "swift-system"),
                 .product(name: "Logging", package: "swift-log"),
@@ -110,12 +132,7 @@ let package = Package(
         .target(
             name: "ExactIOCTestSupport",
             path: "Tests/ExactIOCTestSupport",
-            cSettings: [
-                .define("_GNU_SOURCE"),
-                .enableWarning("all"),
-                .enableWarning("extra"),
-                .treatAllWarnings(as: .error),
-            ]
+            cSettings: [.define("_GNU_SOURCE")] + strictC
         ),
         .testTarget(
             name: "ExactIOTests",
@@ -136,6 +153,16 @@ let package = Package(
             ],
             swiftSettings: swiftSettings
         ),
+        // What runs where Linux's interfaces are missing (read(2), the loop on poll(2)): POSIX
+        // only, so that it builds and runs on macOS as well as here.
+        .testTarget(
+            name: "ExactIOPortableTests",
+            dependencies: [
+                "ExactIO",
+                .product(name: "SystemPackage", package: "swift-system"),
+            ],
+            swiftSettings: swiftSettings
+        ),
         .testTarget(
             name: "ExactIOServiceLifecycleTests",
             dependencies: [
@@ -152,7 +179,8 @@ let package = Package(
         ),
         .testTarget(
             name: "ExactIOCSupportTests",
-            dependencies: ["ExactIOCSupport"]
+            dependencies: uringTarget("ExactIOCSupport"),
+            swiftSettings: swiftSettings
         ),
         // The fuzz target's replay tool (normal builds) / libFuzzer entry (Fuzz/run.sh).
         .executableTarget(
@@ -189,14 +217,9 @@ let package = Package(
         // The bench's C ceiling (c-readahead, c-readahead-uring): the fastest plain C frame reader.
         .target(
             name: "ExactIOBenchCeiling",
-            dependencies: ["ExactIOLibURing"],
+            dependencies: uringTarget("ExactIOLibURing"),
             path: "Benchmarks/ceiling",
-            cSettings: [
-                .define("_GNU_SOURCE"),
-                .enableWarning("all"),
-                .enableWarning("extra"),
-                .treatAllWarnings(as: .error),
-            ]
+            cSettings: [.define("_GNU_SOURCE")] + strictC
         ),
         .executableTarget(
             name: "bench",
@@ -214,9 +237,22 @@ let package = Package(
     cLanguageStandard: .c11
 )
 
+#if !os(Linux)
+// Elsewhere (macOS), the package builds its libraries (ExactIOServiceLifecycle too), the
+// frame-inspect example and the fuzz replay tool, and tests what ExactIOPortableTests covers.
+// The other test targets, their C helpers (seccomp, signal storms), the ingest example and its
+// client (Glibc socket spellings), the bench and its C ceilings (epoll, io_uring) are written
+// for Linux only.
+let linuxOnly: Set = [
+    "ExactIOTests", "ExactIOFoundationTests", "ExactIOCSupportTests", "ExactIOServiceLifecycleTests", "ExactIOCTestSupport",
+    "ExactIOBenchCeiling", "bench", "exactio-ingest",
+]
+package.targets.removeAll { linuxOnly.contains($0.name) }
+#endif
+
 if !withURing {
-    // EXACTIO_NO_URING=1: nothing that needs liburing (the C ring layer and its tests, the
-    // bench, whose C ceiling has an io_uring variant).
-    let needLibURing: Set = ["ExactIOLibURing", "ExactIOCSupport", "ExactIOCSupportTests", "ExactIOBenchCeiling", "bench"]
+    // EXACTIO_NO_URING=1: not even the targets of the io_uring part (with the trait off they
+    // are there, compiled empty).
+    let needLibURing: Set = ["ExactIOLibURing", "ExactIOCSupport", "ExactIOCSupportTests"]
     package.targets.removeAll { needLibURing.contains($0.name) }
 }

@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /* A test seam: make the next waits for completions on one ring fail, to exercise
  * cancel-and-drain and the broken-ring path that real kernels reach only on rare failures.
  * Costs one relaxed atomic load per wait when unused. */
@@ -28,3 +30,5 @@ void csupport_debug_shuffle_completions(csupport_ring *ring, int on)
 	if (ring)
 		atomic_store(&ring->shuffle_completions, on ? 1 : 0);
 }
+
+#endif /* EXACTIO_URING */

@@ -14,7 +14,9 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
+#ifdef EXACTIO_URING /* only the io_uring part's .c files include this header, under the same guard */
 #include <liburing.h>
+#endif
 
 #include "include/ExactIOCSupport.h"
 

@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /*
  * The event loop's ring: requests are queued without waiting (receive, read, send, accept, poll,
  * cancel, each tagged by the caller's user_data), submitted and reaped in batches with one
@@ -340,3 +342,5 @@ unsigned csupport_reap(csupport_ring *ring, struct csupport_cqe *out, unsigned m
 	io_uring_cq_advance(&ring->ring, n);
 	return n;
 }
+
+#endif /* EXACTIO_URING */

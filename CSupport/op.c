@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /*
  * One blocking operation on a ring: a request (with an optional linked timeout) is
  * submitted, and the call returns only once the kernel is done with it. Every SQE is tagged
@@ -208,3 +210,4 @@ int csupport_op_run(csupport_ring *ring, struct csupport_op *op, struct io_uring
 	return op_result(op);
 }
 
+#endif /* EXACTIO_URING */

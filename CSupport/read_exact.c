@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /*
  * The hot loop: read at least `min` bytes into one destination range, resubmitting after
  * short reads. One request is in flight at a time: on a stream, reads must land in order.
@@ -85,3 +87,5 @@ int csupport_read(csupport_ring *ring, const struct csupport_read_req *req, stru
 	res->done = got;
 	return ret < 0 ? ret : 0;
 }
+
+#endif /* EXACTIO_URING */

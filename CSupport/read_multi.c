@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /*
  * Reads in flight for regular files: one large read at an explicit offset split into chunks,
  * up to `depth` of them submitted at once. Each chunk lands in its own part of the
@@ -165,3 +167,5 @@ int csupport_read_multi(csupport_ring *ring, const struct csupport_multi_req *re
 	 * caller asked for more than `done`. */
 	return res->done == req->len ? 0 : error;
 }
+
+#endif /* EXACTIO_URING */

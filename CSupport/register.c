@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /* Registered ("fixed") buffers: whole table, sparse table, and per-slot updates. */
 #include "internal.h"
 
@@ -62,3 +64,5 @@ int csupport_unregister_buffers(csupport_ring *ring)
 		return ret;
 	return io_uring_unregister_buffers(&ring->ring);
 }
+
+#endif /* EXACTIO_URING */

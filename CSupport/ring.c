@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /* Ring set-up, tear-down, the opcode probe, and fork detection. */
 #include <pthread.h>
 
@@ -146,3 +148,5 @@ int csupport_ring_probe(csupport_ring *ring)
 	io_uring_free_probe(probe);
 	return ops;
 }
+
+#endif /* EXACTIO_URING */

@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* The io_uring part: compiled only on Linux with the IOUring trait (Package.swift). */
+#ifdef EXACTIO_URING
 /*
  * Forwarding with IORING_OP_SPLICE: source -> pipe -> destination, the two splices of a chunk
  * linked in one submission (one io_uring_enter per chunk). A short first splice (the source had
@@ -145,3 +147,5 @@ int csupport_splice(csupport_ring *ring, const struct csupport_splice_req *req, 
 	}
 	return 0;
 }
+
+#endif /* EXACTIO_URING */

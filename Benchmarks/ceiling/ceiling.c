@@ -5,7 +5,9 @@
 #include <signal.h>
 
 #include <errno.h>
+#ifdef EXACTIO_URING
 #include <liburing.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -22,7 +24,9 @@ struct exio_ceiling {
 	 * offsets (one read(2) per frame, or 1 MiB READ_FIXED chunks with up to 64 in flight). */
 	int direct;
 	uint64_t pos;
+#ifdef EXACTIO_URING
 	struct io_uring ring;
+#endif
 };
 
 enum { DIRECT_CHUNK = 1 << 20, DIRECT_DEPTH = 64 };
@@ -49,6 +53,13 @@ exio_ceiling *exio_ceiling_create(int fd, uint64_t frame_bytes, int use_uring)
 	memset(c->buf, 0, c->cap); /* pre-fault, as the floor's buffer is */
 	c->use_uring = use_uring;
 	if (use_uring) {
+#ifndef EXACTIO_URING
+		/* Built without the IOUring trait. */
+		free(c->buf);
+		free(c);
+		errno = ENOSYS;
+		return NULL;
+#else
 		int rc = io_uring_queue_init(c->direct ? DIRECT_DEPTH : 8, &c->ring, 0);
 		if (rc == 0) {
 			struct iovec iov = { .iov_base = c->buf, .iov_len = c->cap };
@@ -62,6 +73,7 @@ exio_ceiling *exio_ceiling_create(int fd, uint64_t frame_bytes, int use_uring)
 			errno = -rc;
 			return NULL;
 		}
+#endif
 	}
 	return c;
 }
@@ -70,19 +82,25 @@ void exio_ceiling_destroy(exio_ceiling *c)
 {
 	if (!c)
 		return;
+#ifdef EXACTIO_URING
 	if (c->use_uring)
 		io_uring_queue_exit(&c->ring);
+#endif
 	free(c->buf);
 	free(c);
 }
 
 int exio_ceiling_uring_available(void)
 {
+#ifndef EXACTIO_URING
+	return 0;
+#else
 	struct io_uring ring;
 	if (io_uring_queue_init(2, &ring, 0) < 0)
 		return 0;
 	io_uring_queue_exit(&ring);
 	return 1;
+#endif
 }
 
 /* One read of up to `len` bytes at `p`: bytes read, 0 at end of stream, or -errno. */
@@ -97,6 +115,9 @@ static int64_t read_some(exio_ceiling *c, unsigned char *p, size_t len)
 				return -errno;
 		}
 	}
+#ifndef EXACTIO_URING
+	return -ENOSYS;
+#else
 	for (;;) {
 		struct io_uring_sqe *sqe = io_uring_get_sqe(&c->ring);
 		/* Offset -1: the file position for files (IORING_FEAT_RW_CUR_POS), ignored for streams. */
@@ -115,6 +136,7 @@ static int64_t read_some(exio_ceiling *c, unsigned char *p, size_t len)
 			continue;
 		return res;
 	}
+#endif
 }
 
 /* O_DIRECT: [off, off + len) into buf (all aligned); bytes read (short only at the end), or
@@ -138,6 +160,9 @@ static int64_t direct_read(exio_ceiling *c, unsigned char *buf, uint64_t off, si
 		}
 		return (int64_t)got;
 	}
+#ifndef EXACTIO_URING
+	return -ENOSYS;
+#else
 	size_t chunks = (len + DIRECT_CHUNK - 1) / DIRECT_CHUNK, next = 0, inflight = 0;
 	size_t got_total = 0;
 	int64_t short_at = -1;
@@ -174,6 +199,7 @@ static int64_t direct_read(exio_ceiling *c, unsigned char *buf, uint64_t off, si
 	}
 	(void)short_at;
 	return (int64_t)got_total;
+#endif
 }
 
 static int64_t direct_run(exio_ceiling *c, int64_t frames)

@@ -8,7 +8,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#ifdef EXACTIO_URING
 #include <liburing.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -48,6 +50,7 @@ static inline int body_ok(const unsigned char *b, uint64_t n)
 	return !((n >= 1 && b[0] != 0x11) || (n >= 2 && b[n - 1] != 0x22) || (n >= 3 && b[n / 2] != 0x33));
 }
 
+#ifdef EXACTIO_URING /* the io_uring ceilings only */
 static unsigned pow2_at_least(unsigned v, unsigned lo)
 {
 	unsigned p = lo;
@@ -81,6 +84,7 @@ static int ring_init(struct io_uring *ring, unsigned entries, unsigned cq, int32
 	}
 	return rc;
 }
+#endif
 
 /* Counts and checks the whole frames buffered in [r, w). 0, or -EPROTO. */
 static int parse_own(struct conn *c, uint64_t n, int64_t per)
@@ -127,6 +131,7 @@ static size_t next_recv(struct conn *c, unsigned char **at, int64_t *copied)
 	return want;
 }
 
+#ifdef EXACTIO_URING
 /* c-uring-mshot: the bytes of one provided buffer. Whole frames are checked in place; a frame
  * that straddles buffers is copied into the connection's carry buffer until complete. */
 static int consume(struct conn *c, const unsigned char *p, size_t len, uint64_t n, int64_t per, int64_t *copied)
@@ -253,6 +258,7 @@ out:
 	io_uring_queue_exit(&ring);
 	return rc;
 }
+#endif
 
 static int64_t run_epoll(struct conn *cs, unsigned count, uint64_t n, int64_t per, exio_many_stats *st)
 {
@@ -317,6 +323,7 @@ out:
 	return rc;
 }
 
+#ifdef EXACTIO_URING
 static int64_t run_uring_mshot(struct conn *cs, unsigned count, uint64_t n, int64_t per, exio_many_stats *st)
 {
 	struct io_uring ring;
@@ -423,6 +430,7 @@ out:
 		munmap(pool, pool_bytes);
 	return rc;
 }
+#endif
 
 int64_t exio_many_run(const int *fds, int count, uint64_t frame_bytes, int64_t per_connection, int mode,
 		      exio_many_stats *stats)
@@ -449,14 +457,21 @@ int64_t exio_many_run(const int *fds, int count, uint64_t frame_bytes, int64_t p
 		}
 	}
 	switch (mode) {
+#ifdef EXACTIO_URING
 	case EXIO_MANY_URING_RECV:
 		rc = run_uring_recv(cs, (unsigned)count, frame_bytes, per_connection, stats);
 		break;
-	case EXIO_MANY_EPOLL:
-		rc = run_epoll(cs, (unsigned)count, frame_bytes, per_connection, stats);
-		break;
 	case EXIO_MANY_URING_MSHOT:
 		rc = run_uring_mshot(cs, (unsigned)count, frame_bytes, per_connection, stats);
+		break;
+#else
+	case EXIO_MANY_URING_RECV:
+	case EXIO_MANY_URING_MSHOT:
+		rc = -ENOSYS; /* built without the IOUring trait */
+		break;
+#endif
+	case EXIO_MANY_EPOLL:
+		rc = run_epoll(cs, (unsigned)count, frame_bytes, per_connection, stats);
 		break;
 	default:
 		rc = -EINVAL;

@@ -22,6 +22,13 @@ import Darwin
 import ExactIO
 import SystemPackage
 
+/// `SOCK_STREAM` as `socket(2)` takes it (Glibc imports it as an enum case, Darwin as a number).
+#if canImport(Glibc)
+let streamSocketType = Int32(SOCK_STREAM.rawValue)
+#else
+let streamSocketType = SOCK_STREAM
+#endif
+
 func fail(_ message: String) -> Never {
     let line = Array("frame-inspect: \(message)\n".utf8)
     _ = line.withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
@@ -95,11 +102,11 @@ func open(_ source: String) throws -> FileDescriptor {
         let parts = source.dropFirst(4).split(separator: ":")
         guard parts.count == 2, let port = UInt16(parts[1]) else { fail("tcp:HOST:PORT expected, got \(source)") }
         var hints = addrinfo()
-        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_socktype = streamSocketType
         var list: UnsafeMutablePointer<addrinfo>? = nil
         guard getaddrinfo(String(parts[0]), String(port), &hints, &list) == 0, let ai = list else { fail("cannot resolve \(parts[0])") }
         defer { freeaddrinfo(list) }
-        let fd = socket(ai.pointee.ai_family, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(ai.pointee.ai_family, streamSocketType, 0)
         guard fd >= 0, connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 else { throw Errno(rawValue: errno) }
         return FileDescriptor(rawValue: fd)
     }
@@ -109,7 +116,7 @@ func open(_ source: String) throws -> FileDescriptor {
         addr.sun_family = sa_family_t(AF_UNIX)
         guard path.count < MemoryLayout.size(ofValue: addr.sun_path) else { fail("unix socket path too long") }
         withUnsafeMutableBytes(of: &addr.sun_path) { dst in dst.copyBytes(from: path) }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        let fd = socket(AF_UNIX, streamSocketType, 0)
         let ok = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }

@@ -1,4 +1,6 @@
 /* SPDX-License-Identifier: Apache-2.0 */
+/* Linux only: an empty translation unit elsewhere. */
+#ifdef __linux__
 /* _GNU_SOURCE here only (not in the header), as swift-system's CSystem does: defined in a
  * header it clashes with the modules Swift imports. */
 #define _GNU_SOURCE
@@ -119,3 +121,5 @@ int cexactio_dio_alignment(int fd, unsigned *mem_align, unsigned *offset_align)
 	}
 	return -errno;
 }
+
+#endif /* __linux__ */

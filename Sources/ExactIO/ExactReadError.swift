@@ -1,6 +1,16 @@
 // The errors of the reading logic itself (system failures are swift-system's Errno).
 
 /// Errors of the reading logic itself. System failures are thrown as swift-system's `Errno`.
+///
+/// Catch the cases you handle by pattern (`catch ExactReadError.incomplete(let partial,
+/// let expected)`), as the examples do.
+///
+/// ## Cases to come
+///
+/// Before 1.0, minor versions may add cases (a new limit a reader enforces, for example). End
+/// a `switch` over an `ExactReadError` with `@unknown default:`: it compiles without a warning
+/// today, and when a case is added the compiler warns about the new case instead of the build
+/// failing. (A `catch` by pattern is unaffected.)
 public enum ExactReadError: Error, Sendable, Equatable {
     /// The stream ended before `expected` bytes arrived. `partial` holds every byte that did
     /// arrive for this request, in order (for `readFrame`, the bytes of the body, or of the

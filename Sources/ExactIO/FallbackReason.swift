@@ -13,6 +13,11 @@ extension ExactReader {
     /// ```
     public struct FallbackReason: Sendable, Hashable, CustomStringConvertible {
         /// Where io_uring was given up.
+        ///
+        /// Before 1.0, minor versions may add steps (a new requirement that io_uring can fail).
+        /// Compare with `==` for the steps you act on, or end a `switch` over a `Step` with
+        /// `@unknown default:`: it compiles without a warning today, and when a step is added
+        /// the compiler warns about it instead of the build failing.
         public enum Step: Sendable, Hashable {
             /// `EXACTIO_BACKEND=posix` chose `read(2)` for an `.automatic` reader.
             case forcedByEnvironment
@@ -33,8 +38,9 @@ extension ExactReader {
             /// This process inherited the reader's ring through `fork()`: it reads with
             /// `read(2)`.
             case inheritedThroughFork
-            /// This build of ExactIO has no io_uring part: built with `EXACTIO_NO_URING=1`
-            /// (no liburing needed) or for a platform other than Linux.
+            /// This build of ExactIO has no io_uring part: built with the `IOUring` package trait
+            /// off (`traits: []` in a dependent's manifest, `--disable-default-traits`), with
+            /// `EXACTIO_NO_URING=1`, or for a platform other than Linux. No liburing needed.
             case notInThisBuild
         }
 

@@ -2,6 +2,11 @@
 // relatives); decoding it is Core/PrefixDecoding.swift's.
 
 /// How a frame's body length is encoded before the body.
+///
+/// Before 1.0, minor versions may add encodings (other widths, for example). Pass the cases as
+/// values (`.uint32(.bigEndian)`, `.varint`); a `switch` over a `LengthPrefix` should end with
+/// `@unknown default:`, which compiles without a warning today and makes an added case a
+/// warning rather than a broken build.
 public enum LengthPrefix: Sendable, Hashable {
     /// Byte order of a fixed-width length.
     public enum Endianness: Sendable, Hashable {

@@ -1,3 +1,5 @@
+// The C layer of the io_uring part: compiled only where it is (Linux, IOUring trait).
+#if EXACTIO_URING
 import ExactIOCSupport
 #if canImport(Glibc)
 import Glibc
@@ -180,3 +182,4 @@ func monotonicNow() -> Double {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
 }
+#endif

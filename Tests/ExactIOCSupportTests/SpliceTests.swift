@@ -1,3 +1,5 @@
+// The C layer of the io_uring part: compiled only where it is (Linux, IOUring trait).
+#if EXACTIO_URING
 import ExactIOCSupport
 import Foundation
 #if canImport(Glibc)
@@ -68,3 +70,4 @@ import Testing
         #expect(filler > 0)
     }
 }
+#endif

@@ -346,7 +346,7 @@ import Testing
     }
 }
 
-/// The build without the io_uring part (`EXACTIO_NO_URING=1`): readers and loops work on the
+/// The build without the io_uring part (the `IOUring` trait off, or `EXACTIO_NO_URING=1`): readers and loops work on the
 /// POSIX backend and say why; demanding io_uring is an `Errno`, not a crash.
 @Suite struct BuildWithoutURingTests {
     #if !EXACTIO_URING

@@ -416,7 +416,9 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
 
     /// 9,000 idle readers with a deadline armed: a busy connection on the same loop keeps its
     /// pace (each turn used to scan every armed deadline: 16.1 M frames/s fell to 1.74 M).
-    @Test(arguments: testBackends)
+    /// Serialized: each case holds 9,000 descriptors, and both at once came near the 20,000 a
+    /// process may have (other suites in the same process then met EMFILE).
+    @Test(.serialized, arguments: testBackends)
     func nineThousandArmedDeadlinesDoNotSlowABusyConnection(backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
         let dog = watchdog(loop, seconds: 120)
@@ -466,8 +468,12 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
         }
         try await Task.sleep(for: .seconds(2))
         let after = try await framesPerSecond()
-        print("busy connection (\(backend)): \(Int(before)) frames/s alone, \(Int(after)) with 9,000 armed deadlines")
-        #expect(after >= before / 2, "\(Int(before)) frames/s fell to \(Int(after)) with 9,000 deadlines armed")
+        print("busy connection (\(backend), \(loop.eventInterface.map { "\($0)" } ?? "io_uring")): \(Int(before)) frames/s alone, \(Int(after)) with 9,000 armed deadlines")
+        // On poll(2) (EXACTIO_EVENTS=poll) every wait also passes the 9,000 watched descriptors
+        // to the kernel, whatever the deadlines cost: measured 0.45-0.5 of the rate alone. The
+        // bound there still catches a deadline scan per turn (that cost 9 x).
+        let bound = loop.eventInterface == .poll ? before / 4 : before / 2
+        #expect(after >= bound, "\(Int(before)) frames/s fell to \(Int(after)) with 9,000 deadlines armed")
         await loop.shutdown()
         waiting.cancel()
         _ = try? await waiting.value

@@ -8,6 +8,9 @@
 #ifndef CEXACTIO_LINUX_H
 #define CEXACTIO_LINUX_H
 
+/* Linux only: elsewhere the module is empty (and ExactIO imports it only under #if os(Linux)). */
+#ifdef __linux__
+
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 
@@ -50,5 +53,7 @@ int cexactio_set_direct(int fd, int on);
  * block device. 0 with *offset_align = 0 when the file does not support direct I/O; 0 with
  * both set; -errno when the kernel cannot say (callers then assume 4096). */
 int cexactio_dio_alignment(int fd, unsigned *mem_align, unsigned *offset_align);
+
+#endif /* __linux__ */
 
 #endif

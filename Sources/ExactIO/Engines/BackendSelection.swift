@@ -90,7 +90,7 @@ enum BackendSelection {
         var type: Int32 = 0
         var len = socklen_t(MemoryLayout<Int32>.size)
         guard getsockopt(fd.rawValue, SOL_SOCKET, SO_TYPE, &type, &len) == 0 else { throw Errno(rawValue: errno) }
-        if type != Int32(SOCK_STREAM.rawValue) { throw .protocolWrongTypeForSocket }
+        if type != Platform.streamSocketType { throw .protocolWrongTypeForSocket }
     }
 
     /// The backend to try for `requested`, after the operator's `EXACTIO_BACKEND` (it applies
@@ -145,7 +145,7 @@ enum BackendSelection {
         if wanted == .ioUring { throw Errno.notSupported }
         return posix(joined(because(
             .notInThisBuild, nil,
-            "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)")))
+            "io_uring not used: this build of ExactIO leaves it out (the IOUring trait is off, EXACTIO_NO_URING=1, or not Linux)")))
         #endif
     }
 }

@@ -170,7 +170,7 @@ final class ODirectEngine: IOEngine {
     }
 }
 
-#if canImport(CExactIOLinux)
+#if os(Linux)
 import CExactIOLinux
 
 extension ODirectEngine {

@@ -3,8 +3,21 @@ import SystemPackage
 // AsyncExactReader: the reader core driven by the event loop; what it asks of the loop and how
 // it waits (its half of LoopConnection's shared state).
 
-/// The async twin of `ExactReader`: exactly n bytes, or length-prefixed frames, from a socket
-/// or pipe served by an `IOLoop`, with the same names, errors and memory and copy contract.
+/// The async counterpart of `ExactReader`: exactly n bytes, or length-prefixed frames, from a
+/// socket or pipe served by an `IOLoop`, with the same errors (plus `CancellationError`) and the
+/// same memory and copy contract.
+///
+/// What it has, each as on `ExactReader` (`async`): `readFrame(prefix:)`, `readExactly(_:)`,
+/// `readExactly(into:)` (a pointer), `withExactly(_:_:)` (a pointer or a `RawSpan`),
+/// `withNextFrame(prefix:_:)` and `forEachFrame(prefix:_:)` (frames lent as a `RawSpan` in
+/// place; the closures are synchronous: a span is never lent across an `await`),
+/// `read(upTo:)`, `skip(_:)`, `isAtEOF`, `bufferedCount`, `statistics`; and of its own,
+/// `frames(prefix:)`. What only `ExactReader` has: the span forms of `readExactly(into:)`,
+/// positional and file reads (`readExactly(_:at:)`, `chunks(of:maxChunk:)`, O_DIRECT),
+/// `forward(exactly:to:)`, memory calls (`reserve`, `releaseCachedMemory`,
+/// `register`/`unregister`) and the backend and fallback properties (a loop's are the loop's:
+/// `IOLoop.backend`). Replies go out through an `AsyncExactWriter` on the same connection
+/// (`IOLoop.withConnection(_:_:)`).
 ///
 /// ```swift
 /// let reader = try AsyncExactReader(conn, loop: loop)
@@ -29,7 +42,7 @@ public final class AsyncExactReader {
     public let fileDescriptor: FileDescriptor
     /// The loop that serves the reader.
     public let loop: IOLoop
-    /// The options the reader was created with (`backend` is the loop's).
+    /// The options the reader was created with.
     public let options: ExactReader.Options
     /// Counters since creation.
     public var statistics: ExactReader.Statistics { core.statistics }
@@ -50,10 +63,15 @@ public final class AsyncExactReader {
     ///   - fd: A stream socket or a pipe/FIFO, blocking or not. Regular files are refused
     ///     (`Errno.notSupported`): read them with `ExactReader`.
     ///   - loop: The loop that serves it.
-    ///   - options: Staging capacity (which sets the large-read threshold), frame limit, read
-    ///     timeout; `backend` is ignored (the loop's is used).
-    /// - Throws: `InvalidOptionError`; `Errno` as for `ExactReader.init` (a datagram socket is
-    ///   `Errno.protocolWrongTypeForSocket`); `Errno.canceled` when the loop was shut down.
+    ///   - options: Honoured: staging capacity (which sets the large-read threshold), frame
+    ///     limit, read timeout, the framing options (`lengthAdjustment`,
+    ///     `lengthIncludesPrefix`), `registeredMemoryLimit` (the loop's readers register no
+    ///     memory: every limit holds), and `logger` (the reader's creation, at `debug`).
+    ///     Refused rather than ignored: a `backend` other than `.automatic` or the loop's
+    ///     own, `directIO`, and a `queueDepth` other than the default (both are for files).
+    /// - Throws: `InvalidOptionError` (a value out of range, or a refused field); `Errno` as for
+    ///   `ExactReader.init` (a datagram socket is `Errno.protocolWrongTypeForSocket`);
+    ///   `Errno.canceled` when the loop was shut down.
     public convenience init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options = ExactReader.Options()) throws {
         try self.init(fd, loop: loop, options: options, sender: nil)
     }
@@ -62,6 +80,7 @@ public final class AsyncExactReader {
     /// `IOLoop.withConnection`; nil: a reader alone).
     init(_ fd: FileDescriptor, loop: IOLoop, options: ExactReader.Options, sender: LoopSender?) throws {
         try options.validate()
+        try options.validate(forReaderOn: loop)
         let type = try BackendSelection.fileType(fd)
         if type == S_IFSOCK { try BackendSelection.requireStreamSocket(fd) }
         if type == S_IFREG || type == S_IFDIR { throw Errno.notSupported }
@@ -137,11 +156,12 @@ public final class AsyncExactReader {
     /// Reads exactly `count` bytes and lends them to `body` in place; as
     /// `ExactReader.withExactly(_:_:)`: when they are already received and contiguous, `body`
     /// gets them where they are (no view, no allocation, no reference counting); otherwise they
-    /// are read as `readExactly(_:)` reads them.
+    /// are read as `readExactly(_:)` reads them. `body`'s own error type `E` passes through
+    /// unchanged.
     ///
     /// - warning: The pointer is valid only inside `body`; do not escape it or write through
     ///   it. The bytes are consumed even when `body` throws.
-    nonisolated(nonsending) public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) async throws -> R {
+    nonisolated(nonsending) public func withExactly<R, E: Error>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R) async throws -> R {
         precondition(count >= 0, "withExactly: count must not be negative (got \(count))")
         if count <= core.buffer.buffered {
             // Safety: `owner` keeps the received memory (a receive buffer is given back to the
@@ -161,9 +181,10 @@ public final class AsyncExactReader {
     ///
     /// - Returns: What `body` returned, or nil at a clean end of stream before a frame.
     /// - Throws: What `readFrame(prefix:)` throws (the frame is then not consumed, and `body`
-    ///   is not called), or what `body` throws (the frame is consumed).
-    nonisolated(nonsending) public func withNextFrame<R>(
-        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> R
+    ///   is not called), or what `body` throws, unchanged (the frame is consumed). `E` is
+    ///   `body`'s own error type, as for `ExactReader.withNextFrame(prefix:_:)`.
+    nonisolated(nonsending) public func withNextFrame<R, E: Error>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> R
     ) async throws -> R? {
         if let lent = try lendStagedFrame(AnyPrefix(prefix: prefix), body) { return lent.value }
         guard let view = try await readFrame(prefix: prefix) else { return nil }
@@ -175,10 +196,11 @@ public final class AsyncExactReader {
     /// in place, one after the other, before the reader waits again.
     ///
     /// - Returns: The number of frames `body` was called with.
-    /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    /// - Throws: What `withNextFrame(prefix:_:)` throws (`body`'s errors unchanged, of its own
+    ///   type `E`); the frames before are consumed.
     @discardableResult
-    nonisolated(nonsending) public func forEachFrame(
-        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Void
+    nonisolated(nonsending) public func forEachFrame<E: Error>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> Void
     ) async throws -> Int {
         try await forEachFrame(prefix: prefix) { (frame: RawSpan) throws -> Bool in
             try body(frame)
@@ -190,8 +212,8 @@ public final class AsyncExactReader {
     /// rest stays unread). As for `ExactReader`, the closure must say it returns `Bool`.
     @_disfavoredOverload
     @discardableResult
-    nonisolated(nonsending) public func forEachFrame(
-        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Bool
+    nonisolated(nonsending) public func forEachFrame<E: Error>(
+        prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> Bool
     ) async throws -> Int {
         switch prefix {
         case .uint32(let e): return try await frameLoop(prefix, FixedWidthPrefix<UInt32>(bigEndian: e == .bigEndian), body)
@@ -200,8 +222,8 @@ public final class AsyncExactReader {
         }
     }
 
-    nonisolated(nonsending) private func frameLoop<D: PrefixDecoder>(
-        _ prefix: LengthPrefix, _ decoder: D, _ body: (RawSpan) throws -> Bool
+    nonisolated(nonsending) private func frameLoop<D: PrefixDecoder, E: Error>(
+        _ prefix: LengthPrefix, _ decoder: D, _ body: (RawSpan) throws(E) -> Bool
     ) async throws -> Int {
         var frames = 0
         while true {

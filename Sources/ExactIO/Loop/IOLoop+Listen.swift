@@ -40,7 +40,7 @@ extension IOLoop {
     public static func listen(host: String, port: UInt16, backlog: Int = 1024, reusePort: Bool = false) throws(Errno) -> FileDescriptor {
         guard backlog >= 1 else { throw .invalidArgument }
         var address = try SocketAddress(host: host, port: port)
-        let fd = socket(address.family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = Platform.streamSocket(domain: address.family)  // close-on-exec
         guard fd >= 0 else { throw Errno(rawValue: errno) }
         do throws(Errno) {
             try setOption(fd, SOL_SOCKET, SO_REUSEADDR, 1)
@@ -87,7 +87,7 @@ extension IOLoop {
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             raw.copyBytes(from: path)  // the rest stays zero: the terminating NUL
         }
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        let fd = Platform.streamSocket(domain: AF_UNIX)  // close-on-exec
         guard fd >= 0 else { throw Errno(rawValue: errno) }
         let length = socklen_t(MemoryLayout<sockaddr_un>.offset(of: \.sun_path)! + path.count + 1)
         let bound = withUnsafePointer(to: &address) { p in

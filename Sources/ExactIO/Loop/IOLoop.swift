@@ -7,7 +7,8 @@ import SystemPackage
 
 /// One thread that serves any number of connections: one io_uring ring (provided-buffer
 /// receive, multishot, one `io_uring_enter` per turn for every submission and completion), or
-/// epoll with non-blocking `read(2)` where io_uring is unavailable.
+/// readiness with non-blocking `read(2)` where io_uring is unavailable: epoll on Linux,
+/// `poll(2)` elsewhere (see `Options.events`).
 ///
 /// ```swift
 /// let loop = try IOLoop()
@@ -37,9 +38,9 @@ public final class IOLoop: @unchecked Sendable {
 
     /// Loop configuration. Every field has a default.
     public struct Options: Sendable {
-        /// `.automatic` (io_uring, else epoll), `.ioUring` (or the initializer throws), or
-        /// `.posix` (epoll with `read(2)`). `EXACTIO_BACKEND` overrides `.automatic`, as for
-        /// `ExactReader`.
+        /// `.automatic` (io_uring, else readiness), `.ioUring` (or the initializer throws), or
+        /// `.posix` (readiness with `read(2)`: the interface `events` names). `EXACTIO_BACKEND`
+        /// overrides `.automatic`, as for `ExactReader`.
         public var backend: ExactReader.Backend
         /// Bytes of each receive buffer (4 KiB to 1 MiB, rounded up to a power of two); default
         /// 64 KiB. Small frames inside one buffer are views of it; a frame that spans two is
@@ -60,6 +61,10 @@ public final class IOLoop: @unchecked Sendable {
         /// not taken them: past it, accepting pauses (further connections wait in the kernel's
         /// listen backlog) until the consumer catches up. Default 1,024.
         public var maxPendingConnections: Int
+        /// The readiness interface the loop waits with when it does not run on io_uring:
+        /// `.automatic` (epoll on Linux, `poll(2)` elsewhere; `EXACTIO_EVENTS` overrides it),
+        /// `.epoll` (Linux only), or `.poll`. Default `.automatic`.
+        public var events: EventInterface
         /// A logger for what operators may want to see of the loop, all at `debug`: its start
         /// (backend, fallback reason, receive memory) and end (its counters), a start that
         /// failed, a listener that fails for good (its accept sequence throws the error), and
@@ -78,6 +83,7 @@ public final class IOLoop: @unchecked Sendable {
             receiveBufferCount: Int = 256,
             maxBufferedBytesPerConnection: Int = 256 << 10,
             maxPendingConnections: Int = 1024,
+            events: EventInterface = .automatic,
             logger: Logger? = nil
         ) {
             self.backend = backend
@@ -85,6 +91,7 @@ public final class IOLoop: @unchecked Sendable {
             self.receiveBufferCount = receiveBufferCount
             self.maxBufferedBytesPerConnection = maxBufferedBytesPerConnection
             self.maxPendingConnections = maxPendingConnections
+            self.events = events
             self.logger = logger
         }
 
@@ -102,19 +109,22 @@ public final class IOLoop: @unchecked Sendable {
             if maxPendingConnections < 1 {
                 throw .init(option: "maxPendingConnections", value: "\(maxPendingConnections)", requirement: ">= 1")
             }
+            if !events.isAvailable {
+                throw .init(option: "events", value: "\(events)", requirement: "automatic or poll on this platform (epoll is Linux's)")
+            }
         }
     }
 
     /// Counters since the loop started (the loop's own, across its connections).
     public struct Statistics: Sendable, Hashable {
-        /// Waits in the kernel: `io_uring_enter` or `epoll_wait` calls.
+        /// Waits in the kernel: `io_uring_enter`, `epoll_wait` or `poll` calls.
         public var enters = 0
         /// Read requests submitted (io_uring: receives armed and large reads) or `read(2)`
         /// calls (epoll).
         public var reads = 0
-        /// Completions (io_uring) or readiness events (epoll) handled.
+        /// Completions (io_uring) or readiness events (epoll, poll) handled.
         public var completions = 0
-        /// Times another thread woke the loop (an eventfd write).
+        /// Times another thread woke the loop (a write to its eventfd or wakeup pipe).
         public var wakeups = 0
         /// Receives that found the buffer pool empty and waited for buffers to come back.
         public var starvations = 0
@@ -125,7 +135,8 @@ public final class IOLoop: @unchecked Sendable {
         public init() {}
     }
 
-    /// The backend in use after any fallback: `.ioUring` or `.posix` (epoll).
+    /// The backend in use after any fallback: `.ioUring` or `.posix` (readiness: see
+    /// `eventInterface`).
     public private(set) var backend: ExactReader.Backend = .posix
     /// Why io_uring is not used, if it is not (as for `ExactReader.fallbackReason`).
     public private(set) var fallbackReason: String? = nil
@@ -137,6 +148,9 @@ public final class IOLoop: @unchecked Sendable {
     /// would have to happen on the loop's thread).
     let framePool: MemoryPool
     let waker: Waker
+    /// The readiness interface for when io_uring is not used (`Options.events` after
+    /// `EXACTIO_EVENTS`), and why the variable was ignored, if it was.
+    let readiness: (interface: EventInterface, note: String?)
     /// Created on the loop's thread (a SINGLE_ISSUER ring belongs to the thread that creates it).
     private var driver: (any LoopDriving)! = nil
     /// Set for a loop without a thread, run by the fuzz harness (`LoopHarness`).
@@ -162,8 +176,8 @@ public final class IOLoop: @unchecked Sendable {
 
     /// Creates a loop and starts its thread.
     ///
-    /// - Throws: `InvalidOptionError`; `Errno` when the eventfd, the receive memory or the
-    ///   thread cannot be created, or `.ioUring` was demanded and is unavailable.
+    /// - Throws: `InvalidOptionError`; `Errno` when the eventfd (or wakeup pipe), the receive
+    ///   memory or the thread cannot be created, or `.ioUring` was demanded and is unavailable.
     public init(options: Options = Options()) throws {
         try options.validate()
         self.options = options
@@ -171,7 +185,8 @@ public final class IOLoop: @unchecked Sendable {
         while size < options.receiveBufferSize { size <<= 1 }
         var count = 16
         while count < options.receiveBufferCount { count <<= 1 }
-        let waker = try Waker()
+        self.readiness = EventInterface.resolveFromProcess(options.events)
+        let waker = try Waker(kind: readiness.interface.wakerKind)
         self.waker = waker
         self.pool = try ReceivePool(count: count, size: size, wake: { waker.wake() })
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
@@ -196,6 +211,7 @@ public final class IOLoop: @unchecked Sendable {
     init(harness: LoopHarness, options: Options) throws {
         try options.validate()
         self.options = options
+        self.readiness = (EventInterface.epoll, nil)
         let waker = try Waker()
         self.waker = waker
         self.pool = try ReceivePool(count: max(16, options.receiveBufferCount), size: max(4096, options.receiveBufferSize), wake: {})
@@ -231,27 +247,22 @@ public final class IOLoop: @unchecked Sendable {
     func makeDriver() throws -> (any LoopDriving, String?) {
         let (wanted, forced, note) = BackendSelection.resolve(options.backend, environment: ExactReader.processEnvironment())
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
-        func machine<B: LoopBackend>(_ backend: B) -> LoopMachine<B> {
-            let machine = LoopMachine(backend: backend, pool: pool, framePool: framePool, waker: waker, count: count)
-            machine.logger = options.logger
-            return machine
+        func readinessDriver(_ reason: String?) throws -> (any LoopDriving, String?) {
+            let why = [reason, readiness.note].compactMap { $0 }
+            return (try makeReadinessDriver(count: count), why.isEmpty ? nil : why.joined(separator: "; "))
         }
-        func epoll(_ reason: String?) throws -> (any LoopDriving, String?) {
-            let backend = try EpollLoopBackend(pool: pool, waker: waker)
-            return (machine(backend), reason)
-        }
-        if wanted == .posix { return try epoll(forced.map { "io_uring not used: forced by \($0)" }) }
+        if wanted == .posix { return try readinessDriver(forced.map { "io_uring not used: forced by \($0)" }) }
         #if EXACTIO_URING
         switch URingLoopBackend.make(pool: pool, waker: waker) {
         case .success(let backend):
-            return (machine(backend), note)
+            return (makeMachine(backend, count: count), note)
         case .failure(let failure):
             if wanted == .ioUring { throw failure.errno }
-            return try epoll([note, failure.reason].compactMap { $0 }.joined(separator: "; "))
+            return try readinessDriver([note, failure.reason].compactMap { $0 }.joined(separator: "; "))
         }
         #else
         if wanted == .ioUring { throw Errno.notSupported }
-        return try epoll([note, "io_uring not used: this build of ExactIO leaves it out (EXACTIO_NO_URING, or not Linux)"]
+        return try readinessDriver([note, "io_uring not used: this build of ExactIO leaves it out (the IOUring trait is off, EXACTIO_NO_URING=1, or not Linux)"]
             .compactMap { $0 }.joined(separator: "; "))
         #endif
     }
@@ -260,9 +271,7 @@ public final class IOLoop: @unchecked Sendable {
     /// registered on by the thread that submits to it), and waits for the outcome.
     private func start() throws {
         let context = StartContext(loop: self)
-        var tid = pthread_t()
-        let ret = pthread_create(&tid, nil, { arg in
-            let context = Unmanaged<StartContext>.fromOpaque(arg!).takeRetainedValue()
+        let tid = try Platform.spawnThread {
             let loop = context.loop
             do {
                 let (driver, reason) = try loop.makeDriver()
@@ -272,14 +281,9 @@ public final class IOLoop: @unchecked Sendable {
                 context.started.withLock { $0 = .success(()) }
             } catch {
                 context.started.withLock { $0 = .failure(error) }
-                return nil
+                return
             }
             loop.run()
-            return nil
-        }, Unmanaged.passRetained(context).toOpaque())
-        guard ret == 0 else {
-            Unmanaged.passUnretained(context).release()
-            throw Errno(rawValue: ret)
         }
         // The outcome comes within the time it takes to set a ring up.
         while true {

@@ -90,15 +90,17 @@ struct Block: ~Copyable {
     /// beyond RAM + swap, or past RLIMIT_AS: never traps.
     static func map(atLeast bytes: Int) throws(Errno) -> Block {
         let capacity = try roundedCapacity(bytes)
-        guard let raw = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+        guard let raw = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_PRIVATE | Platform.mapAnonymous, -1, 0),
               raw != MAP_FAILED
         else { throw Errno(rawValue: errno) }
+        #if os(Linux)
         if capacity >= hugePageSize {
             // Small pages until the block is full: with transparent huge pages set to
             // "always", one byte of data would otherwise commit 2 MiB. `commit` advises huge
             // pages once the whole block is resident.
             _ = madvise(raw, capacity, MADV_NOHUGEPAGE)
         }
+        #endif
         return Block(base: raw, capacity: capacity, isMapped: true, resident: 0)
     }
 
@@ -117,14 +119,18 @@ struct Block: ~Copyable {
         guard isMapped else { return }
         let target = min(capacity, Block.roundUpToPage(end))
         guard target > resident else { return }
+        #if os(Linux)
         _ = madvise(base + resident, target - resident, Block.madvPopulateWrite)
+        #endif
         resident = target
+        #if os(Linux)
         if resident == capacity && capacity >= Block.hugePageSize {
             // Huge pages for a block that is now full, where the kernel allows: advised after
             // populating, so that khugepaged collapses them in the background (advised before,
             // the populate compacts memory synchronously and stalled reads for up to a second).
             _ = madvise(base, capacity, MADV_HUGEPAGE)
         }
+        #endif
     }
 
     /// Gives the pages of `[start, end)` that lie wholly inside the range back to the system.
@@ -136,7 +142,13 @@ struct Block: ~Copyable {
         let from = Block.roundUpToPage(start)
         let to = min(end, capacity) & ~(Block.pageSize - 1)
         guard to > from else { return }
+        #if os(Linux)
         _ = madvise(base + from, to - from, MADV_DONTNEED)
+        #else
+        // Elsewhere MADV_DONTNEED is only advice (Darwin keeps the pages and their bytes): fresh
+        // anonymous pages mapped over the range give the memory back for certain.
+        _ = mmap(base + from, to - from, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED | Platform.mapAnonymous, -1, 0)
+        #endif
         resident = min(resident, from)
     }
 

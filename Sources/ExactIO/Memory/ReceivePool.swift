@@ -29,7 +29,7 @@ final class ReceivePool: @unchecked Sendable {
 
     init(count: Int, size: Int, wake: @escaping @Sendable () -> Void) throws(Errno) {
         let bytes = count * size
-        guard let raw = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), raw != MAP_FAILED
+        guard let raw = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | Platform.mapAnonymous, -1, 0), raw != MAP_FAILED
         else { throw Errno(rawValue: errno) }
         self.base = raw
         self.size = size

@@ -27,7 +27,7 @@ final class RegistrationBudget: Sendable {
     /// RLIMIT_MEMLOCK in bytes; nil when unlimited.
     static func memlockLimit() -> Int? {
         var rl = rlimit()
-        guard getrlimit(Int32(__RLIMIT_MEMLOCK.rawValue), &rl) == 0, rl.rlim_cur != rlim_t.max else { return nil }
+        guard getrlimit(Platform.memlockResource, &rl) == 0, rl.rlim_cur != rlim_t.max else { return nil }
         return Int(clamping: rl.rlim_cur)
     }
 

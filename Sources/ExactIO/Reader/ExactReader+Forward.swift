@@ -1,4 +1,4 @@
-#if canImport(CExactIOLinux)
+#if os(Linux)
 import CExactIOLinux
 #endif
 import SystemPackage
@@ -81,7 +81,7 @@ extension ExactReader {
             throw fail(ExactReadError.incomplete(partial: ByteView(), expected: count - forwarded))
         }
         // 2. The rest, source → pipe → destination.
-        #if canImport(CExactIOLinux)
+        #if os(Linux)
         if oDirectEngine != nil {
             // O_DIRECT reads at the reader's own offsets, not the descriptor's position: through
             // staging (a DMA into registered memory, then the write).
@@ -231,7 +231,7 @@ extension ExactReader {
     static func writeNoSignal(_ fd: FileDescriptor, _ bytes: UnsafeRawBufferPointer, deadline: Int64) -> (count: Int, error: Errno?) {
         var done = 0
         while done < bytes.count {
-            #if canImport(CExactIOLinux)
+            #if os(Linux)
             let n = cexactio_write_nosigpipe(fd.rawValue, bytes.baseAddress! + done, bytes.count - done)
             let e: Errno? = n < 0 ? Errno(rawValue: Int32(-n)) : nil
             #else
@@ -268,7 +268,7 @@ extension ExactReader {
     }
 }
 
-#if canImport(CExactIOLinux)
+#if os(Linux)
 /// The pipe `forward` splices through, made on first use and kept for the reader's lifetime.
 final class SplicePipe {
     let read: Int32

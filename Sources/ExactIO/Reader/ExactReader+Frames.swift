@@ -59,9 +59,11 @@ extension ExactReader {
     /// - Returns: What `body` returned, or nil when the stream ended cleanly before a frame
     ///   started (`body` is not called then).
     /// - Throws: What `readFrame(prefix:)` throws, with the same atomicity (an `Errno` leaves
-    ///   the frame unconsumed, and `body` is not called); or what `body` throws (the frame is
-    ///   consumed then).
-    public func withNextFrame<R>(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> R) throws -> R? {
+    ///   the frame unconsumed, and `body` is not called); or what `body` throws, unchanged (the
+    ///   frame is consumed then). `E` is `body`'s own error type: a closure that throws
+    ///   `throws(MyError)` stays typed inside, and its errors reach the caller as they were
+    ///   thrown (catch them with `catch let e as MyError`, or by pattern).
+    public func withNextFrame<R, E: Error>(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> R) throws -> R? {
         if let bytes = core.takeStagedFrame(prefix) {
             return try lend(bytes) { p in try body(RawSpan(_unsafeBytes: p)) }
         }
@@ -78,9 +80,10 @@ extension ExactReader {
     /// ```
     ///
     /// - Returns: The number of frames `body` was called with.
-    /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    /// - Throws: What `withNextFrame(prefix:_:)` throws (`body`'s errors unchanged, of its own
+    ///   type `E`); the frames before are consumed.
     @discardableResult
-    public func forEachFrame(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Void) throws -> Int {
+    public func forEachFrame<E: Error>(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> Void) throws -> Int {
         try forEachFrame(prefix: prefix) { (frame: RawSpan) throws -> Bool in
             try body(frame)
             return true
@@ -104,10 +107,11 @@ extension ExactReader {
     ///
     /// - Returns: The number of frames `body` was called with (including the one that
     ///   returned false).
-    /// - Throws: What `withNextFrame(prefix:_:)` throws; the frames before are consumed.
+    /// - Throws: What `withNextFrame(prefix:_:)` throws (`body`'s errors unchanged, of its own
+    ///   type `E`); the frames before are consumed.
     @_disfavoredOverload
     @discardableResult
-    public func forEachFrame(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws -> Bool) throws -> Int {
+    public func forEachFrame<E: Error>(prefix: LengthPrefix = .uint32(.bigEndian), _ body: (RawSpan) throws(E) -> Bool) throws -> Int {
         // One loop per common prefix, with the prefix a constant in it: the decoding is a load
         // and a byte swap, not a switch per frame.
         switch prefix {

@@ -4,6 +4,11 @@ import Logging
 
 extension ExactReader {
     /// Which I/O backend a reader uses.
+    ///
+    /// Before 1.0 a backend may be added; a `switch` over a `Backend` should end with
+    /// `@unknown default:` (no warning today; an added case becomes a warning rather than a
+    /// broken build). How a loop waits without io_uring is `IOLoop.EventInterface`, a struct
+    /// that grows without breaking anything.
     public enum Backend: Sendable, Hashable, CustomStringConvertible {
         /// io_uring when a ring can be created, else `read(2)`; the reason is in
         /// `fallbackReason`. The `EXACTIO_BACKEND` environment variable (`posix` or `uring`)
@@ -50,18 +55,21 @@ extension ExactReader {
         /// Added to every decoded length prefix to get the body length, for protocols whose
         /// length counts more (a negative value: a header, a trailing checksum the body
         /// includes) or less (a positive value) than the body that follows the prefix; default
-        /// 0. NIO's `LengthFieldBasedFrameDecoder` and tokio's `LengthDelimitedCodec` call it
-        /// `lengthAdjustment` too. Applies to `readFrame`, `withNextFrame` and `forEachFrame`.
+        /// 0. Netty's `LengthFieldBasedFrameDecoder` calls it `lengthAdjustment` and tokio's
+        /// `LengthDelimitedCodec` `length_adjustment`; swift-nio's `LengthFieldBasedFrameDecoder`
+        /// has no such parameter. Applies to `readFrame`, `withNextFrame` and `forEachFrame`
+        /// (and to `AsyncExactReader`'s frames).
         public var lengthAdjustment: Int
         /// The length prefix counts its own bytes (the body is `length - prefixWidth`, for a
         /// varint the width it was encoded in); default false. Applied with
         /// `lengthAdjustment`. A length that leaves a negative body throws
         /// `ExactReadError.invalidLength`.
         public var lengthIncludesPrefix: Bool
-        /// A logger for what operators may want to see: backend choice and fallback reasons,
-        /// registration refusals, recoveries from failed reads (at `debug`), and large reads
-        /// (at `trace`). Never on a per-frame path above `trace`; nil (the default) logs
-        /// nothing.
+        /// A logger for what operators may want to see. `ExactReader` logs its creation (backend,
+        /// fallback reason, registration refusal) and every error one of its calls throws, at
+        /// `debug`, and its large reads at `trace`. `AsyncExactReader` logs its creation only,
+        /// at `debug` (its errors are not logged). Never on a per-frame path above `trace`; nil
+        /// (the default) logs nothing.
         public var logger: Logger?
         /// Read a regular file with `O_DIRECT`: from the device into the reader's (registered,
         /// aligned) memory, bypassing the page cache, with no CPU copy for block-aligned reads.

@@ -1,4 +1,4 @@
-#if canImport(CExactIOLinux)
+#if os(Linux)
 import CExactIOLinux
 #endif
 import Logging
@@ -57,7 +57,7 @@ public final class ExactReader {
     let setupReason: FallbackReason?
     /// `S_IFMT` bits of the descriptor at creation (0 for a scripted reader).
     let fileType: mode_t
-    #if canImport(CExactIOLinux)
+    #if os(Linux)
     /// The pipe `forward(exactly:to:)` splices through, once it was used.
     var forwardPipe: SplicePipe? = nil
     #endif
@@ -111,7 +111,7 @@ public final class ExactReader {
         self.options = options
         let fileType = setup.fileType
         self.fileType = fileType
-        #if canImport(CExactIOLinux)
+        #if os(Linux)
         let wrapped = syscalls == nil
             ? ODirectEngine.wrap(setup.engine, fd: fd, fileType: fileType, options: options)
             : (engine: setup.engine, direct: nil, reason: nil)
@@ -271,8 +271,12 @@ public final class ExactReader {
     ///   it. The bytes are consumed even when `body` throws.
     ///
     /// When the bytes are already staged and contiguous, `body` gets them where they are: no
-    /// allocation, no copy, no reference counting.
-    public func withExactly<R>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws -> R) throws -> R {
+    /// allocation, no copy, no reference counting. The same bytes as a `RawSpan`, whose
+    /// lifetime the compiler checks: `withExactly(_:_:)` with a closure over `RawSpan`.
+    ///
+    /// - Throws: What `readExactly(_:)` throws (`body` is not called then), or what `body`
+    ///   throws, unchanged (`E`: a closure's own error type passes through).
+    public func withExactly<R, E: Error>(_ count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R) throws -> R {
         precondition(count >= 0, "withExactly: count must not be negative (got \(count))")
         if let bytes = core.takeStaged(count) { return try lend(bytes, body) }
         let view = try readExactly(count)
@@ -281,6 +285,11 @@ public final class ExactReader {
 
     /// Reads between 1 and `maxCount` bytes: what is buffered, or else what one read brings.
     /// Returns an empty view only at end of stream (or when `maxCount` is 0).
+    ///
+    /// - Throws: `Errno` only (the end of the stream is an empty view, not an error):
+    ///   `Errno.noMemory` when memory for the bytes cannot be mapped, `Errno.timedOut` when
+    ///   `Options.readTimeout` passes, and the descriptor's failures. (Not declared
+    ///   `throws(Errno)`: see docs/API-growth.md.)
     public func read(upTo maxCount: Int) throws -> ByteView {
         precondition(maxCount >= 0, "read(upTo:): maxCount must not be negative (got \(maxCount))")
         if maxCount == 0 { return ByteView() }

@@ -1,4 +1,4 @@
-#if canImport(CExactIOLinux)
+#if os(Linux)
 import CExactIOLinux
 import SystemPackage
 
