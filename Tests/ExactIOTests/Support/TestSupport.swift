@@ -268,7 +268,21 @@ func openDescriptorCount() -> Int {
 /// accepted connections, and the listener): counts only what one test made, whatever other
 /// tests running in parallel open and close meanwhile.
 func openSocketsOnLocalPort(_ port: UInt16) -> Int {
+    // /proc/net/tcp is read a page at a time while the kernel's socket table changes: with
+    // sockets opened and closed elsewhere on the machine (another test process, a benchmark) a
+    // read can skip an entry (one CI run saw 0 where the listener was open). A socket missed by
+    // one read is seen by another; inodes are a set, so nothing is counted twice.
     var inodes = Set<String>()
+    for _ in 0..<3 { collectSocketInodes(onLocalPort: port, into: &inodes) }
+    let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+    return fds.filter { fd in
+        guard let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd),
+              link.hasPrefix("socket:[") else { return false }
+        return inodes.contains(String(link.dropFirst(8).dropLast()))
+    }.count
+}
+
+private func collectSocketInodes(onLocalPort port: UInt16, into inodes: inout Set<String>) {
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
         for line in text.split(separator: "\n").dropFirst() {
@@ -278,12 +292,6 @@ func openSocketsOnLocalPort(_ port: UInt16) -> Int {
             inodes.insert(String(f[9]))
         }
     }
-    let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-    return fds.filter { fd in
-        guard let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd),
-              link.hasPrefix("socket:[") else { return false }
-        return inodes.contains(String(link.dropFirst(8).dropLast()))
-    }.count
 }
 
 /// Open descriptors of this process and what they are.
