@@ -414,8 +414,11 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
         })
     }
 
-    /// 9,000 idle readers with a deadline armed: a busy connection on the same loop keeps its
-    /// pace (each turn used to scan every armed deadline: 16.1 M frames/s fell to 1.74 M).
+    /// 9,000 idle readers with a deadline armed: a busy connection on the same loop costs no
+    /// more timer work per turn than with none (each turn used to scan every armed deadline: a
+    /// busy connection's 16.1 M frames/s fell to 1.74 M). Checked as work counted by the loop,
+    /// not as time: a rate measured while the rest of the suite runs on the same two cores is
+    /// noise (a CI run saw an epoll loop at 0.40x with nothing wrong). `bench` measures speed.
     /// Serialized: each case holds 9,000 descriptors, and both at once came near the 20,000 a
     /// process may have (other suites in the same process then met EMFILE).
     @Test(.serialized, arguments: testBackends)
@@ -423,7 +426,9 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
         let loop = try IOLoop(options: .init(backend: backend))
         let dog = watchdog(loop, seconds: 120)
         defer { dog.cancel() }
-        func framesPerSecond() async throws -> Double {
+        /// Reads 100,000 frames of 16 bytes on a fresh connection; returns the loop's counters
+        /// for that stretch (loop turns, timer entries looked at).
+        func busyStretch() async throws -> (turns: Int, examined: Int) {
             let (a, b) = try socketPair(AF_UNIX)
             let body = pattern(16)
             let chunk = [UInt8]((0..<4096).flatMap { _ in frame(body) })
@@ -437,20 +442,20 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
             }
             var reader: AsyncExactReader? = try AsyncExactReader(a, loop: loop)
             for _ in 0..<4096 { _ = try await reader?.readFrame() }  // warm up
-            let t0 = monotonicNanoseconds()
-            var n = 0
-            while monotonicNanoseconds() - t0 < 500_000_000 {
-                for _ in 0..<1024 { _ = try await reader?.readFrame() }
-                n += 1024
+            let s0 = loop.statistics
+            for _ in 0..<100_000 {
+                let f = try await reader?.readFrame()
+                try #require(f?.count == 16)
             }
-            let rate = Double(n) / (Double(monotonicNanoseconds() - t0) / 1e9)
+            let s1 = loop.statistics
             stop.store(true, ordering: .relaxed)
             try a.close()
             reader = nil  // the loop closes its duplicate: the writer's next send fails
             await writer.finished()
-            return rate
+            return (s1.turns - s0.turns, s1.timersExamined - s0.timersExamined)
         }
-        let before = try await framesPerSecond()
+        let before = try await busyStretch()
+        #expect(before.examined == 0, "no timer is armed, yet the loop looked at \(before.examined)")
         // 9,000 readers of one idle socket (each holds a duplicate of it), each waiting with a
         // 60 s deadline armed.
         let (idle, idlePeer) = try socketPair(AF_UNIX)
@@ -467,13 +472,12 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
             }
         }
         try await Task.sleep(for: .seconds(2))
-        let after = try await framesPerSecond()
-        print("busy connection (\(backend), \(loop.eventInterface.map { "\($0)" } ?? "io_uring")): \(Int(before)) frames/s alone, \(Int(after)) with 9,000 armed deadlines")
-        // On poll(2) (EXACTIO_EVENTS=poll) every wait also passes the 9,000 watched descriptors
-        // to the kernel, whatever the deadlines cost: measured 0.45-0.5 of the rate alone. The
-        // bound there still catches a deadline scan per turn (that cost 9 x).
-        let bound = loop.eventInterface == .poll ? before / 4 : before / 2
-        #expect(after >= bound, "\(Int(before)) frames/s fell to \(Int(after)) with 9,000 deadlines armed")
+        let after = try await busyStretch()
+        print("busy connection (\(backend), \(loop.eventInterface.map { "\($0)" } ?? "io_uring")): 100,000 frames in \(before.turns) turns alone, \(after.turns) with 9,000 deadlines armed; \(after.examined) timer entries looked at")
+        // Armed timers are looked at (the nearest, once a turn), but not all of them: one a turn
+        // and those that fire (none here), whatever the number armed (a scan: 9,000 a turn).
+        #expect(after.examined >= 1, "9,000 deadlines are armed, yet the loop never looked at one")
+        #expect(after.examined <= after.turns + 16, "\(after.examined) timer entries looked at in \(after.turns) turns with 9,000 deadlines armed")
         await loop.shutdown()
         waiting.cancel()
         _ = try? await waiting.value

@@ -313,12 +313,41 @@ struct ReaderCore<Buffer: CoreBuffer> {
     func stagedFrameBounds<D: PrefixDecoder>(_ decoder: D) -> (bytes: UnsafeRawBufferPointer, width: Int, count: Int)? {
         guard largeRead == nil, !skippingVarint else { return nil }
         let bytes = buffer.contiguousReadable
-        guard case .length(let length, let width) = decoder.scan(bytes), length <= UInt64(maxFrameLength) else { return nil }
+        guard case .length(let length, let width) = decoder.scan(bytes),
+            let count = fastBodyLength(length, width: width, available: bytes.count)
+        else { return nil }
+        return (bytes, width, count)
+    }
+
+    /// The body length a prefix announces when it is within the limits and `available` bytes
+    /// (prefix included) hold the whole frame; nil when the slow path must decide.
+    @inline(__always)
+    private func fastBodyLength(_ length: UInt64, width: Int, available: Int) -> Int? {
+        guard length <= UInt64(maxFrameLength) else { return nil }
         // No overflow trap: a wrapped (negative) count goes to the slow path, which computes it
         // exactly and refuses it.
         let count = Int(length) &+ lengthAdjustment &- (lengthIncludesPrefix ? width : 0)
-        guard count >= 0, count <= maxFrameLength, count <= bytes.count &- width else { return nil }
-        return (bytes, width, count)
+        guard count >= 0, count <= maxFrameLength, count <= available &- width else { return nil }
+        return count
+    }
+
+    /// The prefix width and body length of the next frame when all of it is buffered, in one
+    /// run or across segments (a loop reader's frame that spans two receive buffers); nil when
+    /// the slow path must decide, as for `stagedFrameBounds`.
+    func bufferedFrameBounds<D: PrefixDecoder>(_ decoder: D) -> (width: Int, count: Int)? {
+        guard largeRead == nil, !skippingVarint else { return nil }
+        guard case .length(let length, let width) = scanPrefix(decoder),
+            let count = fastBodyLength(length, width: width, available: buffer.buffered)
+        else { return nil }
+        return (width, count)
+    }
+
+    /// Consumes the frame `bufferedFrameBounds` found, its body copied to `dst` (`count` bytes
+    /// of room): one copy, counted in `bytesCopied`.
+    mutating func takeBufferedFrame(width: Int, count: Int, into dst: UnsafeMutableRawPointer) {
+        buffer.consume(width)
+        _ = copyOut(into: dst, max: count)
+        statistics.bytesDelivered &+= count
     }
 
     /// The body length a decoded prefix announces, after `lengthAdjustment` and

@@ -244,8 +244,24 @@ public final class AsyncExactReader {
         // Safety: `owner` keeps the frame's received memory (a receive buffer goes back to the
         // kernel when its last holder goes) until `body` returns; the bytes are consumed.
         let owner = core.buffer.firstOwner
-        guard let bytes = core.takeStagedFrame(decoder) else { return nil }
+        guard let bytes = core.takeStagedFrame(decoder) else { return try lendGatheredFrame(decoder, body) }
         return Lent(value: try withExtendedLifetime(owner) { try body(RawSpan(_unsafeBytes: bytes)) })
+    }
+
+    /// Frames received whole but across receive buffers, up to this size, are lent from a copy
+    /// on the stack (above it, `readFrame` copies them into memory of their own).
+    static let gatherLimit = 16 << 10
+
+    /// The next frame lent when it is received whole but spans receive buffers and is at most
+    /// `gatherLimit` bytes: its body copied once into temporary (stack) memory and lent from
+    /// there, so that lending received frames never allocates. Nil otherwise.
+    private func lendGatheredFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
+        guard let (width, count) = core.bufferedFrameBounds(decoder), count <= Self.gatherLimit else { return nil }
+        return try withUnsafeTemporaryAllocation(byteCount: max(count, 1), alignment: 16) { scratch in
+            // Safety: `scratch` has room for `count` bytes and lives until `body` returns.
+            core.takeBufferedFrame(width: width, count: count, into: scratch.baseAddress.unsafelyUnwrapped)
+            return Lent(value: try body(RawSpan(_unsafeBytes: UnsafeRawBufferPointer(rebasing: scratch[0..<count]))))
+        }
     }
 
     private struct Lent<T> {

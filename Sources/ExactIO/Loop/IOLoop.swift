@@ -131,6 +131,11 @@ public final class IOLoop: @unchecked Sendable {
         /// Send requests submitted (io_uring) or `sendmsg(2)` calls (epoll), for every
         /// `AsyncExactWriter` on the loop.
         public var sends = 0
+        /// Timer entries the loop looked at when firing timers (internal, for tests: a turn
+        /// must not cost work in proportion to the deadlines armed by idle readers).
+        var timersExamined = 0
+        /// Loop turns (internal, for tests; a turn may or may not wait in the kernel).
+        var turns = 0
         /// All counters at zero.
         public init() {}
     }
@@ -160,6 +165,9 @@ public final class IOLoop: @unchecked Sendable {
     private let stats = Locked(Statistics())
     /// The loop thread's own counters, published to `stats` once per turn.
     private var localStats = Statistics()
+    /// Receive buffers given back, as the loop's thread takes them (see
+    /// `ReceivePool.takeReturned(into:)`).
+    private var returnedBuffers: [UInt16] = []
     private let wakeups = Atomic<Int>(0)
     private let loopThreadID = Atomic<UInt>(0)
     private var thread: pthread_t? = nil
@@ -189,6 +197,7 @@ public final class IOLoop: @unchecked Sendable {
         let waker = try Waker(kind: readiness.interface.wakerKind)
         self.waker = waker
         self.pool = try ReceivePool(count: count, size: size, wake: { waker.wake() })
+        returnedBuffers.reserveCapacity(count)
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         do {
             try start()
@@ -215,6 +224,7 @@ public final class IOLoop: @unchecked Sendable {
         let waker = try Waker()
         self.waker = waker
         self.pool = try ReceivePool(count: max(16, options.receiveBufferCount), size: max(4096, options.receiveBufferSize), wake: {})
+        returnedBuffers.reserveCapacity(pool.count)
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         self.manual = harness
         let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
@@ -230,7 +240,8 @@ public final class IOLoop: @unchecked Sendable {
             return box.commands
         }
         for command in commands { driver.handle(command) }
-        driver.giveBack(pool.takeReturned())
+        pool.takeReturned(into: &returnedBuffers)
+        driver.giveBack(returnedBuffers)
         driver.turn(block: false)
     }
 
@@ -493,7 +504,8 @@ public final class IOLoop: @unchecked Sendable {
                     driver.handle(command)
                 }
             }
-            driver.giveBack(pool.takeReturned())
+            pool.takeReturned(into: &returnedBuffers)
+            driver.giveBack(returnedBuffers)
             for job in jobs { job.runSynchronously(on: asUnownedTaskExecutor()) }
             if shutdownWaiter != nil && driver.isDrained { break }
 

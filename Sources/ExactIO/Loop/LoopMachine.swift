@@ -605,7 +605,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     private func fireTimers() {
         guard timers.nearest != nil else { return }
         let now = now()
+        var examined = 1  // the nearest, above
+        defer { count { $0.timersExamined += examined } }
         while let (when, timer) = timers.popExpired(now: now) {
+            examined += 1
             switch timer {
             case .deadline(let c):
                 guard c.timerAt == when else { continue }  // stale: a later one replaced it
@@ -643,6 +646,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         let error = backend.turn(timeout: timeout, resolve: entry, into: &completions)
         let counters = backend.takeCounters()
         count { s in
+            s.turns += 1
             s.enters += counters.enters
             s.completions += counters.completions
             s.reads += counters.reads

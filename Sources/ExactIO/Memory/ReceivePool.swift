@@ -18,7 +18,9 @@ final class ReceivePool: @unchecked Sendable {
     let base: UnsafeMutableRawPointer
     let size: Int
     let count: Int
-    private let returned = Locked<[UInt16]>([])
+    /// Room for every buffer from the start: giving one back (on whatever thread lets go of
+    /// it, a reader's included) never allocates.
+    private let returned: Locked<[UInt16]>
     /// Set while some connection waits for buffers (ENOBUFS): a returned buffer then wakes the
     /// loop, which would otherwise sleep with nothing to receive into.
     let starved = Atomic<Bool>(false)
@@ -35,6 +37,9 @@ final class ReceivePool: @unchecked Sendable {
         self.size = size
         self.count = count
         self.wake = wake
+        var room = [UInt16]()
+        room.reserveCapacity(count)
+        self.returned = Locked(room)
     }
 
     deinit {
@@ -59,13 +64,11 @@ final class ReceivePool: @unchecked Sendable {
         if starved.load(ordering: .acquiring) { wake() }
     }
 
-    /// The buffers given back since the last call (the loop's thread).
-    func takeReturned() -> [UInt16] {
-        returned.withLock { r in
-            let out = r
-            r.removeAll(keepingCapacity: true)
-            return out
-        }
+    /// The buffers given back since the last call, in `out` (the loop's thread). The arrays
+    /// are swapped, not copied: with room for every buffer in `out`, neither side allocates.
+    func takeReturned(into out: inout [UInt16]) {
+        out.removeAll(keepingCapacity: true)
+        returned.withLock { r in swap(&r, &out) }
     }
 }
 
