@@ -9,7 +9,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#ifdef EXACTIO_URING
 #include <liburing.h>
+#endif
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -420,6 +422,7 @@ out:
 	return ret;
 }
 
+#ifdef EXACTIO_URING
 /* ---- SEND vs SEND_ZC --------------------------------------------------------------------- */
 
 static double zc_now(clockid_t clock)
@@ -588,3 +591,14 @@ out:
 		close(l);
 	return ret;
 }
+#else
+/* Built without the io_uring part (the IOUring trait off): nothing to measure. */
+int exio_zc_measure(uint64_t size, int64_t total, int mode, exio_zc_result *out)
+{
+	(void)size;
+	(void)total;
+	(void)mode;
+	memset(out, 0, sizeof(*out));
+	return -ENOSYS;
+}
+#endif
