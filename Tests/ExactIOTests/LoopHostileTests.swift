@@ -442,12 +442,12 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
             }
             var reader: AsyncExactReader? = try AsyncExactReader(a, loop: loop)
             for _ in 0..<4096 { _ = try await reader?.readFrame() }  // warm up
-            let s0 = loop.statistics
+            let s0 = loop.work
             for _ in 0..<100_000 {
                 let f = try await reader?.readFrame()
                 try #require(f?.count == 16)
             }
-            let s1 = loop.statistics
+            let s1 = loop.work
             stop.store(true, ordering: .relaxed)
             try a.close()
             reader = nil  // the loop closes its duplicate: the writer's next send fails

@@ -97,7 +97,7 @@ extension IOLoop {
 
     /// The loop's machine over its readiness backend (epoll or poll(2)), for a loop that does
     /// not run on io_uring. On the loop's thread.
-    func makeReadinessDriver(count: @escaping ((inout Statistics) -> Void) -> Void) throws -> any LoopDriving {
+    func makeReadinessDriver(count: @escaping ((inout Counts) -> Void) -> Void) throws -> any LoopDriving {
         switch readiness.interface.kind {
         case .epoll:
             #if os(Linux)
@@ -111,7 +111,7 @@ extension IOLoop {
     }
 
     /// The loop's state machine over `backend`, with the loop's pools, waker and logger.
-    func makeMachine<B: LoopBackend>(_ backend: B, count: @escaping ((inout Statistics) -> Void) -> Void) -> LoopMachine<B> {
+    func makeMachine<B: LoopBackend>(_ backend: B, count: @escaping ((inout Counts) -> Void) -> Void) -> LoopMachine<B> {
         let machine = LoopMachine(backend: backend, pool: pool, framePool: framePool, waker: waker, count: count)
         machine.logger = options.logger
         return machine

@@ -131,13 +131,18 @@ public final class IOLoop: @unchecked Sendable {
         /// Send requests submitted (io_uring) or `sendmsg(2)` calls (epoll), for every
         /// `AsyncExactWriter` on the loop.
         public var sends = 0
-        /// Timer entries the loop looked at when firing timers (internal, for tests: a turn
-        /// must not cost work in proportion to the deadlines armed by idle readers).
-        var timersExamined = 0
-        /// Loop turns (internal, for tests; a turn may or may not wait in the kernel).
-        var turns = 0
         /// All counters at zero.
         public init() {}
+    }
+
+    /// The public counters and the loop's internal ones (for tests: the work a turn costs).
+    struct Counts: Sendable {
+        var statistics = Statistics()
+        /// Loop turns (a turn may or may not wait in the kernel).
+        var turns = 0
+        /// Timer entries looked at when firing timers: a turn must not cost work in
+        /// proportion to the deadlines idle readers have armed.
+        var timersExamined = 0
     }
 
     /// The backend in use after any fallback: `.ioUring` or `.posix` (readiness: see
@@ -162,9 +167,9 @@ public final class IOLoop: @unchecked Sendable {
     private(set) weak var manual: LoopHarness? = nil
     private let inbox = Locked(Inbox())
     private let sleeping = Atomic<Bool>(false)
-    private let stats = Locked(Statistics())
+    private let stats = Locked(Counts())
     /// The loop thread's own counters, published to `stats` once per turn.
-    private var localStats = Statistics()
+    private var localStats = Counts()
     /// Receive buffers given back, as the loop's thread takes them (see
     /// `ReceivePool.takeReturned(into:)`).
     private var returnedBuffers: [UInt16] = []
@@ -227,7 +232,7 @@ public final class IOLoop: @unchecked Sendable {
         returnedBuffers.reserveCapacity(pool.count)
         self.framePool = MemoryPool(registrar: nil, registrationLimit: nil)
         self.manual = harness
-        let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
+        let count: ((inout Counts) -> Void) -> Void = { [unowned self] body in self.count(body) }
         driver = LoopMachine(backend: harness.backend, pool: pool, framePool: framePool, waker: waker, now: { [clock = harness.clock] in clock.now() }, count: count)
         backend = .posix
     }
@@ -257,7 +262,7 @@ public final class IOLoop: @unchecked Sendable {
     /// io_uring is not used, if it is not. On the loop's thread.
     func makeDriver() throws -> (any LoopDriving, String?) {
         let (wanted, forced, note) = BackendSelection.resolve(options.backend, environment: ExactReader.processEnvironment())
-        let count: ((inout Statistics) -> Void) -> Void = { [unowned self] body in self.count(body) }
+        let count: ((inout Counts) -> Void) -> Void = { [unowned self] body in self.count(body) }
         func readinessDriver(_ reason: String?) throws -> (any LoopDriving, String?) {
             let why = [reason, readiness.note].compactMap { $0 }
             return (try makeReadinessDriver(count: count), why.isEmpty ? nil : why.joined(separator: "; "))
@@ -327,14 +332,19 @@ public final class IOLoop: @unchecked Sendable {
 
     /// The loop's counters.
     public var statistics: Statistics {
-        var s = stats.withLock { $0 }
+        var s = stats.withLock { $0.statistics }
         s.wakeups = wakeups.load(ordering: .relaxed)
         return s
     }
 
+    /// The loop's internal work counters (tests): turns, timer entries looked at.
+    var work: (turns: Int, timersExamined: Int) {
+        stats.withLock { ($0.turns, $0.timersExamined) }
+    }
+
     /// Counts on the loop's thread (published once per turn).
     @inline(__always)
-    func count(_ body: (inout Statistics) -> Void) {
+    func count(_ body: (inout Counts) -> Void) {
         body(&localStats)
     }
 

@@ -31,7 +31,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     let framePool: MemoryPool
     let waker: Waker
     /// Counts what the machine and its backend do (the loop publishes them once per turn).
-    let count: ((inout IOLoop.Statistics) -> Void) -> Void
+    let count: ((inout IOLoop.Counts) -> Void) -> Void
     /// The clock (CLOCK_MONOTONIC ns); the fuzz harness plays it.
     let now: () -> Int64
 
@@ -58,7 +58,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
     static var acceptsInFlight: Int { 16 }
 
     init(backend: Backend, pool: ReceivePool, framePool: MemoryPool, waker: Waker,
-         now: @escaping () -> Int64 = monotonicNanoseconds, count: @escaping ((inout IOLoop.Statistics) -> Void) -> Void) {
+         now: @escaping () -> Int64 = monotonicNanoseconds, count: @escaping ((inout IOLoop.Counts) -> Void) -> Void) {
         self.backend = backend
         self.pool = pool
         self.framePool = framePool
@@ -375,7 +375,7 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
                 c.finishReceiving(eof: false, error: e)
             }
         case .noBuffers:
-            count { $0.starvations += 1 }
+            count { $0.statistics.starvations += 1 }
             if !pool.starved.exchange(true, ordering: .acquiringAndReleasing) {
                 // Received bytes queued for readers that are not reading leave the shared buffers.
                 for case .connection(let other)? in entries { other.evacuate() }
@@ -647,10 +647,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         let counters = backend.takeCounters()
         count { s in
             s.turns += 1
-            s.enters += counters.enters
-            s.completions += counters.completions
-            s.reads += counters.reads
-            s.sends += counters.sends
+            s.statistics.enters += counters.enters
+            s.statistics.completions += counters.completions
+            s.statistics.reads += counters.reads
+            s.statistics.sends += counters.sends
         }
         if let error {
             completions.removeAll(keepingCapacity: true)
