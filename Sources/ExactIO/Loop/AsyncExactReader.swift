@@ -242,6 +242,7 @@ public final class AsyncExactReader {
 
     /// The next frame lent in place when it is received in one piece: `body`'s result (boxed,
     /// so that an optional result is not mistaken for "no frame"), or nil.
+    @inline(__always)
     private func lendStagedFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
         guard core.buffer.buffered > 0 else { return nil }
         // Safety: `owner` keeps the frame's received memory (a receive buffer goes back to the
