@@ -112,6 +112,8 @@ func check(_ ok: Bool, _ what: @autoclosure () -> String) throws {
 protocol FuzzedReader: AnyObject {
     func readExactly(_ count: Int) throws -> ByteView
     func readFrame(prefix: LengthPrefix) throws -> ByteView?
+    /// `withNextFrame`, the lent bytes copied out.
+    func lendFrame(prefix: LengthPrefix) throws -> [UInt8]?
     func read(upTo maxCount: Int) throws -> ByteView
     func skip(_ count: Int) throws
     func bytes(_ count: Int) throws -> [UInt8]
@@ -134,6 +136,9 @@ final class BlockingUnderTest: FuzzedReader {
     }
     func readExactly(_ count: Int) throws -> ByteView { try reader.readExactly(count) }
     func readFrame(prefix: LengthPrefix) throws -> ByteView? { try reader.readFrame(prefix: prefix) }
+    func lendFrame(prefix: LengthPrefix) throws -> [UInt8]? {
+        try reader.withNextFrame(prefix: prefix) { span in span.withUnsafeBytes { Array($0) } }
+    }
     func read(upTo maxCount: Int) throws -> ByteView { try reader.read(upTo: maxCount) }
     func skip(_ count: Int) throws { try reader.skip(count) }
     func bytes(_ count: Int) throws -> [UInt8] { try reader.withExactly(count) { Array($0) } }
@@ -151,6 +156,7 @@ final class LoopCoreUnderTest: FuzzedReader {
     init(_ harness: LoopHarness) { self.harness = harness }
     func readExactly(_ count: Int) throws -> ByteView { try harness.readExactly(count) }
     func readFrame(prefix: LengthPrefix) throws -> ByteView? { try harness.readFrame(prefix: prefix) }
+    func lendFrame(prefix: LengthPrefix) throws -> [UInt8]? { try harness.withNextFrame(prefix: prefix) }
     func read(upTo maxCount: Int) throws -> ByteView { try harness.read(upTo: maxCount) }
     func skip(_ count: Int) throws { try harness.skip(count) }
     func bytes(_ count: Int) throws -> [UInt8] { Array(try harness.readExactly(count)) }
@@ -331,7 +337,10 @@ func runOne(_ data: [UInt8], trace: ((String) -> Void)? = nil) throws {
                 framePrefix = prefix
                 if prefix != .varint { varintSkip = false }
                 do {
-                    if let f = try reader.readFrame(prefix: prefix) {
+                    // A frame not kept is lent (withNextFrame) half the time: the borrowing
+                    // path, with its in-place and gathered cases, against the same stream.
+                    let lend = op & 0x80 == 0 && op & 0x40 != 0
+                    if let f = try lend ? reader.lendFrame(prefix: prefix).map({ ByteView($0) }) : reader.readFrame(prefix: prefix) {
                         guard let (len, w) = decodePrefix(prefix, at: pos) else { throw InvariantFailure(description: "frame without a complete prefix") }
                         try check(UInt64(f.count) == len, "frame length \(f.count) vs prefix \(len)")
                         try expectAt(f, pos + w)

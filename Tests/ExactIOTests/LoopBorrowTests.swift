@@ -138,4 +138,39 @@ import Testing
         #expect(allocations.min() == 0, "\(allocations) allocations for \(count) received frames on each of three connections")
         await loop.shutdown()
     }
+
+    /// A frame already received but not in one piece is lent without the slow path's heap
+    /// copy, and with no copy at all when only its prefix spans two receive buffers. The
+    /// harness cuts the stream where the test says, each segment in its receive buffer apart
+    /// from the last (never continuing it): the first call reads frame A and receives frame B
+    /// with it, cut `cut` bytes into B, so the second call finds B buffered in two pieces.
+    @Test(arguments: [
+        (cut: 2, body: 3000, copied: 0),  // the prefix cut 2 + 2: the body lent in place
+        (cut: 4 + 300, body: 800, copied: 800),  // the body cut, under 1 KiB: a stack copy
+        (cut: 4 + 1000, body: 3000, copied: 3000),  // the body cut, over 1 KiB: readFrame's copy
+        (cut: 2, body: 0, copied: 0),  // an empty body after a prefix cut 2 + 2
+    ])
+    func framesCutAcrossReceiveBuffersAreLentWhole(cut: Int, body: Int, copied: Int) throws {
+        let a = pattern(100, seed: 1)
+        let b = pattern(body, seed: 2)
+        let stream = frame(a) + frame(b)
+        let first = frame(a).count + cut
+        var waits = 0
+        let harness = try LoopHarness(
+            stream: stream, stagingCapacity: 256 << 10, maxFrameLength: 1 << 20,
+            onWait: { _ in
+                waits += 1
+                return waits == 1 ? .segments([first, stream.count - first]) : .end
+            },
+            onLargeRead: { capacity, _ in .progress(capacity) })
+        harness.interleaveSegments = true
+        #expect(try harness.withNextFrame(prefix: .uint32(.bigEndian)) == a)
+        #expect(harness.bufferedCount == 4 + body, "frame B is all received before the call")
+        let before = harness.statistics
+        #expect(try harness.withNextFrame(prefix: .uint32(.bigEndian)) == b)
+        let after = harness.statistics
+        #expect(after.bytesCopied - before.bytesCopied == copied)
+        #expect(after.bytesDelivered - before.bytesDelivered == body)
+        #expect(try harness.withNextFrame(prefix: .uint32(.bigEndian)) == nil)
+    }
 }

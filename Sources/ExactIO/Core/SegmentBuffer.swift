@@ -241,6 +241,17 @@ struct SegmentBuffer: CoreBuffer {
         return copied
     }
 
+    /// How many bytes lie in one run from `offset` (counted from the first buffered byte) to
+    /// the end of the segment that holds it; 0 past the buffered bytes.
+    func run(at offset: Int) -> Int {
+        var skip = offset
+        for s in queue.live {
+            if skip < s.count { return s.count - skip }
+            skip -= s.count
+        }
+        return 0
+    }
+
     var contiguousReadable: UnsafeRawBufferPointer {
         guard queue.bytes > 0 else { return UnsafeRawBufferPointer(start: nil, count: 0) }
         let s = queue.first

@@ -244,26 +244,38 @@ public final class AsyncExactReader {
     /// so that an optional result is not mistaken for "no frame"), or nil.
     @inline(__always)
     private func lendStagedFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
-        guard core.buffer.buffered > 0 else { return nil }
+        guard core.buffer.buffered > 0, core.brokenError == nil else { return nil }
         // Safety: `owner` keeps the frame's received memory (a receive buffer goes back to the
         // kernel when its last holder goes) until `body` returns; the bytes are consumed.
         let owner = core.buffer.firstOwner
-        guard let bytes = core.takeStagedFrame(decoder) else { return try lendGatheredFrame(decoder, body) }
+        guard let bytes = core.takeStagedFrame(decoder) else { return try lendSplitFrame(decoder, body) }
         return Lent(value: try withExtendedLifetime(owner) { try body(RawSpan(_unsafeBytes: bytes)) })
     }
 
-    /// Frames received whole but across receive buffers, up to this size, are lent from a copy
-    /// on the stack (above it, `readFrame` copies them into memory of their own).
-    static let gatherLimit = 16 << 10
+    /// Bodies up to this size that span receive buffers are lent from a copy on the stack
+    /// (Swift's temporary allocations are on the stack up to 1 KiB; above it they would be a
+    /// heap allocation, as `readFrame`'s copy is).
+    static let gatherLimit = 1024
 
-    /// The next frame lent when it is received whole but spans receive buffers and is at most
-    /// `gatherLimit` bytes: its body copied once into temporary (stack) memory and lent from
-    /// there, so that lending received frames never allocates. Nil otherwise.
-    private func lendGatheredFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
-        guard let (width, count) = core.bufferedFrameBounds(decoder), count <= Self.gatherLimit else { return nil }
+    /// The next frame lent when it is received whole but not in one run (the fast path above
+    /// declined): a body in one receive buffer after a prefix that spans two is lent in place;
+    /// a body that spans buffers, of at most `gatherLimit` bytes, is copied once to the stack
+    /// and lent from there (no allocation). Nil otherwise (`readFrame` decides).
+    private func lendSplitFrame<D: PrefixDecoder, R>(_ decoder: D, _ body: (RawSpan) throws -> R) rethrows -> Lent<R>? {
+        guard let (width, count) = core.bufferedFrameBounds(decoder) else { return nil }
+        if core.buffer.run(at: width) >= count {
+            core.takeBufferedPrefix(width)
+            // Safety: as in `lendStagedFrame`, the body's receive buffer is held until `body`
+            // returns (its owner is the first segment's once the prefix is consumed).
+            let owner = core.buffer.firstOwner
+            let bytes = core.takeStagedBody(count)
+            return Lent(value: try withExtendedLifetime(owner) { try body(RawSpan(_unsafeBytes: bytes)) })
+        }
+        guard count <= Self.gatherLimit else { return nil }
         return try withUnsafeTemporaryAllocation(byteCount: max(count, 1), alignment: 16) { scratch in
             // Safety: `scratch` has room for `count` bytes and lives until `body` returns.
-            core.takeBufferedFrame(width: width, count: count, into: scratch.baseAddress.unsafelyUnwrapped)
+            core.takeBufferedPrefix(width)
+            core.copyBufferedBody(count, into: scratch.baseAddress.unsafelyUnwrapped)
             return Lent(value: try body(RawSpan(_unsafeBytes: UnsafeRawBufferPointer(rebasing: scratch[0..<count]))))
         }
     }

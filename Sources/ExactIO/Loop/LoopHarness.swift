@@ -108,6 +108,10 @@ public final class LoopHarness: @unchecked Sendable {
     public func readFrame(prefix: LengthPrefix) throws -> ByteView? { try call { try await $0.readFrame(prefix: prefix) } }
     public func read(upTo maxCount: Int) throws -> ByteView { try call { try await $0.read(upTo: maxCount) } }
     public func skip(_ count: Int) throws { try call { try await $0.skip(count) } }
+    /// `withNextFrame`, the lent bytes copied out.
+    public func withNextFrame(prefix: LengthPrefix) throws -> [UInt8]? {
+        try call { try await $0.withNextFrame(prefix: prefix) { span in span.withUnsafeBytes { Array($0) } } }
+    }
     public func readExactly(into buffer: UnsafeMutableRawBufferPointer) throws {
         nonisolated(unsafe) let buffer = buffer
         try call { try await $0.readExactly(into: buffer) }
