@@ -177,7 +177,9 @@ public final class AsyncExactReader {
 
     /// Reads the next length-prefixed frame and lends its body to `body` as a `RawSpan`; as
     /// `ExactReader.withNextFrame(prefix:_:)`: when the frame is already received in one piece
-    /// (the common case for small frames), no view, allocation, copy or reference counting.
+    /// (the common case for small frames), no view, allocation, copy or reference counting. A
+    /// received frame whose body spans two receive buffers is lent from one copy of the body
+    /// (`statistics.bytesCopied`): on the stack up to 1 KiB, in memory of its own above.
     ///
     /// - Returns: What `body` returned, or nil at a clean end of stream before a frame.
     /// - Throws: What `readFrame(prefix:)` throws (the frame is then not consumed, and `body`
