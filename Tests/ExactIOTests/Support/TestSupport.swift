@@ -264,34 +264,25 @@ func openDescriptorCount() -> Int {
     (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? -1
 }
 
-/// Descriptors of this process that are TCP sockets with local port `port` (a listener's
-/// accepted connections, and the listener): counts only what one test made, whatever other
-/// tests running in parallel open and close meanwhile.
+/// This process's open sockets whose local address has `port` (a listener and the connections
+/// it accepted): each descriptor asked with getsockname(2). (Reading the kernel's socket tables
+/// in /proc/net/tcp instead missed sockets while other processes' connections came and went:
+/// CI runs saw 0 where the listener was open.)
 func openSocketsOnLocalPort(_ port: UInt16) -> Int {
-    // /proc/net/tcp is read a page at a time while the kernel's socket table changes: with
-    // sockets opened and closed elsewhere on the machine (another test process, a benchmark) a
-    // read can skip an entry (one CI run saw 0 where the listener was open). A socket missed by
-    // one read is seen by another; inodes are a set, so nothing is counted twice.
-    var inodes = Set<String>()
-    for _ in 0..<3 { collectSocketInodes(onLocalPort: port, into: &inodes) }
     let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-    return fds.filter { fd in
-        guard let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd),
-              link.hasPrefix("socket:[") else { return false }
-        return inodes.contains(String(link.dropFirst(8).dropLast()))
-    }.count
-}
-
-private func collectSocketInodes(onLocalPort port: UInt16, into inodes: inout Set<String>) {
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
-        for line in text.split(separator: "\n").dropFirst() {
-            let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard f.count > 9, let colon = f[1].lastIndex(of: ":"),
-                  UInt16(f[1][f[1].index(after: colon)...], radix: 16) == port else { continue }
-            inodes.insert(String(f[9]))
+    return fds.compactMap { Int32($0) }.filter { fd in
+        var address = sockaddr_storage()
+        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
+        let named = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
         }
-    }
+        guard named == 0 else { return false }  // not a socket (or closed since the listing)
+        switch Int32(address.ss_family) {
+        case AF_INET: return withUnsafeBytes(of: address) { $0.load(as: sockaddr_in.self) }.sin_port == port.bigEndian
+        case AF_INET6: return withUnsafeBytes(of: address) { $0.load(as: sockaddr_in6.self) }.sin6_port == port.bigEndian
+        default: return false
+        }
+    }.count
 }
 
 /// Open descriptors of this process and what they are.

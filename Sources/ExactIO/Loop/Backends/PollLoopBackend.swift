@@ -107,8 +107,12 @@ final class PollLoopBackend: LoopBackend {
         prepare(c)
         if case .own(let region, let offset, let count) = target {
             c.kernel.ownTarget = (region, offset, count)
-        } else {
+            c.kernel.receiveLimit = 0
+        } else if case .shared(let limit) = target {
             c.kernel.ownTarget = nil
+            // Each read at most the limit, as on epoll: after a large frame only its next
+            // prefix, not the start of the next body.
+            c.kernel.receiveLimit = UInt32(clamping: max(limit, 0))
         }
         c.kernel.receiveArmed = true
         if c.kernel.epollInterest != .receive { setInterest(c, .receive) }
@@ -340,7 +344,8 @@ final class PollLoopBackend: LoopBackend {
             currentOffset = 0
         }
         let buffer = current!
-        let n = readNow(c, buffer.base + currentOffset, pool.size - currentOffset)
+        let room = pool.size - currentOffset
+        let n = readNow(c, buffer.base + currentOffset, c.kernel.receiveLimit > 0 ? min(room, Int(c.kernel.receiveLimit)) : room)
         if n > 0 {
             out.append(.received(c, .shared(Segment(owner: buffer, base: buffer.base, start: currentOffset, end: currentOffset + n)), .more))
             currentOffset += n
