@@ -457,21 +457,27 @@ func acceptFloodChild(_ backend: ExactReader.Backend) async throws {
         let before = try await busyStretch()
         #expect(before.examined == 0, "no timer is armed, yet the loop looked at \(before.examined)")
         // 9,000 readers of one idle socket (each holds a duplicate of it), each waiting with a
-        // 60 s deadline armed.
+        // 10-minute deadline armed (none fires while the test runs, however slowly).
         let (idle, idlePeer) = try socketPair(AF_UNIX)
         defer { try? idle.close(); try? idlePeer.close() }
         let waiting = Task {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for _ in 0..<9000 {
                     group.addTask {
-                        let r = try AsyncExactReader(idle, loop: loop, options: .init(readTimeout: .seconds(60)))
+                        let r = try AsyncExactReader(idle, loop: loop, options: .init(readTimeout: .seconds(600)))
                         _ = try? await r.readFrame()
                     }
                 }
                 try await group.waitForAll()
             }
         }
-        try await Task.sleep(for: .seconds(2))
+        // Until every reader has armed its deadline (seconds under a sanitizer, where 2 s of
+        // waiting once left none armed).
+        let armBy = monotonicNanoseconds() + 90_000_000_000
+        while loop.work.timersHeld < 9000 && monotonicNanoseconds() < armBy {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        try #require(loop.work.timersHeld >= 9000, "\(loop.work.timersHeld) of 9,000 deadlines armed")
         let after = try await busyStretch()
         print("busy connection (\(backend), \(loop.eventInterface.map { "\($0)" } ?? "io_uring")): 100,000 frames in \(before.turns) turns alone, \(after.turns) with 9,000 deadlines armed; \(after.examined) timer entries looked at")
         // Armed timers are looked at (the nearest, once a turn), but not all of them: one a turn

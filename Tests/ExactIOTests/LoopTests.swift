@@ -566,7 +566,9 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
         let (a, b) = try socketPair(AF_UNIX)
         let (busyRead, busyWrite) = try socketPair(AF_UNIX)
         defer { for fd in [a, b, busyRead, busyWrite] { try? fd.close() } }
-        let reader = try AsyncExactReader(a, loop: loop, options: .init(readTimeout: .milliseconds(200)))
+        // 500 ms: a 20 ms wait must not come near it however loaded the machine (200 ms once
+        // timed out while a 9,000-descriptor poll(2) loop of another test hogged the cores).
+        let reader = try AsyncExactReader(a, loop: loop, options: .init(readTimeout: .milliseconds(500)))
         // Another connection keeps the loop turning past the first call's deadline.
         let busy = try AsyncExactReader(busyRead, loop: loop)
         for round in 0..<5 {
@@ -576,10 +578,10 @@ func connectedPairs(_ transport: Transport, _ n: Int) throws -> [(FileDescriptor
             }
             #expect(Array(try await reader.readExactly(1)) == [UInt8(round)])
             await late.finished()
-            for k in 0..<30 {  // 300 ms of traffic elsewhere: the 200 ms deadline passes
+            for k in 0..<30 {  // 600 ms of traffic elsewhere: the 500 ms deadline passes
                 try send(busyWrite, [UInt8(k)])
                 _ = try await busy.readExactly(1)
-                try await Task.sleep(for: .milliseconds(10))
+                try await Task.sleep(for: .milliseconds(20))
             }
             let next = Writer {
                 usleep(20_000)

@@ -244,10 +244,15 @@ struct SegmentBuffer: CoreBuffer {
     /// How many bytes lie in one run from `offset` (counted from the first buffered byte) to
     /// the end of the segment that holds it; 0 past the buffered bytes.
     func run(at offset: Int) -> Int {
+        // Indices, not `for s in queue.live`: an unspecialized iterator (debug builds) boxes
+        // each segment on the heap.
         var skip = offset
-        for s in queue.live {
-            if skip < s.count { return s.count - skip }
-            skip -= s.count
+        var i = queue.head
+        while i < queue.segments.count {
+            let n = queue.segments[i].count
+            if skip < n { return n - skip }
+            skip -= n
+            i += 1
         }
         return 0
     }

@@ -143,6 +143,8 @@ public final class IOLoop: @unchecked Sendable {
         /// Timer entries looked at when firing timers: a turn must not cost work in
         /// proportion to the deadlines idle readers have armed.
         var timersExamined = 0
+        /// Timer entries in the heap after the turn (stale ones included).
+        var timersHeld = 0
     }
 
     /// The backend in use after any fallback: `.ioUring` or `.posix` (readiness: see
@@ -337,9 +339,9 @@ public final class IOLoop: @unchecked Sendable {
         return s
     }
 
-    /// The loop's internal work counters (tests): turns, timer entries looked at.
-    var work: (turns: Int, timersExamined: Int) {
-        stats.withLock { ($0.turns, $0.timersExamined) }
+    /// The loop's internal work counters (tests): turns, timer entries looked at, and held.
+    var work: (turns: Int, timersExamined: Int, timersHeld: Int) {
+        stats.withLock { ($0.turns, $0.timersExamined, $0.timersHeld) }
     }
 
     /// Counts on the loop's thread (published once per turn).
@@ -523,6 +525,12 @@ public final class IOLoop: @unchecked Sendable {
             // enqueue after that look sees it and writes the eventfd.
             sleeping.store(true, ordering: .sequentiallyConsistent)
             let idle = inbox.withLock { $0.commands.isEmpty && $0.jobs.isEmpty }
+            if idle {
+                // About to sleep: what the machine holds now is published before the wait.
+                driver.countHeld()
+                let snapshot = localStats
+                stats.withLock { $0 = snapshot }
+            }
             driver.turn(block: idle && shutdownWaiter == nil)
             sleeping.store(false, ordering: .relaxed)
             let snapshot = localStats

@@ -17,6 +17,8 @@ protocol LoopDriving: AnyObject {
     /// Submits what is queued, waits (when `block`) for something to happen or the nearest
     /// timer, and handles what happened.
     func turn(block: Bool)
+    /// Counts what the machine holds (timers) into the loop's internal counters.
+    func countHeld()
     func beginShutdown()
     /// True once every request is done (after `beginShutdown`).
     var isDrained: Bool { get }
@@ -660,6 +662,10 @@ final class LoopMachine<Backend: LoopBackend>: LoopDriving {
         for completion in completions { dispatch(completion) }
         completions.removeAll(keepingCapacity: true)
         fireTimers()
+    }
+
+    func countHeld() {
+        count { $0.timersHeld = timers.count }
     }
 
     private func dispatch(_ completion: LoopCompletion) {
