@@ -347,17 +347,6 @@ struct ReaderCore<Buffer: CoreBuffer> {
         buffer.consume(width)
     }
 
-    /// Consumes the next `count` bytes, which lie in one run, and returns them: a body lent in
-    /// place (counted as `deliver` counts a view in place).
-    mutating func takeStagedBody(_ count: Int) -> UnsafeRawBufferPointer {
-        let run = buffer.contiguousReadable
-        precondition(count <= run.count)
-        buffer.consume(count)
-        statistics.bytesDelivered &+= count
-        if count > 0 { statistics.stagedViews &+= 1 }
-        return UnsafeRawBufferPointer(start: run.baseAddress, count: count)
-    }
-
     /// Consumes the next `count` bytes (buffered, across segments), copied to `dst` (`count`
     /// bytes of room): one copy, counted in `bytesCopied`.
     mutating func copyBufferedBody(_ count: Int, into dst: UnsafeMutableRawPointer) {

@@ -270,7 +270,7 @@ public final class AsyncExactReader {
             // Safety: as in `lendStagedFrame`, the body's receive buffer is held until `body`
             // returns (its owner is the first segment's once the prefix is consumed).
             let owner = core.buffer.firstOwner
-            let bytes = core.takeStagedBody(count)
+            let bytes = core.takeStaged(count).unsafelyUnwrapped  // in one run: checked above
             return Lent(value: try withExtendedLifetime(owner) { try body(RawSpan(_unsafeBytes: bytes)) })
         }
         guard count <= Self.gatherLimit else { return nil }

@@ -525,13 +525,14 @@ public final class IOLoop: @unchecked Sendable {
             // enqueue after that look sees it and writes the eventfd.
             sleeping.store(true, ordering: .sequentiallyConsistent)
             let idle = inbox.withLock { $0.commands.isEmpty && $0.jobs.isEmpty }
-            if idle {
+            let block = idle && shutdownWaiter == nil
+            if block {
                 // About to sleep: what the machine holds now is published before the wait.
                 driver.countHeld()
                 let snapshot = localStats
                 stats.withLock { $0 = snapshot }
             }
-            driver.turn(block: idle && shutdownWaiter == nil)
+            driver.turn(block: block)
             sleeping.store(false, ordering: .relaxed)
             let snapshot = localStats
             stats.withLock { $0 = snapshot }

@@ -265,24 +265,13 @@ func openDescriptorCount() -> Int {
 }
 
 /// This process's open sockets whose local address has `port` (a listener and the connections
-/// it accepted): each descriptor asked with getsockname(2). (Reading the kernel's socket tables
-/// in /proc/net/tcp instead missed sockets while other processes' connections came and went:
-/// CI runs saw 0 where the listener was open.)
+/// it accepted): each descriptor asked with `IOLoop.localPort(of:)` (getsockname(2)). (Reading
+/// the kernel's socket tables in /proc/net/tcp instead missed sockets while other processes'
+/// connections came and went: CI runs saw 0 where the listener was open.)
 func openSocketsOnLocalPort(_ port: UInt16) -> Int {
     let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-    return fds.compactMap { Int32($0) }.filter { fd in
-        var address = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let named = withUnsafeMutablePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-        }
-        guard named == 0 else { return false }  // not a socket (or closed since the listing)
-        switch Int32(address.ss_family) {
-        case AF_INET: return withUnsafeBytes(of: address) { $0.load(as: sockaddr_in.self) }.sin_port == port.bigEndian
-        case AF_INET6: return withUnsafeBytes(of: address) { $0.load(as: sockaddr_in6.self) }.sin6_port == port.bigEndian
-        default: return false
-        }
-    }.count
+    // Not a socket, not IPv4/IPv6, or closed since the listing: `localPort` throws.
+    return fds.compactMap { Int32($0) }.filter { (try? IOLoop.localPort(of: FileDescriptor(rawValue: $0))) == port }.count
 }
 
 /// Open descriptors of this process and what they are.
